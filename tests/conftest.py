@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(1)  # tiny models run fastest on one thread, and tests never oversubscribe the 2 cores
+
+from tiny_models import EXAMPLE, TINY_MODELS  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from zerobit.data import get_splits
+
+    return get_splits("digits")
+
+
+def train_tiny(name: str, splits, epochs: int = 15, seed: int = 0) -> torch.nn.Module:
+    """A tiny model trained on digits for a few seconds (full-batch-ish SGD)."""
+    from zerobit.data.loaders import Batches
+
+    torch.manual_seed(seed)
+    model = TINY_MODELS[name]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = Batches(splits.train, 64, shuffle=True, seed=seed)
+    model.train()
+    for _ in range(epochs):
+        for x, y in batches:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_residual(digits):
+    return train_tiny("residual", digits)
+
+
+@pytest.fixture(scope="session")
+def trained_plain(digits):
+    return train_tiny("plain", digits)
+
+
+__all__ = ["EXAMPLE", "TINY_MODELS", "train_tiny"]

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tiny_models import EXAMPLE, TINY_MODELS
+from zerobit.export.runtime import load, read_zbit, save_zbit
+from zerobit.export.zbit import ZbitFormatError, estimate_bytes
+from zerobit.graph import analyse
+from zerobit.policy import GroupDecision, Policy
+from zerobit.quant import apply_policy
+from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
+
+
+def mixed_policy(graph, seed: int, act_bits: int) -> Policy:
+    """Random per-channel bits from every choice, at least one channel kept per group."""
+    gen = torch.Generator().manual_seed(seed)
+    choices = torch.tensor([0, 2, 3, 4, 5, 6, 8, 32])
+    groups = {}
+    for name, g in graph.groups.items():
+        pick = choices[torch.randint(0 if g.prunable else 1, len(choices), (g.channels,), generator=gen)]
+        pick[0] = 8 if pick[0] == 0 else pick[0]
+        groups[name] = GroupDecision(tuple(pick.tolist()))
+    return Policy(groups, act_bits)
+
+
+def applied(name: str, seed: int, act_bits: int):
+    torch.manual_seed(seed)
+    model = TINY_MODELS[name]().eval()
+    graph = analyse(model, EXAMPLE)
+    policy = mixed_policy(graph, seed, act_bits)
+    q = apply_policy(model, graph, policy, EXAMPLE)
+    batches = [(torch.randn(32, 1, 8, 8), None) for _ in range(3)]
+    recalibrate_batchnorm(q, batches)
+    calibrate_activations(q, batches)
+    return model, graph, policy, q.eval()
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("seed,act_bits", [(0, 8), (1, 32), (2, 4)])
+def test_estimate_is_file_size_and_load_is_exact(tmp_path, name, seed, act_bits):
+    model, graph, policy, q = applied(name, seed, act_bits)
+    path = tmp_path / "m.zbit"
+    written = save_zbit(q, graph, policy, path)
+    assert written == os.path.getsize(path) == estimate_bytes(graph, policy)
+    loaded = load(path, TINY_MODELS[name]())
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    assert read_zbit(path).policy == policy
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())  # folded away
+
+
+def test_zero_bit_channels_are_physically_gone(tmp_path):
+    _model, graph, policy, q = applied("residual", 3, 8)
+    path = tmp_path / "m.zbit"
+    save_zbit(q, graph, policy, path)
+    loaded = load(path, TINY_MODELS["residual"]())
+    stem = loaded.get_submodule("stem.0")[1]
+    assert stem.weight.shape[0] == policy["stem.0"].kept < 8 or policy["stem.0"].kept == 8
+    assert loaded.get_submodule("fc")[1].weight.shape == (10, policy["stem.0"].kept)
+
+
+def test_removing_channels_shrinks_the_file():
+    model = TINY_MODELS["plain"]().eval()
+    graph = analyse(model, EXAMPLE)
+    full = Policy({n: GroupDecision((4,) * g.channels) for n, g in graph.groups.items()})
+    half = Policy({n: GroupDecision((4,) * (g.channels // 2) + ((0,) if g.prunable else (4,)) * (g.channels -
+                   g.channels // 2)) for n, g in graph.groups.items()})
+    assert estimate_bytes(graph, half) < estimate_bytes(graph, full)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
+def test_corrupt_file_gives_one_clear_error(tmp_path, damage):
+    _model, graph, policy, q = applied("plain", 0, 8)
+    path = tmp_path / "m.zbit"
+    save_zbit(q, graph, policy, path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(os.urandom(300))
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ZbitFormatError, match="corrupt|not a readable"):
+        load(path, TINY_MODELS["plain"]())
+
+
+def test_custom_model_needs_the_model_object(tmp_path):
+    _model, graph, policy, q = applied("plain", 0, 8)
+    save_zbit(q, graph, policy, tmp_path / "m.zbit")
+    with pytest.raises(ValueError, match="pass the model object"):
+        load(tmp_path / "m.zbit")
+    with pytest.raises(ValueError, match="different model"):
+        load(tmp_path / "m.zbit", TINY_MODELS["residual"]())

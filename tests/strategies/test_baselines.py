@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_models import EXAMPLE
+from zerobit.budget import BOPs, MACs, Size, bops, macs
+from zerobit.export.zbit import estimate_bytes
+from zerobit.graph import analyse
+from zerobit.importance import group_scores
+from zerobit.strategies import Problem, Sequential, Uniform, get_strategy
+from zerobit.train.finetune import FinetuneConfig
+
+
+def problem_for(model, digits, budget, epochs=0.0):
+    graph = analyse(model, EXAMPLE)
+    return Problem(model, graph, budget, EXAMPLE, digits.train, digits.val, group_scores(model, graph),
+                   finetune=FinetuneConfig(epochs=epochs), progress=False)
+
+
+@pytest.mark.parametrize("fraction", [1 / 2, 1 / 4, 1 / 8])
+def test_uniform_meets_size_budget_and_is_tight(trained_residual, digits, fraction):
+    prob = problem_for(trained_residual, digits, Size(fraction=fraction))
+    found = Uniform().search(prob)
+    size = estimate_bytes(prob.graph, found.policy)
+    assert size <= prob.limit
+    keep, bits = found.info["keep"], found.info["bits"]
+    if keep < 1.0:  # least pruning: one more channel per group would not fit
+        from zerobit.policy import uniform_policy
+
+        bigger = uniform_policy(prob.graph, prob.scores, min(1.0, keep + 0.2), bits)
+        assert estimate_bytes(prob.graph, bigger) > prob.limit
+
+
+def test_tighter_budget_means_fewer_bits_or_channels(trained_plain, digits):
+    results = []
+    for fraction in (1 / 3, 1 / 6, 1 / 9):
+        found = Uniform().search(problem_for(trained_plain, digits, Size(fraction=fraction)))
+        total_bits = sum(sum(d.kept_bits()) for d in found.policy.groups.values())
+        results.append(total_bits)
+    assert results[0] > results[1] > results[2]
+
+
+@pytest.mark.parametrize("budget_cls,cost", [(BOPs, bops), (MACs, macs)])
+def test_uniform_meets_bops_and_macs(trained_residual, digits, budget_cls, cost):
+    prob = problem_for(trained_residual, digits, budget_cls(fraction=1 / 20 if budget_cls is BOPs else 1 / 2))
+    found = Uniform().search(prob)
+    assert cost(prob.graph, found.policy) <= prob.limit
+    assert found.policy["stem.0"].kept < 8 or budget_cls is BOPs
+
+
+def test_fixed_bits(trained_plain, digits):
+    found = Uniform(bits=4).search(problem_for(trained_plain, digits, Size(fraction=1 / 4)))
+    assert {b for d in found.policy.groups.values() for b in d.kept_bits()} == {4}
+
+
+def test_sequential_prunes_then_quantizes(trained_residual, digits):
+    prob = problem_for(trained_residual, digits, Size(fraction=1 / 6), epochs=1.0)
+    found = Sequential().search(prob)
+    assert found.model is not None and found.finetune_epochs_used == pytest.approx(0.5)
+    assert estimate_bytes(prob.graph, found.policy) <= prob.limit
+    assert found.policy == Uniform().search(prob).policy  # same allocation rule, staged training
+    layer = found.model.get_submodule("stem.0")
+    assert int(layer.bits.max()) == found.info["bits"]
+
+
+def test_registry():
+    assert isinstance(get_strategy("sequential"), Sequential)
+    with pytest.raises(ValueError, match="available"):
+        get_strategy("nope")
+    assert torch.is_tensor(torch.zeros(1))

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import zerobit as zb
+from tiny_models import EXAMPLE, TINY_MODELS
+from zerobit.train.evaluate import accuracy, predictions
+
+
+def run(model, digits, budget, strategy="uniform", epochs=4.0, seed=0):
+    return zb.compress(model, EXAMPLE, budget, strategy, train_data=digits.train, eval_data=digits.val,
+                       test_data=digits.test, finetune_config=zb.FinetuneConfig(epochs=epochs, seed=seed, lr=0.02),
+                       progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "sequential"])
+def test_compress_end_to_end(tmp_path, trained_residual, digits, strategy):
+    budget = zb.Size(fraction=1 / 6)
+    result = run(trained_residual, digits, budget, strategy)
+    path = tmp_path / "m.zbit"
+    written = zb.save(result, path)
+    limit = budget.limit(result.graph)
+    assert written == os.path.getsize(path) <= limit
+    assert abs(result.file_bytes - written) / written <= 0.02
+    loaded = zb.load(path, TINY_MODELS["residual"]())
+    assert torch.equal(predictions(loaded, digits.test), predictions(result.model, digits.test))
+    assert accuracy(loaded, digits.test) == result.accuracy
+    assert result.baseline_accuracy > 0.9
+    assert result.accuracy > 0.8  # compressed 6× and fine-tuned: still a working classifier
+    d = result.to_dict()
+    assert d["ratio"] >= 6 and d["bops"] < d["fp32_bops"] and "fp32" in result.summary()
+
+
+def test_finetune_recovers_accuracy(trained_plain, digits):
+    budget = zb.Size(fraction=1 / 10)
+    before = run(trained_plain, digits, budget, epochs=0.0).accuracy
+    after = run(trained_plain, digits, budget, epochs=3.0).accuracy
+    assert after > before
+
+
+def test_seeded_runs_are_reproducible(trained_plain, digits):
+    a = run(trained_plain, digits, zb.Size(fraction=1 / 5), epochs=0.5, seed=3)
+    b = run(trained_plain, digits, zb.Size(fraction=1 / 5), epochs=0.5, seed=3)
+    assert a.policy == b.policy and a.accuracy == b.accuracy
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_impossible_budget_refused_before_any_work(trained_plain, digits):
+    with pytest.raises(zb.BudgetError, match="smallest achievable"):
+        run(trained_plain, digits, zb.Size(bytes=100))
+
+
+def test_bops_budget(trained_residual, digits):
+    budget = zb.BOPs(fraction=1 / 40)
+    result = run(trained_residual, digits, budget, epochs=0.5)
+    assert result.to_dict()["bops"] <= budget.limit(result.graph)
+
+
+def test_nan_weights_are_refused(digits):
+    model = TINY_MODELS["plain"]().eval()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        run(model, digits, zb.Size(fraction=1 / 4))
+
+
+def test_wrong_types(trained_plain, digits):
+    with pytest.raises(TypeError, match="budget"):
+        run(trained_plain, digits, 1000)

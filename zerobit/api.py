@@ -1,0 +1,143 @@
+"""compress(): the one verb — analyse the model, search a policy under the budget, fine-tune, measure."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from zerobit.budget import BOPs, Budget, BudgetError, MACs, Size, bops, float_policy, macs
+from zerobit.data.loaders import Batches, TensorData
+from zerobit.export.runtime import save_zbit
+from zerobit.export.zbit import estimate_bytes
+from zerobit.graph import ModelGraph, analyse
+from zerobit.importance import group_scores
+from zerobit.policy import Policy
+from zerobit.quant.apply import apply_policy
+from zerobit.strategies import Problem, Strategy, get_strategy
+from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
+from zerobit.train.evaluate import accuracy
+from zerobit.train.finetune import FinetuneConfig, finetune
+
+
+@dataclass
+class CompressResult:
+    """The compressed model and its measured numbers.
+
+    `accuracy` is measured on the compressed model exactly as the .zbit file stores it (eval mode decodes the
+    stored codes), on `test_data` when given, else on `eval_data`.
+    """
+
+    policy: Policy
+    model: nn.Module
+    graph: ModelGraph
+    budget: Budget
+    strategy: str
+    accuracy: float
+    baseline_accuracy: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the .zbit file `save` writes (exact)."""
+        return estimate_bytes(self.graph, self.policy)
+
+    def to_dict(self) -> dict[str, Any]:
+        g, p = self.graph, self.policy
+        ref = float_policy(g)
+        return {
+            "strategy": self.strategy, "file_bytes": self.file_bytes, "fp32_bytes": g.fp32_bytes,
+            "budget": str(self.budget), "budget_limit": self.budget.limit(g), "budget_unit": self.budget.unit,
+            "budget_bytes": self.budget.limit(g) if isinstance(self.budget, Size) else None,
+            "ratio": g.fp32_bytes / self.file_bytes, "accuracy": self.accuracy,
+            "baseline_accuracy": self.baseline_accuracy, "bops": bops(g, p), "fp32_bops": bops(g, ref),
+            "macs": macs(g, p), "fp32_macs": macs(g, ref), "seconds": sum(self.seconds.values()),
+            "seconds_by_stage": self.seconds, "info": self.info, "model": g.model_name,
+        }
+
+    def summary(self) -> str:
+        """Before/after table: size, accuracy, BOPs, MACs."""
+        d = self.to_dict()
+        rows = [("file bytes", d["fp32_bytes"], d["file_bytes"]), ("accuracy %", 100 * d["baseline_accuracy"],
+                100 * d["accuracy"]), ("BOPs", d["fp32_bops"], d["bops"]), ("MACs", d["fp32_macs"], d["macs"])]
+        lines = [f"{'':12} {'fp32':>14} {'compressed':>14} {'ratio':>8}"]
+        for name, before, after in rows:
+            ratio = f"{before / after:.1f}×" if name != "accuracy %" and after else f"{after - before:+.2f}"
+            fmt = "{:>14.2f}" if name == "accuracy %" else "{:>14,.0f}"
+            lines.append(f"{name:12} {fmt.format(before)} {fmt.format(after)} {ratio:>8}")
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the .zbit file; returns its size in bytes."""
+        return save_zbit(self.model, self.graph, self.policy, path)
+
+
+def _check_inputs(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, data: TensorData) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(budget, (Size, BOPs, MACs)):
+        raise TypeError(f"budget must be zerobit.Size, BOPs or MACs, got {type(budget).__name__}")
+    if not torch.isfinite(example_inputs).all() or not torch.isfinite(data.x).all():
+        raise ValueError("inputs contain NaN or infinity")
+    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"the model's weights contain NaN or infinity (in {bad[:3]}); load a healthy checkpoint")
+
+
+def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy = "uniform",
+             *, train_data: TensorData, eval_data: TensorData, test_data: TensorData | None = None,
+             finetune_config: FinetuneConfig = FinetuneConfig(), act_bits: int = 8, model_name: str = "",
+             progress: bool = True) -> CompressResult:
+    """Compress `model` to fit `budget`: choose per-channel bits (0 = removed), fine-tune, measure.
+
+    Args:
+        model: a trained model (left unchanged; it is the distillation teacher).
+        example_inputs: one input batch for tracing, e.g. ``torch.zeros(1, 1, 28, 28)``.
+        budget: ``Size(...)`` (bytes of the .zbit file), ``BOPs(...)`` or ``MACs(...)``.
+        strategy: a registered name ("uniform", "sequential", …) or a configured Strategy.
+        train_data: fine-tuning data. eval_data: held-out validation split that searches score on.
+        test_data: where the reported accuracies are measured (default: eval_data).
+        finetune_config: the fine-tune budget shared by every strategy.
+        act_bits: activation bits (8, or 32 for float activations).
+        model_name: zoo name, stored in the file so `zerobit.load(path)` needs no model object.
+
+    Example:
+        >>> # r = compress(model, torch.zeros(1, 1, 28, 28), Size(fraction=1/32), "sequential",
+        >>> #              train_data=splits.train, eval_data=splits.val, test_data=splits.test)
+        >>> # r.save("small.zbit")
+    """
+    _check_inputs(model, example_inputs, budget, train_data)
+    clock: dict[str, float] = {}
+    t = time.perf_counter()
+    model = model.eval()
+    graph = analyse(model, example_inputs)
+    graph.model_name = model_name
+    budget.check_feasible(graph, act_bits)
+    problem = Problem(model, graph, budget, example_inputs, train_data, eval_data, group_scores(model, graph),
+                      act_bits, finetune_config, progress)
+    report_data = test_data if test_data is not None else eval_data
+    baseline = accuracy(model, report_data)
+    clock["analyse"] = time.perf_counter() - t
+    t = time.perf_counter()
+    strat = get_strategy(strategy)
+    found = strat.search(problem)
+    clock["search"] = time.perf_counter() - t
+    if not problem.fits(found.policy):
+        raise BudgetError(f"strategy {strat.name!r} returned a policy over budget "
+                          f"({problem.cost(found.policy):,.0f} > {problem.limit:,.0f} {budget.unit})")
+    t = time.perf_counter()
+    qmodel = found.model if found.model is not None else apply_policy(model, graph, found.policy, example_inputs)
+    calib = Batches(train_data, 256, shuffle=True, seed=finetune_config.seed)
+    if found.model is None:
+        recalibrate_batchnorm(qmodel, calib)
+    calibrate_activations(qmodel, calib)
+    finetune(qmodel, train_data, finetune_config, teacher=model, progress=progress,
+             epochs=max(0.0, finetune_config.epochs - found.finetune_epochs_used))
+    clock["finetune"] = time.perf_counter() - t
+    acc = accuracy(qmodel.eval(), report_data)
+    return CompressResult(found.policy, qmodel, graph, budget, strat.name, acc, baseline, clock, found.info)

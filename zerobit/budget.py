@@ -1,0 +1,192 @@
+"""Budgets in real terms — bytes of the written file, bit-operations, MACs — and the costs behind them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from zerobit.graph import ModelGraph
+from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
+from zerobit.quant.apply import kept_in_features
+
+
+class BudgetError(ValueError):
+    """No policy can meet the budget."""
+
+
+def macs(graph: ModelGraph, policy: Policy) -> int:
+    """Multiply-accumulates per sample of the pruned model."""
+    total = 0
+    for name, layer in graph.layers.items():
+        kept_out = policy[layer.out_group].kept
+        per = layer.kernel_area if layer.kind == "depthwise" else kept_in_features(graph, policy, name) * \
+            layer.kernel_area
+        total += kept_out * per * layer.out_area
+    return total
+
+
+def bops(graph: ModelGraph, policy: Policy) -> int:
+    """Bit-operations per sample: Σ MACs · weight bits · activation bits (float counts as 32)."""
+    total = 0
+    for name, layer in graph.layers.items():
+        bits_sum = sum(policy[layer.out_group].kept_bits())
+        per = layer.kernel_area if layer.kind == "depthwise" else kept_in_features(graph, policy, name) * \
+            layer.kernel_area
+        total += bits_sum * per * layer.out_area * policy.act_bits
+    return total
+
+
+def file_bytes(graph: ModelGraph, policy: Policy) -> int:
+    """Bytes of the .zbit file written for `policy` (exact; see zerobit.export.zbit)."""
+    from zerobit.export.zbit import estimate_bytes
+
+    return estimate_bytes(graph, policy)
+
+
+def float_policy(graph: ModelGraph) -> Policy:
+    """Every channel kept in float, float activations: the uncompressed reference."""
+    return Policy({n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}, FLOAT_BITS)
+
+
+def smallest_policy(graph: ModelGraph, act_bits: int = 8, min_bits: int = 2) -> Policy:
+    """One channel per prunable group, every channel at `min_bits`: the cheapest policy there is."""
+    groups = {n: GroupDecision((min_bits,) * (1 if g.prunable else g.channels) + (0,) * (g.channels - 1 if
+                               g.prunable else 0)) for n, g in graph.groups.items()}
+    return Policy(groups, act_bits)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Base of all budgets: `cost` of a policy must not exceed `limit`."""
+
+    def cost(self, graph: ModelGraph, policy: Policy) -> float:
+        raise NotImplementedError
+
+    def limit(self, graph: ModelGraph) -> float:
+        raise NotImplementedError
+
+    def reference(self, graph: ModelGraph) -> float:
+        """Cost of the uncompressed model, for fractions and reports."""
+        return self.cost(graph, float_policy(graph))
+
+    def check_feasible(self, graph: ModelGraph, act_bits: int) -> None:
+        """Raise BudgetError at once when even the smallest policy misses the budget."""
+        floor = self.cost(graph, smallest_policy(graph, act_bits))
+        if floor > self.limit(graph):
+            raise BudgetError(f"budget {self} = {self.limit(graph):,.0f} {self.unit} cannot be met: the smallest "
+                              f"achievable is {floor:,.0f} {self.unit} (one channel per group at 2 bits, "
+                              f"{act_bits}-bit activations)")
+
+    unit = ""
+
+
+@dataclass(frozen=True)
+class Size(Budget):
+    """Bytes of the .zbit file: give exactly one of bytes, kilobytes (1000 B) or fraction of the fp32 file.
+
+    Example:
+        >>> Size(kilobytes=40).limit(None)
+        40000.0
+    """
+
+    bytes: int | None = None
+    kilobytes: float | None = None
+    fraction: float | None = None
+    unit = "bytes"
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.bytes, self.kilobytes, self.fraction) if v is not None]
+        if len(given) != 1 or given[0] <= 0:
+            raise ValueError("Size needs exactly one positive value: bytes=, kilobytes= or fraction=")
+
+    def cost(self, graph: ModelGraph, policy: Policy) -> float:
+        return file_bytes(graph, policy)
+
+    def reference(self, graph: ModelGraph) -> float:
+        return graph.fp32_bytes
+
+    def limit(self, graph: ModelGraph) -> float:
+        if self.bytes is not None:
+            return float(self.bytes)
+        if self.kilobytes is not None:
+            return self.kilobytes * 1000.0
+        return self.fraction * graph.fp32_bytes
+
+
+@dataclass(frozen=True)
+class _Counted(Budget):
+    value: float | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.value, self.fraction) if v is not None]
+        if len(given) != 1 or given[0] <= 0:
+            raise ValueError(f"{type(self).__name__} needs exactly one positive value: value= or fraction=")
+
+    def limit(self, graph: ModelGraph) -> float:
+        return float(self.value) if self.value is not None else self.fraction * self.reference(graph)
+
+
+@dataclass(frozen=True)
+class BOPs(_Counted):
+    """Bit-operations per sample (fraction = of the fp32 model's 32×32-bit BOPs)."""
+
+    unit = "BOPs"
+
+    def cost(self, graph: ModelGraph, policy: Policy) -> float:
+        return bops(graph, policy)
+
+
+@dataclass(frozen=True)
+class MACs(_Counted):
+    """Multiply-accumulates per sample (fraction = of the unpruned model's)."""
+
+    unit = "MACs"
+
+    def cost(self, graph: ModelGraph, policy: Policy) -> float:
+        return macs(graph, policy)
+
+
+_SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def _number(text: str) -> tuple[float | None, float | None]:
+    """'1/32' → fraction; '0.05' (<1) → fraction; '40K' → value."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return None, float(num) / float(den)
+    m = re.fullmatch(r"([0-9.eE+-]+)\s*([KMG]?)", text.upper())
+    if not m:
+        raise ValueError(f"cannot read the number {text!r}")
+    value = float(m.group(1)) * _SUFFIX[m.group(2)]
+    return (None, value) if value < 1 and not m.group(2) else (value, None)
+
+
+def parse_budget(text: str) -> Budget:
+    """Read a budget from the command line.
+
+    Forms: '1/32' (of fp32 file bytes), '40KB', '40000B', 'bops=1/64', 'bops=2e8', 'macs=1/4', 'macs=5M'.
+
+    Example:
+        >>> parse_budget("40KB")
+        Size(bytes=None, kilobytes=40.0, fraction=None)
+    """
+    t = text.strip()
+    kind, _, rest = t.partition("=")
+    if rest:
+        value, fraction = _number(rest)
+        cls = {"bops": BOPs, "macs": MACs}.get(kind.lower())
+        if cls is None:
+            raise ValueError(f"unknown budget kind {kind!r}: use bops=…, macs=… or a size like 40KB or 1/32")
+        return cls(value=value, fraction=fraction)
+    up = t.upper()
+    if up.endswith("KB"):
+        return Size(kilobytes=float(up[:-2]))
+    if up.endswith("MB"):
+        return Size(kilobytes=float(up[:-2]) * 1000)
+    if up.endswith("B"):
+        return Size(bytes=int(float(up[:-1])))
+    value, fraction = _number(t)
+    if fraction is None:
+        raise ValueError(f"budget {text!r} is ambiguous: write 40KB, 40000B, a fraction like 1/32, or bops=/macs=")
+    return Size(fraction=fraction)

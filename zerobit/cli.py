@@ -1,0 +1,130 @@
+"""Command line: zerobit train | compress | eval | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from zerobit.train.train import TrainRecipe, train_zoo_model
+
+    recipe = TrainRecipe(**({"epochs": args.epochs} if args.epochs else {}), seed=args.seed)
+    card = train_zoo_model(args.model, recipe, out_dir=args.out, progress=not args.quiet)
+    print(json.dumps({k: card[k] for k in ("model", "test_accuracy", "seconds") if k in card}))
+    return 0
+
+
+def run_compress(model_name: str, data: str, budget: str, strategy: str, finetune_epochs: float, out: str,
+                 act_bits: int = 8, seed: int = 0, progress: bool = True) -> dict:
+    """Compress a zoo model and write DIR/model.zbit, DIR/policy.json and DIR/result.json; returns the result."""
+    from zerobit import FinetuneConfig, compress, parse_budget, zoo
+    from zerobit.data import get_splits
+
+    torch.manual_seed(seed)
+    splits = get_splits(data)
+    model = zoo.load_pretrained(model_name)
+    result = compress(model, zoo.example_input(model_name), parse_budget(budget), strategy,
+                      train_data=splits.train, eval_data=splits.val, test_data=splits.test,
+                      finetune_config=FinetuneConfig(epochs=finetune_epochs, seed=seed), act_bits=act_bits,
+                      model_name=model_name, progress=progress)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = result.save(out_dir / "model.zbit")
+    result.policy.save(str(out_dir / "policy.json"))
+    summary = result.to_dict() | {"file_bytes": os.path.getsize(out_dir / "model.zbit"), "written_bytes": written,
+                                  "budget_text": budget, "finetune_epochs": finetune_epochs, "data": data}
+    with open(out_dir / "result.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    summary["_result"] = result
+    return summary
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    summary = run_compress(args.model, args.data, args.budget, args.strategy, args.finetune_epochs, args.out,
+                           args.act_bits, args.seed, not args.quiet)
+    result = summary.pop("_result")
+    print(result.policy)
+    print(result.summary())
+    print(f"wrote {args.out}/model.zbit ({summary['file_bytes']:,} bytes; budget {summary['budget_limit']:,.0f} "
+          f"{summary['budget_unit']})")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from zerobit import load
+    from zerobit.data import get_splits
+    from zerobit.train.evaluate import accuracy
+
+    model = load(args.file)
+    acc = accuracy(model, get_splits(args.data).test)
+    out = {"file": args.file, "file_bytes": os.path.getsize(args.file), "accuracy": acc, "data": args.data}
+    print(json.dumps(out) if args.json else f"{args.file}: {out['file_bytes']:,} bytes, test accuracy {acc:.2%}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    print(f"zerobit demo: compress the pretrained ResNet-20 to {args.budget} of its fp32 file "
+          f"({args.strategy}, {args.finetune_epochs} fine-tune epoch) on Fashion-MNIST\n")
+    summary = run_compress("resnet20", "fashion-mnist", args.budget, args.strategy, args.finetune_epochs, args.out)
+    result = summary.pop("_result")
+    print(result.policy, "\n")
+    print(result.summary())
+    print(f"\nfile {args.out}/model.zbit: {summary['file_bytes']:,} bytes "
+          f"(budget {summary['budget_limit']:,.0f}); total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zerobit", description="Joint pruning + quantization under a real budget.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a zoo model with its recipe and write its checkpoint + card")
+    t.add_argument("--model", required=True)
+    t.add_argument("--epochs", type=int, default=0, help="override the recipe's epochs")
+    t.add_argument("--out", default=None, help="checkpoint folder (default: the zoo's)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+    c = sub.add_parser("compress", help="compress a zoo model under a budget")
+    c.add_argument("--model", default="resnet20")
+    c.add_argument("--data", default="fashion-mnist")
+    c.add_argument("--budget", required=True, help="1/32 (of fp32 file), 40KB, 40000B, bops=1/64, macs=1/4")
+    c.add_argument("--strategy", default="uniform")
+    c.add_argument("--finetune-epochs", type=float, default=1.0)
+    c.add_argument("--act-bits", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cmd_compress)
+    e = sub.add_parser("eval", help="test accuracy of a .zbit file")
+    e.add_argument("file")
+    e.add_argument("--data", default="fashion-mnist")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+    d = sub.add_parser("demo", help="compress the pretrained ResNet-20 and print a before/after table")
+    d.add_argument("--budget", default="1/32")
+    d.add_argument("--strategy", default="sequential")
+    d.add_argument("--finetune-epochs", type=float, default=1.0)
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"zerobit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Datasets: Fashion-MNIST (IDX files), scikit-learn digits, splits and minibatch iteration.
+
+Example:
+    >>> from zerobit.data import Batches, get_splits
+    >>> splits = get_splits("fashion-mnist")  # doctest: +SKIP
+    >>> batches = Batches(splits.train, batch_size=128, shuffle=True, augment=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from zerobit.data.digits import digits_splits
+from zerobit.data.fashion_mnist import MEAN, STD, fashion_mnist_splits, load_fashion_mnist, parse_idx
+from zerobit.data.loaders import SPLIT_NAMES, Batches, Splits, TensorData, get_splits
+
+__all__ = [
+    "MEAN",
+    "SPLIT_NAMES",
+    "STD",
+    "Batches",
+    "Splits",
+    "TensorData",
+    "digits_splits",
+    "fashion_mnist_splits",
+    "get_splits",
+    "load_fashion_mnist",
+    "parse_idx",
+]

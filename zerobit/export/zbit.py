@@ -1,0 +1,181 @@
+"""The .zbit container: channels removed, weights bit-packed, everything counted in the file's bytes.
+
+A safetensors file (no pickle, nothing executes on load) with a handful of flat blobs, walked layer by layer
+in graph order:
+
+- ``codes`` (uint8): for each layer, for each bit-width 2…8 in increasing order, the codes of the kept
+  channels with that width, channel after channel, bit-packed and padded to a byte;
+- ``scales`` (float16): one per quantized kept channel (BatchNorm folded in);
+- ``biases`` (float16): one per kept channel of layers with a bias or folded BatchNorm;
+- ``floats`` (float32): folded weights of float (32-bit) channels;
+- ``bits`` (uint8): the policy, one 4-bit code per channel of every group, so a file replays by itself;
+- ``act`` (float32): each layer's input scale, negative when the activation is signed;
+- ``x.<name>``: any other parameter or buffer of the model (float32), e.g. a BatchNorm no conv precedes.
+
+`estimate_bytes` builds the same header around empty blobs of the right sizes, so it equals the written size.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from zerobit.graph import ModelGraph
+from zerobit.policy import ALL_BITS, FLOAT_BITS, GroupDecision, Policy
+from zerobit.quant.apply import kept_in_features, quant_layers
+from zerobit.quant.pack import pack, packed_bytes
+
+FORMAT_VERSION = "1"
+PACKED_BITS = (2, 3, 4, 5, 6, 8)
+_BIT_CODE = {b: i for i, b in enumerate(ALL_BITS)}
+
+
+class ZbitFormatError(ValueError):
+    """The file is not a readable .zbit file (corrupt, truncated, or written by another version)."""
+
+
+@dataclass
+class LayerLayout:
+    """Counts of one layer in the file."""
+
+    name: str
+    kept_bits: list[int]
+    weights_per_channel: int
+    has_bias: bool
+
+    def count(self, bits: int) -> int:
+        return sum(1 for b in self.kept_bits if b == bits)
+
+    @property
+    def code_bytes(self) -> int:
+        return sum(packed_bytes(self.count(b) * self.weights_per_channel, b) for b in PACKED_BITS)
+
+    @property
+    def scales(self) -> int:
+        return sum(1 for b in self.kept_bits if b != FLOAT_BITS)
+
+    @property
+    def floats(self) -> int:
+        return self.count(FLOAT_BITS) * self.weights_per_channel
+
+
+def layer_layouts(graph: ModelGraph, policy: Policy) -> Iterator[LayerLayout]:
+    """Layout of every layer of `graph` under `policy`, in graph order."""
+    for name, layer in graph.layers.items():
+        kept_in = kept_in_features(graph, policy, name)
+        per = layer.kernel_area if layer.kind == "depthwise" else kept_in * layer.kernel_area
+        yield LayerLayout(name, policy[layer.out_group].kept_bits(), per, layer.has_bias or layer.bn is not None)
+
+
+def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:
+    return {
+        "format": "zbit", "version": FORMAT_VERSION, "model": graph.model_name or "",
+        "input_shape": ",".join(map(str, graph.input_shape)), "act_bits": str(policy.act_bits),
+        "groups": json.dumps([[n, g.channels] for n, g in graph.groups.items()], separators=(",", ":")),
+        "ignored": json.dumps(list(graph.ignored), separators=(",", ":")), "crc32": f"{crc:08x}",
+    }
+
+
+def _blob_sizes(graph: ModelGraph, policy: Policy) -> dict[str, tuple[torch.dtype, int]]:
+    layouts = list(layer_layouts(graph, policy))
+    channels = sum(g.channels for g in graph.groups.values())
+    sizes = {
+        "codes": (torch.uint8, sum(lay.code_bytes for lay in layouts)),
+        "scales": (torch.float16, sum(lay.scales for lay in layouts)),
+        "biases": (torch.float16, sum(len(lay.kept_bits) for lay in layouts if lay.has_bias)),
+        "floats": (torch.float32, sum(lay.floats for lay in layouts)),
+        "bits": (torch.uint8, (channels + 1) // 2),
+        "act": (torch.float32, len(layouts) if policy.act_bits < FLOAT_BITS else 0),
+    }
+    sizes.update({f"x.{k}": (torch.float32, n) for k, n in graph.extra_params.items()})
+    return {k: v for k, v in sizes.items() if v[1] > 0}
+
+
+def estimate_bytes(graph: ModelGraph, policy: Policy) -> int:
+    """Exact bytes of the .zbit file `save` writes for `policy` (extra float params counted unpruned).
+
+    Example:
+        >>> # estimate_bytes(graph, policy) == os.path.getsize("model.zbit")
+    """
+    blobs = {k: torch.zeros(n, dtype=dt) for k, (dt, n) in _blob_sizes(graph, policy).items()}
+    return len(st_save(blobs, metadata=_metadata(graph, policy, 0)))
+
+
+def _bits_blob(policy: Policy) -> np.ndarray:
+    codes = np.array([_BIT_CODE[b] for d in policy.groups.values() for b in d.bits], dtype=np.uint8)
+    if len(codes) % 2:
+        codes = np.append(codes, 0)
+    return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+
+
+def decode_policy(bits_blob: np.ndarray, groups: list[tuple[str, int]], act_bits: int) -> Policy:
+    """The Policy stored in a file's ``bits`` blob."""
+    codes = np.stack([bits_blob & 15, bits_blob >> 4], axis=1).ravel()
+    if len(codes) < sum(c for _, c in groups) or codes.max(initial=0) >= len(ALL_BITS):
+        raise ZbitFormatError("the policy stored in the file is damaged")
+    decisions, pos = {}, 0
+    for name, channels in groups:
+        decisions[name] = GroupDecision(tuple(ALL_BITS[int(c)] for c in codes[pos:pos + channels]))
+        pos += channels
+    return Policy(decisions, act_bits)
+
+
+def _layer_blobs(q: nn.Module, per: int) -> dict[str, list[np.ndarray]]:
+    d = q.deploy()
+    bits = q.bits
+    flat_codes = d.codes.flatten(1)
+    out: dict[str, list[np.ndarray]] = {"codes": [], "scales": [], "floats": [], "biases": []}
+    for b in PACKED_BITS:
+        sel = bits == b
+        if bool(sel.any()):
+            out["codes"].append(pack(flat_codes[sel].reshape(-1).numpy().astype(np.int64), b))
+    quantized = bits != FLOAT_BITS
+    out["scales"].append(d.scale[quantized].numpy())
+    out["floats"].append(d.weight.flatten(1)[~quantized].reshape(-1).numpy().astype(np.float32))
+    if d.bias is not None:
+        out["biases"].append(d.bias.numpy())
+    if flat_codes.shape[1] != per:
+        raise RuntimeError(f"layer has {flat_codes.shape[1]} weights per channel, layout expects {per}")
+    return out
+
+
+def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> dict[str, torch.Tensor]:
+    """The blobs of the file for a fake-quant model made by `apply_policy(model, graph, policy)`."""
+    layers = quant_layers(qmodel)
+    parts: dict[str, list[np.ndarray]] = {"codes": [], "scales": [], "floats": [], "biases": []}
+    act = []
+    for lay in layer_layouts(graph, policy):
+        q = layers[lay.name]
+        for key, arrays in _layer_blobs(q, lay.weights_per_channel).items():
+            parts[key].extend(arrays)
+        act.append(float(q.act.scale) * (-1.0 if bool(q.act.signed) else 1.0))
+    dtypes = {"codes": np.uint8, "scales": np.float16, "floats": np.float32, "biases": np.float16}
+    blobs = {k: torch.from_numpy(np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k]))
+             for k, v in parts.items()}
+    blobs["bits"] = torch.from_numpy(_bits_blob(policy))
+    blobs["act"] = torch.tensor(act, dtype=torch.float32) if policy.act_bits < FLOAT_BITS else torch.zeros(0)
+    quant_keys = {f"{n}.{k}" for n, q in layers.items() for k in q.state_dict()}
+    for key, value in qmodel.state_dict().items():
+        if key not in quant_keys:
+            blobs[f"x.{key}"] = value.detach().float().contiguous().reshape(-1)
+    return {k: v for k, v in blobs.items() if v.numel() > 0}
+
+
+def crc_of(blobs: dict[str, torch.Tensor]) -> int:
+    crc = 0
+    for key in sorted(blobs):
+        crc = zlib.crc32(blobs[key].numpy().tobytes(), crc)
+    return crc
+
+
+def to_bytes(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> bytes:
+    """The .zbit file content of an applied, fine-tuned fake-quant model."""
+    blobs = container_tensors(qmodel, graph, policy)
+    return st_save(blobs, metadata=_metadata(graph, policy, crc_of(blobs)))

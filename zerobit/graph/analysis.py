@@ -1,0 +1,239 @@
+"""Trace a model into quantizable layers, coupled channel groups and per-layer statistics.
+
+Coupling comes from Torch-Pruning's DependencyGraph: every Conv/Linear whose output channels must be removed
+together (residual adds, depthwise convs, concatenation feeding one consumer) lands in one `ChannelGroup`. A
+group is named after its first layer in module order. The output layer's group is kept but marked
+non-prunable: its channels can get fewer bits, never 0.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+QUANT_TYPES = (nn.Conv2d, nn.Linear)
+
+
+class UntraceableModelError(ValueError):
+    """The model could not be traced into layers and coupled channel groups."""
+
+
+@dataclass
+class Layer:
+    """One Conv2d/Linear whose weights are quantized.
+
+    `in_sources` lists (group name, input features per group channel); `fixed_in` counts the input features no
+    group controls (e.g. the image channels of the first conv).
+    """
+
+    name: str
+    kind: str  # "conv" | "depthwise" | "linear"
+    in_features: int
+    out_channels: int
+    kernel_area: int
+    groups: int
+    out_area: int  # output H*W (1 for linear)
+    out_group: str = ""
+    in_sources: list[tuple[str, int]] = field(default_factory=list)
+    fixed_in: int = 0
+    bn: str | None = None  # name of the BatchNorm2d folded into this layer
+    has_bias: bool = False
+
+    @property
+    def weights_per_channel(self) -> int:
+        """Weights in one output channel of the unpruned layer."""
+        return self.in_features // self.groups * self.kernel_area
+
+    @property
+    def params(self) -> int:
+        return self.weights_per_channel * self.out_channels
+
+    @property
+    def macs(self) -> int:
+        return self.params * self.out_area
+
+
+@dataclass
+class ChannelGroup:
+    """Output channels of several layers that must share one decision per channel."""
+
+    name: str
+    channels: int
+    layers: list[str]
+    prunable: bool = True
+
+
+@dataclass
+class ModelGraph:
+    """Layers, coupled groups and sizes of one model, as traced on `example_inputs`."""
+
+    layers: dict[str, Layer]
+    groups: dict[str, ChannelGroup]
+    fp32_bytes: int
+    input_shape: tuple[int, ...]
+    ignored: tuple[str, ...] = ()
+    extra_params: dict[str, int] = field(default_factory=dict)  # state-dict entries outside quantized layers
+    model_name: str = ""  # zoo name, lets a .zbit file rebuild the model by itself
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers.values())
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers.values())
+
+    def summary(self) -> str:
+        """A readable table of groups and the layers they couple."""
+        lines = [f"{'group':28} {'ch':>4} {'prunable':>8}  layers"]
+        for g in self.groups.values():
+            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8}  {', '.join(g.layers)}")
+        return "\n".join(lines)
+
+
+def fp32_file_bytes(model: nn.Module) -> int:
+    """Bytes of the model's float32 state_dict written as a safetensors file (the "fp32 file")."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+             for k, v in model.state_dict().items()}
+    return len(save(state))
+
+
+def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's DependencyGraph of `model`, with a clear error when tracing fails."""
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except Exception as exc:  # torch-pruning raises many kinds; the user needs one message
+        raise UntraceableModelError(
+            f"zerobit could not trace the model ({type(exc).__name__}: {exc}). The model must run on "
+            "`example_inputs` with standard nn.Conv2d/nn.Linear/nn.BatchNorm2d modules; data-dependent control "
+            "flow and in-place ops on residual paths are not supported."
+        ) from exc
+
+
+def _output_areas(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
+    areas: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        areas[module] = int(output[0, 0].numel()) if output.dim() == 4 else 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QUANT_TYPES)]
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return areas
+
+
+def _make_layer(name: str, module: nn.Module, area: int) -> Layer:
+    if isinstance(module, nn.Linear):
+        return Layer(name, "linear", module.in_features, module.out_features, 1, 1, 1,
+                     has_bias=module.bias is not None)
+    kind = "depthwise" if module.groups > 1 and module.groups == module.in_channels else "conv"
+    if module.groups > 1 and kind != "depthwise":
+        raise UntraceableModelError(f"layer {name!r}: grouped convs other than depthwise are not supported yet")
+    kh, kw = module.kernel_size
+    return Layer(name, kind, module.in_channels, module.out_channels, kh * kw, module.groups, area,
+                 has_bias=module.bias is not None)
+
+
+def _folded_bn(dg: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:
+    """The BatchNorm2d that directly and only consumes `module`'s output, if any."""
+    node = dg.module2node.get(module)
+    if node is None or len(node.outputs) != 1:
+        return None
+    nxt = node.outputs[0].module
+    if isinstance(nxt, nn.BatchNorm2d) and isinstance(module, nn.Conv2d) and nxt.num_features == module.out_channels:
+        return nxt
+    return None
+
+
+def _default_ignored(model: nn.Module, names: dict[nn.Module, str]) -> list[nn.Module]:
+    """The output layer: the last Conv2d/Linear in module order."""
+    layers = [m for m in model.modules() if isinstance(m, QUANT_TYPES)]
+    return layers[-1:]
+
+
+def analyse(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list[str] | None = None) -> ModelGraph:
+    """Trace `model` into a `ModelGraph`.
+
+    Args:
+        model: a trained network made of standard modules.
+        example_inputs: one input batch, e.g. ``torch.zeros(1, 1, 28, 28)``.
+        ignored_layers: names of layers whose output channels are never pruned (default: the output layer).
+
+    Example:
+        >>> g = analyse(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
+        ...             torch.zeros(1, 1, 8, 8))
+        >>> list(g.groups)
+        ['0', '2']
+    """
+    model = copy.deepcopy(model).eval()
+    names = {m: n for n, m in model.named_modules()}
+    if ignored_layers is None:
+        ignored = _default_ignored(model, names)
+    else:
+        by_name = dict(model.named_modules())
+        missing = [n for n in ignored_layers if n not in by_name]
+        if missing:
+            raise ValueError(f"ignored_layers names {missing} are not modules of the model")
+        ignored = [by_name[n] for n in ignored_layers]
+    areas = _output_areas(model, example_inputs)
+    dg = build_dependency_graph(model, example_inputs)
+    layers: dict[str, Layer] = {}
+    for module in model.modules():
+        if isinstance(module, QUANT_TYPES) and module in dg.module2node:
+            name = names[module]
+            layers[name] = _make_layer(name, module, areas.get(module, 1))
+            bn = _folded_bn(dg, module)
+            layers[name].bn = names[bn] if bn is not None else None
+    groups = _coupled_groups(dg, model, names, layers, ignored)
+    for layer in layers.values():
+        coupled = sum(channels * per for g, per in layer.in_sources for channels in [groups[g].channels])
+        layer.fixed_in = 0 if layer.kind == "depthwise" else layer.in_features - coupled
+    owned = tuple(f"{n}." for layer in layers.values() for n in (layer.name, layer.bn) if n)
+    extra = {k: v.numel() for k, v in model.state_dict().items() if not k.startswith(owned)}
+    return ModelGraph(layers, groups, fp32_file_bytes(model), tuple(example_inputs.shape),
+                      tuple(names[m] for m in ignored), extra)
+
+
+def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Module, str],
+                    layers: dict[str, Layer], ignored: list[nn.Module]) -> dict[str, ChannelGroup]:
+    groups: dict[str, ChannelGroup] = {}
+    for module in model.modules():
+        name = names.get(module)
+        if name not in layers or layers[name].out_group:
+            continue
+        channels = layers[name].out_channels
+        pruner = dg.get_pruner_of_module(module)
+        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        members, prunable = [], module not in ignored
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            target = dep.target.module
+            tname = names.get(target)
+            if tname not in layers:
+                continue
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                if list(item.root_idxs) != list(idxs):
+                    raise UntraceableModelError(f"layer {tname!r}: output channels are permuted against "
+                                                f"{name!r}; such coupling is not supported")
+                if tname not in members:
+                    members.append(tname)
+                    layers[tname].out_group = name
+                prunable = prunable and target not in ignored
+                if layers[tname].kind == "depthwise":
+                    layers[tname].in_sources = [(name, 1)]
+            elif layers[tname].kind != "depthwise":
+                per = len(idxs) // channels
+                if (name, per) not in layers[tname].in_sources:
+                    layers[tname].in_sources.append((name, per))
+        groups[name] = ChannelGroup(name, channels, members, prunable)
+    return groups

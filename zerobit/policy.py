@@ -1,0 +1,148 @@
+"""Policy: for every coupled channel group, the bits each channel keeps (0 = removed, 32 = float).
+
+A Policy is what every strategy produces and what cost, fine-tuning and export consume. It is keyed by the
+group names of a `ModelGraph`; coupled channels share one entry, so they always get the same decision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from zerobit.graph import ModelGraph
+
+BIT_CHOICES = (0, 2, 3, 4, 5, 6, 8)
+FLOAT_BITS = 32
+ALL_BITS = BIT_CHOICES + (FLOAT_BITS,)
+ACT_BITS = (4, 5, 6, 8, FLOAT_BITS)
+VERSION = 1
+_CHAR = {b: str(b) for b in BIT_CHOICES} | {FLOAT_BITS: "f"}
+_BITS = {c: b for b, c in _CHAR.items()}
+
+
+@dataclass(frozen=True)
+class GroupDecision:
+    """Bits of every channel of one coupled group, in the group's channel order."""
+
+    bits: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        bad = sorted({b for b in self.bits if b not in ALL_BITS})
+        if bad:
+            raise ValueError(f"bit-widths {bad} are not supported; choose from {ALL_BITS} (32 = float, 0 = removed)")
+
+    @property
+    def channels(self) -> int:
+        return len(self.bits)
+
+    @property
+    def kept(self) -> int:
+        return sum(1 for b in self.bits if b > 0)
+
+    def kept_bits(self) -> list[int]:
+        """Bits of the surviving channels, in order."""
+        return [b for b in self.bits if b > 0]
+
+    def removed_indices(self) -> list[int]:
+        return [i for i, b in enumerate(self.bits) if b == 0]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Per-group channel bits plus the activation bit-width (32 = float activations).
+
+    Example:
+        >>> p = Policy({"conv1": GroupDecision((8, 0, 4))}, act_bits=8)
+        >>> Policy.from_dict(p.to_dict()) == p
+        True
+    """
+
+    groups: Mapping[str, GroupDecision]
+    act_bits: int = 8
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits={self.act_bits} is not supported; choose from {ACT_BITS}")
+
+    def __getitem__(self, name: str) -> GroupDecision:
+        return self.groups[name]
+
+    def validate(self, graph: ModelGraph) -> None:
+        """Raise ValueError unless this policy fits `graph` group by group."""
+        if set(self.groups) != set(graph.groups):
+            missing, extra = set(graph.groups) - set(self.groups), set(self.groups) - set(graph.groups)
+            raise ValueError(f"policy does not match the model: missing groups {sorted(missing)}, "
+                             f"unknown groups {sorted(extra)}")
+        for name, g in graph.groups.items():
+            d = self.groups[name]
+            if d.channels != g.channels:
+                raise ValueError(f"group {name!r}: policy has {d.channels} channels, the model {g.channels}")
+            if d.kept == 0:
+                raise ValueError(f"group {name!r}: every channel is removed; keep at least one")
+            if not g.prunable and d.kept != d.channels:
+                raise ValueError(f"group {name!r} feeds the model output and cannot lose channels")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: one bit-character per channel ('f' = float)."""
+        return {"version": VERSION, "act_bits": self.act_bits, "meta": dict(self.meta),
+                "groups": {n: "".join(_CHAR[b] for b in d.bits) for n, d in self.groups.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        if data.get("version") != VERSION:
+            raise ValueError(f"policy version {data.get('version')!r} is not supported (expected {VERSION})")
+        try:
+            groups = {n: GroupDecision(tuple(_BITS[c] for c in s)) for n, s in data["groups"].items()}
+        except KeyError as exc:
+            raise ValueError(f"policy has an unknown bit character {exc}") from exc
+        return cls(groups, int(data["act_bits"]), dict(data.get("meta", {})))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> Policy:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def with_bits(self, bits: int) -> Policy:
+        """The same channels kept, every kept channel at `bits`."""
+        return Policy({n: GroupDecision(tuple(bits if b else 0 for b in d.bits)) for n, d in self.groups.items()},
+                      self.act_bits, self.meta)
+
+    def __str__(self) -> str:
+        lines = [f"{'group':28} {'kept':>9}  bits (channels)", "-" * 60]
+        for name, d in self.groups.items():
+            hist = Counter(d.kept_bits())
+            bits = ", ".join(f"{'float' if b == FLOAT_BITS else b}b×{n}" for b, n in sorted(hist.items()))
+            lines.append(f"{name:28} {d.kept:>4}/{d.channels:<4}  {bits}")
+        lines.append(f"activations: {'float' if self.act_bits == FLOAT_BITS else f'{self.act_bits}-bit'}")
+        return "\n".join(lines)
+
+
+def keep_top(scores: torch.Tensor, kept: int, bits: int) -> GroupDecision:
+    """`bits` for the `kept` highest-scoring channels, 0 for the rest (ties broken by index)."""
+    order = torch.argsort(scores, descending=True, stable=True)[:kept].tolist()
+    chosen = set(order)
+    return GroupDecision(tuple(bits if i in chosen else 0 for i in range(len(scores))))
+
+
+def uniform_policy(graph: ModelGraph, scores: Mapping[str, torch.Tensor], keep: float, bits: int,
+                   act_bits: int = 8) -> Policy:
+    """Same keep-ratio and bits in every group; the lowest-scoring channels are removed.
+
+    Example:
+        >>> # policy = uniform_policy(graph, importance, keep=0.5, bits=4)
+    """
+    groups = {}
+    for name, g in graph.groups.items():
+        kept = g.channels if not g.prunable else max(1, min(g.channels, round(keep * g.channels)))
+        groups[name] = keep_top(scores[name], kept, bits)
+    return Policy(groups, act_bits)

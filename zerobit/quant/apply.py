@@ -1,0 +1,89 @@
+"""Turn a Policy into a model: remove 0-bit channels physically, then wrap every layer in a QuantLayer."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from zerobit.graph import ModelGraph, build_dependency_graph
+from zerobit.policy import Policy
+from zerobit.quant.modules import QuantLayer
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def kept_in_features(graph: ModelGraph, policy: Policy, layer_name: str) -> int:
+    """Input features of `layer_name` once the policy's 0-bit channels are removed."""
+    layer = graph.layers[layer_name]
+    if layer.kind == "depthwise":
+        return policy[layer.out_group].kept
+    return layer.fixed_in + sum(policy[g].kept * per for g, per in layer.in_sources)
+
+
+def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: torch.Tensor) -> nn.Module:
+    """A copy of `model` with every 0-bit channel physically removed (weights of kept channels unchanged).
+
+    Raises:
+        RuntimeError: when the pruned widths disagree with the policy (Torch-Pruning skipped a group).
+    """
+    policy.validate(graph)
+    model = copy.deepcopy(model).eval()
+    dg = build_dependency_graph(model, example_inputs)
+    for name, decision in policy.groups.items():
+        removed = decision.removed_indices()
+        if removed:
+            root = model.get_submodule(name)
+            fn = dg.get_pruner_of_module(root).prune_out_channels
+            dg.get_pruning_group(root, fn, removed).prune()
+    for name, layer in graph.layers.items():
+        module = model.get_submodule(name)
+        out_ch = module.weight.shape[0]
+        in_ch = module.weight.shape[1] * (module.groups if isinstance(module, nn.Conv2d) else 1)
+        want_out = policy[layer.out_group].kept
+        want_in = kept_in_features(graph, policy, name)
+        if (out_ch, in_ch) != (want_out, want_in):
+            raise RuntimeError(f"layer {name!r} was pruned to {out_ch}×{in_ch} channels but the policy asks "
+                               f"{want_out}×{want_in}; the model's coupling is not handled")
+    return model
+
+
+def wrap_layers(model: nn.Module, graph: ModelGraph, policy: Policy) -> nn.Module:
+    """Replace each Conv2d/Linear of a pruned model (in place) by a QuantLayer with the policy's bits."""
+    for name, layer in graph.layers.items():
+        bn = model.get_submodule(layer.bn) if layer.bn else None
+        q = QuantLayer(model.get_submodule(name), bn, policy[layer.out_group].kept_bits(), policy.act_bits)
+        _set_module(model, name, q)
+        if layer.bn:
+            _set_module(model, layer.bn, nn.Identity())
+    return model
+
+
+def apply_policy(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: torch.Tensor) -> nn.Module:
+    """The fake-quant model of `policy`: pruned copy of `model` whose layers are QuantLayers (eval mode).
+
+    Example:
+        >>> # qmodel = apply_policy(model, graph, policy, torch.zeros(1, 1, 28, 28))
+    """
+    return wrap_layers(prune_structure(model, graph, policy, example_inputs), graph, policy).eval()
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """QuantLayers of a fake-quant model, by the name of the layer they wrap."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def set_policy_bits(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> None:
+    """Give an applied model new bit-widths for the same kept channels (e.g. quantize after pruning)."""
+    layers = quant_layers(qmodel)
+    for name, layer in graph.layers.items():
+        bits = policy[layer.out_group].kept_bits()
+        if len(bits) != len(layers[name].bits):
+            raise ValueError(f"layer {name!r}: the new policy keeps different channels; re-apply it instead")
+        layers[name].set_bits(bits)
+    for q in layers.values():
+        q.act.bits = policy.act_bits

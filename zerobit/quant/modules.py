@@ -1,0 +1,118 @@
+"""Fake-quant layers: a Conv2d/Linear (with its BatchNorm folded in at eval time) at per-channel bits.
+
+Training mode: weights are fake-quantized with a straight-through estimator and the BatchNorm uses batch
+statistics. Eval mode computes exactly what the .zbit file stores: integer codes times a float16 per-channel
+scale with the BatchNorm folded in, and a float16 bias — so the exported model's outputs equal these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zerobit.quant.uniform import FLOAT_BITS, best_clip, codes, fake_quant, fake_quant_activation, scales
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation quantizer; `scale` is calibrated once, `signed` from the data's sign."""
+
+    def __init__(self, bits: int, scale: float = 1.0, signed: bool = True) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("signed", torch.tensor(bool(signed)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits >= FLOAT_BITS:
+            return x
+        return fake_quant_activation(x, self.bits, self.scale, bool(self.signed))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={float(self.scale):.4g}, signed={bool(self.signed)}"
+
+
+@dataclass
+class DeployTensors:
+    """What one layer stores: codes per kept channel, float16 scales and bias, float weights where bits=32."""
+
+    codes: torch.Tensor  # (C, ...) integer-valued float
+    scale: torch.Tensor  # (C,) float16
+    bias: torch.Tensor | None  # (C,) float16
+    weight: torch.Tensor  # (C, ...) float32: the folded, dequantized weight used at inference
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear, its optional following BatchNorm2d, per-channel weight bits and input quantizer."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None, bits: list[int],
+                 act_bits: int) -> None:
+        super().__init__()
+        if len(bits) != layer.weight.shape[0]:
+            raise ValueError(f"{len(bits)} bit-widths for a layer with {layer.weight.shape[0]} output channels")
+        self.layer = layer
+        self.bn = bn
+        self.act = ActQuant(act_bits)
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
+        self.register_buffer("clip", best_clip(layer.weight, self.bits))
+
+    def set_bits(self, bits: list[int]) -> None:
+        """Change the bit-width of each channel (and re-pick the clip ratios)."""
+        self.bits.copy_(torch.tensor(bits, dtype=torch.int64))
+        self.clip.copy_(best_clip(self.layer.weight, self.bits))
+
+    def _linear_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, b)
+        conv = self.layer
+        return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def _keep_mask(self, y: torch.Tensor) -> torch.Tensor:
+        if bool((self.bits > 0).all()):
+            return y
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        return y * (self.bits > 0).to(y.dtype).view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(x)
+        if not self.training:
+            d = self.deploy()
+            bias = d.bias.float() if d.bias is not None else None
+            return self._keep_mask(self._linear_op(x, d.weight, bias))
+        y = self._linear_op(x, fake_quant(self.layer.weight, self.bits, self.clip), self.layer.bias)
+        if self.bn is not None:
+            y = self.bn(y)
+        return self._keep_mask(y)
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-channel multiplier and shift of the BatchNorm (running statistics) and layer bias."""
+        w, bias = self.layer.weight, self.layer.bias
+        if self.bn is None:
+            return torch.ones(w.shape[0]), bias
+        bn = self.bn
+        mult = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * mult
+        if bias is not None:
+            shift = shift + mult * bias
+        return mult, shift
+
+    @torch.no_grad()
+    def deploy(self) -> DeployTensors:
+        """The tensors the exported file holds, and the weight they decode to."""
+        w = self.layer.weight.detach()
+        mult, shift = self._fold()
+        s = scales(w, self.bits, self.clip)
+        c = codes(w, self.bits, s)
+        scale16 = (s * mult).to(torch.float16)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        quantized = c * scale16.float().view(shape)
+        is_float = (self.bits == FLOAT_BITS).view(shape)
+        weight = torch.where(is_float, w * mult.view(shape), quantized)
+        bias16 = shift.detach().to(torch.float16) if shift is not None else None
+        return DeployTensors(c, scale16, bias16, weight.contiguous())
+
+    def extra_repr(self) -> str:
+        kept = int((self.bits > 0).sum())
+        return f"kept={kept}/{len(self.bits)}, bits={sorted(set(self.bits.tolist()))}"

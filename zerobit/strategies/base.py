@@ -1,0 +1,88 @@
+"""What every strategy receives (a Problem) and returns (a SearchResult), and the registry of strategies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from zerobit.budget import Budget
+from zerobit.data.loaders import TensorData
+from zerobit.graph import ModelGraph
+from zerobit.policy import Policy
+from zerobit.train.finetune import FinetuneConfig
+
+
+@dataclass
+class Problem:
+    """Everything a strategy may use to choose a Policy.
+
+    Strategies score candidates on `val_data` (held out of training), never on test data.
+    """
+
+    model: nn.Module
+    graph: ModelGraph
+    budget: Budget
+    example_inputs: torch.Tensor
+    train_data: TensorData
+    val_data: TensorData
+    scores: dict[str, torch.Tensor]  # channel importance per group
+    act_bits: int = 8
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    progress: bool = True
+
+    @property
+    def limit(self) -> float:
+        return self.budget.limit(self.graph)
+
+    def cost(self, policy: Policy) -> float:
+        return self.budget.cost(self.graph, policy)
+
+    def fits(self, policy: Policy) -> bool:
+        return self.cost(policy) <= self.limit
+
+
+@dataclass
+class SearchResult:
+    """A strategy's answer; `model` is an applied, partly trained model to continue from (or None)."""
+
+    policy: Policy
+    model: nn.Module | None = None
+    finetune_epochs_used: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class: subclasses are frozen dataclasses (their config) with a `search` method."""
+
+    name = ""
+
+    def search(self, problem: Problem) -> SearchResult:
+        raise NotImplementedError
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available by its `name` (CLI and `compress(strategy="name")`)."""
+    if not cls.name or cls.name in STRATEGIES:
+        raise ValueError(f"strategy name {cls.name!r} is empty or already registered")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(strategy: str | Strategy, **config: Any) -> Strategy:
+    """A strategy instance from its name (with config) or as given.
+
+    Example:
+        >>> get_strategy("uniform", bits=4).bits
+        4
+    """
+    if isinstance(strategy, Strategy):
+        return strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[strategy](**config)

@@ -1,0 +1,43 @@
+"""Sequential baseline ("deep compression"): prune, fine-tune, then quantize; fine-tune again afterwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from zerobit.data.loaders import Batches
+from zerobit.policy import FLOAT_BITS, uniform_policy
+from zerobit.quant.apply import apply_policy, set_policy_bits
+from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
+from zerobit.strategies.uniform import solve_uniform
+from zerobit.train.calibrate import recalibrate_batchnorm
+from zerobit.train.finetune import finetune
+
+
+@register_strategy
+@dataclass(frozen=True)
+class Sequential(Strategy):
+    """Magnitude channel pruning → fine-tune → uniform quantization (→ the final fine-tune of `compress`).
+
+    Keep-ratio and bits are chosen as by `Uniform`; `prune_share` of the shared fine-tune budget is spent
+    after pruning (in float), the rest after quantization.
+
+    Example:
+        >>> # zerobit.compress(model, x, budget=Size(fraction=1/32), strategy="sequential", ...)
+    """
+
+    bits: int | None = None
+    min_keep: float = 0.7
+    prune_share: float = 0.5
+    name = "sequential"
+
+    def search(self, problem: Problem) -> SearchResult:
+        keep, bits = solve_uniform(problem, self.bits, self.min_keep)
+        pruned = uniform_policy(problem.graph, problem.scores, keep, FLOAT_BITS, act_bits=FLOAT_BITS)
+        model = apply_policy(problem.model, problem.graph, pruned, problem.example_inputs)
+        recalibrate_batchnorm(model, Batches(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed))
+        epochs = problem.finetune.epochs * self.prune_share
+        finetune(model, problem.train_data, problem.finetune, teacher=problem.model, progress=problem.progress,
+                 epochs=epochs)
+        final = replace(pruned.with_bits(bits), act_bits=problem.act_bits)
+        set_policy_bits(model, problem.graph, final)
+        return SearchResult(final, model, finetune_epochs_used=epochs, info={"keep": keep, "bits": bits})

@@ -1,0 +1,62 @@
+"""Uniform baseline: one keep-ratio and one bit-width for every group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zerobit.budget import BudgetError
+from zerobit.policy import Policy, uniform_policy
+from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
+
+UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
+
+
+def max_keep(problem: Problem, bits: int, iterations: int = 24) -> float | None:
+    """Largest keep-ratio at which the uniform policy with `bits` fits the budget (None if none does)."""
+    def policy(keep: float) -> Policy:
+        return uniform_policy(problem.graph, problem.scores, keep, bits, problem.act_bits)
+
+    if problem.fits(policy(1.0)):
+        return 1.0
+    if not problem.fits(policy(0.0)):
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if problem.fits(policy(mid)) else (lo, mid)
+    return lo
+
+
+def solve_uniform(problem: Problem, bits: int | None, min_keep: float) -> tuple[float, int]:
+    """(keep, bits): the highest bit-width whose keep-ratio is ≥ min_keep, else the one keeping most channels."""
+    options = [(b, max_keep(problem, b)) for b in ([bits] if bits else UNIFORM_BITS)]
+    options = [(b, k) for b, k in options if k is not None]
+    if not options:
+        raise BudgetError(f"no uniform policy meets the budget ({problem.limit:,.0f} {problem.budget.unit})")
+    for b, k in options:
+        if k >= min_keep:
+            return k, b
+    b, k = max(options, key=lambda o: (o[1], o[0]))
+    return k, b
+
+
+@register_strategy
+@dataclass(frozen=True)
+class Uniform(Strategy):
+    """Same keep-ratio and bits everywhere: the least pruning that meets the budget at the chosen bits.
+
+    Bits, unless fixed, are the highest of 8, 6, 5, 4, 3, 2 that still keeps at least `min_keep` of the
+    channels (otherwise the width keeping the most). The lowest-importance channels are removed.
+
+    Example:
+        >>> # zerobit.compress(model, x, budget=Size(fraction=1/32), strategy=Uniform(bits=4), ...)
+    """
+
+    bits: int | None = None
+    min_keep: float = 0.7
+    name = "uniform"
+
+    def search(self, problem: Problem) -> SearchResult:
+        keep, bits = solve_uniform(problem, self.bits, self.min_keep)
+        policy = uniform_policy(problem.graph, problem.scores, keep, bits, problem.act_bits)
+        return SearchResult(policy, info={"keep": keep, "bits": bits})

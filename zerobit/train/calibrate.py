@@ -1,0 +1,80 @@
+"""Calibration after a policy is applied: activation ranges and BatchNorm statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from zerobit.quant.modules import ActQuant
+from zerobit.quant.uniform import FLOAT_BITS
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int = 8,
+                          percentile: float = 0.9999) -> None:
+    """Set each ActQuant's scale from the inputs it sees (a high percentile of |x|) and its sign.
+
+    Example:
+        >>> # calibrate_activations(qmodel, Batches(splits.train, 256), max_batches=8)
+    """
+    quants = [m for m in model.modules() if isinstance(m, ActQuant) and m.bits < FLOAT_BITS]
+    stats: dict[ActQuant, list[torch.Tensor]] = {q: [] for q in quants}
+    signed: dict[ActQuant, bool] = dict.fromkeys(quants, False)
+
+    def hook(module: ActQuant, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach()
+        sample = x.abs().flatten()
+        if sample.numel() > 200_000:
+            sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+        stats[module].append(torch.quantile(sample.float(), percentile))
+        signed[module] = signed[module] or bool((x < 0).any())
+
+    handles = [q.register_forward_pre_hook(hook) for q in quants]
+    was_training = model.training
+    model.eval()
+    saved_bits = {q: q.bits for q in quants}
+    for q in quants:
+        q.bits = FLOAT_BITS  # observe float activations
+    try:
+        for i, (x, _y) in enumerate(batches):
+            if i >= max_batches:
+                break
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for q in quants:
+            q.bits = saved_bits[q]
+        model.train(was_training)
+    for q in quants:
+        if not stats[q]:
+            raise ValueError("calibration saw no data: pass at least one batch")
+        amax = torch.stack(stats[q]).mean().clamp_min(1e-8)
+        levels = 2 ** (q.bits - 1) - 1 if signed[q] else 2**q.bits - 1
+        q.scale.fill_(float(amax) / levels)
+        q.signed.fill_(signed[q])
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int = 50) -> None:
+    """Re-estimate BatchNorm running statistics (they go stale once channels are removed or quantized)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        return
+    was_training = model.training
+    momenta = {bn: bn.momentum for bn in bns}
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches seen
+    model.train()
+    try:
+        for i, (x, _y) in enumerate(batches):
+            if i >= max_batches:
+                break
+            model(x)
+    finally:
+        for bn in bns:
+            bn.momentum = momenta[bn]
+        model.train(was_training)

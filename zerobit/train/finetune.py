@@ -1,0 +1,113 @@
+"""Quantization-aware fine-tuning with knowledge distillation from the uncompressed model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from zerobit.data.loaders import Batches, TensorData
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How the compressed model is fine-tuned.
+
+    Attributes:
+        epochs: passes over the training data (fractions allowed, e.g. 0.25).
+        lr: peak SGD learning rate (cosine decay to 0).
+        batch_size: minibatch size.
+        weight_decay: L2 penalty.
+        distill: weight of the distillation term (0 = labels only, 1 = teacher only).
+        temperature: softmax temperature of the distillation term.
+        seed: makes runs repeatable.
+        augment: random crop + flip on training batches.
+    """
+
+    epochs: float = 1.0
+    lr: float = 0.01
+    batch_size: int = 128
+    weight_decay: float = 5e-5
+    distill: float = 0.7
+    temperature: float = 2.0
+    seed: int = 0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.distill <= 1:
+            raise ValueError(f"invalid FinetuneConfig {self}: need epochs ≥ 0, lr > 0, batch_size ≥ 1, "
+                             "0 ≤ distill ≤ 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                      distill: float, temperature: float) -> torch.Tensor:
+    """(1−α)·CE(labels) + α·T²·KL(teacher ‖ student) at temperature T."""
+    ce = F.cross_entropy(logits, labels)
+    if teacher_logits is None or distill == 0:
+        return ce
+    t = temperature
+    kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True,
+                  reduction="batchmean") * t * t
+    return (1 - distill) * ce + distill * kd
+
+
+def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig = FinetuneConfig(),
+             teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None) -> dict:
+    """Fine-tune `model` in place (QAT when its layers are QuantLayers); returns the loss history.
+
+    Args:
+        model: the (fake-quant) model to train.
+        train_data: training split (never the validation or test split).
+        config: optimiser and distillation settings.
+        teacher: the uncompressed model; its softened outputs are distilled into `model`.
+        progress: show a progress bar.
+        epochs: overrides `config.epochs` (e.g. what is left of a shared fine-tune budget).
+
+    Example:
+        >>> # finetune(qmodel, splits.train, FinetuneConfig(epochs=1), teacher=model)
+    """
+    epochs = config.epochs if epochs is None else epochs
+    batches = Batches(train_data, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed,
+                      drop_last=True)
+    steps = int(round(epochs * len(batches)))
+    history: dict = {"loss": [], "steps": steps}
+    if steps == 0:
+        return history
+    torch.manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    bar = tqdm(total=steps, desc="fine-tune", disable=not progress, leave=False)
+    step, running = 0, None
+    while step < steps:
+        for x, y in batches:
+            with torch.no_grad():
+                t_logits = teacher(x) if teacher is not None else None
+            loss = distillation_loss(model(x), y, t_logits, config.distill, config.temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning diverged at step {step} (loss {loss.item()}); "
+                                         "lower FinetuneConfig.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            history["loss"].append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}")
+            if step >= steps:
+                break
+    bar.close()
+    model.eval()
+    return history
