@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from tiny_models import EXAMPLE, TINY_MODELS
 
 import zerobit as zb
-from tiny_models import EXAMPLE, TINY_MODELS
 from zerobit.train.evaluate import accuracy, predictions
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_models import EXAMPLE, TINY_MODELS
+
 from zerobit.graph import analyse
 from zerobit.policy import GroupDecision, Policy, uniform_policy
 

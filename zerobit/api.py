@@ -91,7 +91,7 @@ def _check_inputs(model: nn.Module, example_inputs: torch.Tensor, budget: Budget
 
 def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy = "uniform",
              *, train_data: TensorData, eval_data: TensorData, test_data: TensorData | None = None,
-             finetune_config: FinetuneConfig = FinetuneConfig(), act_bits: int = 8, model_name: str = "",
+             finetune_config: FinetuneConfig | None = None, act_bits: int = 8, model_name: str = "",
              progress: bool = True) -> CompressResult:
     """Compress `model` to fit `budget`: choose per-channel bits (0 = removed), fine-tune, measure.
 
@@ -102,7 +102,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
         strategy: a registered name ("uniform", "sequential", …) or a configured Strategy.
         train_data: fine-tuning data. eval_data: held-out validation split that searches score on.
         test_data: where the reported accuracies are measured (default: eval_data).
-        finetune_config: the fine-tune budget shared by every strategy.
+        finetune_config: the fine-tune budget shared by every strategy (default: FinetuneConfig()).
         act_bits: activation bits (8, or 32 for float activations).
         model_name: zoo name, stored in the file so `zerobit.load(path)` needs no model object.
 
@@ -112,6 +112,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
         >>> # r.save("small.zbit")
     """
     _check_inputs(model, example_inputs, budget, train_data)
+    finetune_config = finetune_config or FinetuneConfig()
     clock: dict[str, float] = {}
     t = time.perf_counter()
     model = model.eval()

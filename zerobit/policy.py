@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -53,8 +53,40 @@ class GroupDecision:
 
 
 @dataclass(frozen=True)
+class LayerDecision:
+    """Per-layer options on top of the channel bits (both need one bit-width for all kept channels).
+
+    Attributes:
+        sparsity: fraction of the kept channels' weights set to zero, the smallest magnitudes first
+            (unstructured pruning; positions are stored in the file and counted in its bytes).
+        codebook: weights index a per-layer codebook (k-means centroids) instead of a uniform grid.
+    """
+
+    sparsity: float = 0.0
+    codebook: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+
+    @property
+    def is_default(self) -> bool:
+        return self.sparsity == 0.0 and not self.codebook
+
+
+DENSE = LayerDecision()
+
+
+def kept_weights(total: int, sparsity: float) -> int:
+    """Weights that survive `sparsity` out of `total` (the file and the masks agree on this count)."""
+    return total - int(round(sparsity * total))
+
+
+@dataclass(frozen=True)
 class Policy:
     """Per-group channel bits plus the activation bit-width (32 = float activations).
+
+    `layers` optionally adds per-layer unstructured sparsity or codebook quantization (see LayerDecision).
 
     Example:
         >>> p = Policy({"conv1": GroupDecision((8, 0, 4))}, act_bits=8)
@@ -65,13 +97,19 @@ class Policy:
     groups: Mapping[str, GroupDecision]
     act_bits: int = 8
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    layers: Mapping[str, LayerDecision] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", {n: d for n, d in self.layers.items() if not d.is_default})
         if self.act_bits not in ACT_BITS:
             raise ValueError(f"act_bits={self.act_bits} is not supported; choose from {ACT_BITS}")
 
     def __getitem__(self, name: str) -> GroupDecision:
         return self.groups[name]
+
+    def layer(self, name: str) -> LayerDecision:
+        """The per-layer decision of `name` (dense, uniform grid unless set)."""
+        return self.layers.get(name, DENSE)
 
     def validate(self, graph: ModelGraph) -> None:
         """Raise ValueError unless this policy fits `graph` group by group."""
@@ -87,11 +125,21 @@ class Policy:
                 raise ValueError(f"group {name!r}: every channel is removed; keep at least one")
             if not g.prunable and d.kept != d.channels:
                 raise ValueError(f"group {name!r} feeds the model output and cannot lose channels")
+        for name, decision in self.layers.items():
+            if name not in graph.layers:
+                raise ValueError(f"policy sets layer {name!r}, which the model does not have")
+            bits = set(self.groups[graph.layers[name].out_group].kept_bits())
+            if not decision.is_default and (len(bits) != 1 or FLOAT_BITS in bits):
+                raise ValueError(f"layer {name!r}: sparsity/codebook need one integer bit-width for all kept "
+                                 f"channels of group {graph.layers[name].out_group!r}, got {sorted(bits)}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: one bit-character per channel ('f' = float)."""
-        return {"version": VERSION, "act_bits": self.act_bits, "meta": dict(self.meta),
-                "groups": {n: "".join(_CHAR[b] for b in d.bits) for n, d in self.groups.items()}}
+        out = {"version": VERSION, "act_bits": self.act_bits, "meta": dict(self.meta),
+               "groups": {n: "".join(_CHAR[b] for b in d.bits) for n, d in self.groups.items()}}
+        if self.layers:
+            out["layers"] = {n: asdict(d) for n, d in self.layers.items() if not d.is_default}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
@@ -101,7 +149,9 @@ class Policy:
             groups = {n: GroupDecision(tuple(_BITS[c] for c in s)) for n, s in data["groups"].items()}
         except KeyError as exc:
             raise ValueError(f"policy has an unknown bit character {exc}") from exc
-        return cls(groups, int(data["act_bits"]), dict(data.get("meta", {})))
+        layers = {n: LayerDecision(float(d.get("sparsity", 0.0)), bool(d.get("codebook", False)))
+                  for n, d in data.get("layers", {}).items()}
+        return cls(groups, int(data["act_bits"]), dict(data.get("meta", {})), layers)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -115,7 +165,7 @@ class Policy:
     def with_bits(self, bits: int) -> Policy:
         """The same channels kept, every kept channel at `bits`."""
         return Policy({n: GroupDecision(tuple(bits if b else 0 for b in d.bits)) for n, d in self.groups.items()},
-                      self.act_bits, self.meta)
+                      self.act_bits, self.meta, self.layers)
 
     def __str__(self) -> str:
         lines = [f"{'group':28} {'kept':>9}  bits (channels)", "-" * 60]
@@ -123,6 +173,9 @@ class Policy:
             hist = Counter(d.kept_bits())
             bits = ", ".join(f"{'float' if b == FLOAT_BITS else b}b×{n}" for b, n in sorted(hist.items()))
             lines.append(f"{name:28} {d.kept:>4}/{d.channels:<4}  {bits}")
+        for name, d in self.layers.items():
+            if not d.is_default:
+                lines.append(f"  layer {name}: {d.sparsity:.0%} of weights zero" + (", codebook" if d.codebook else ""))
         lines.append(f"activations: {'float' if self.act_bits == FLOAT_BITS else f'{self.act_bits}-bit'}")
         return "\n".join(lines)
 

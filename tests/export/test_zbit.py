@@ -4,12 +4,13 @@ import os
 
 import pytest
 import torch
-
 from tiny_models import EXAMPLE, TINY_MODELS
+
+from zerobit.export.layout import layer_layouts
 from zerobit.export.runtime import load, read_zbit, save_zbit
 from zerobit.export.zbit import ZbitFormatError, estimate_bytes
 from zerobit.graph import analyse
-from zerobit.policy import GroupDecision, Policy
+from zerobit.policy import GroupDecision, LayerDecision, Policy
 from zerobit.quant import apply_policy
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
 
@@ -98,3 +99,57 @@ def test_custom_model_needs_the_model_object(tmp_path):
         load(tmp_path / "m.zbit")
     with pytest.raises(ValueError, match="different model"):
         load(tmp_path / "m.zbit", TINY_MODELS["residual"]())
+
+
+def sparse_policy(graph, seed: int, codebook: bool) -> Policy:
+    """One bit-width per group, unstructured sparsity (and optionally codebooks) on every layer."""
+    gen = torch.Generator().manual_seed(seed)
+    groups, layers = {}, {}
+    for name, g in graph.groups.items():
+        bits = [2, 3, 4, 5, 6, 8][int(torch.randint(0, 6, (1,), generator=gen))]
+        keep = g.channels if not g.prunable else max(1, g.channels - 2)
+        groups[name] = GroupDecision((bits,) * keep + (0,) * (g.channels - keep))
+    for i, name in enumerate(graph.layers):
+        sparsity = [0.0, 0.3, 0.8, 0.97][(i + seed) % 4]
+        layers[name] = LayerDecision(sparsity, codebook and i % 2 == 0)
+    return Policy(groups, 8, layers=layers)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("seed,codebook", [(0, False), (1, True)])
+def test_sparse_and_codebook_layers_are_exact(tmp_path, name, seed, codebook):
+    torch.manual_seed(seed)
+    model = TINY_MODELS[name]().eval()
+    graph = analyse(model, EXAMPLE)
+    policy = sparse_policy(graph, seed, codebook)
+    q = apply_policy(model, graph, policy, EXAMPLE)
+    batches = [(torch.randn(32, 1, 8, 8), None) for _ in range(2)]
+    calibrate_activations(q, batches)
+    path = tmp_path / "m.zbit"
+    assert save_zbit(q, graph, policy, path) == estimate_bytes(graph, policy) == os.path.getsize(path)
+    loaded = load(path, TINY_MODELS[name]())
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    assert read_zbit(path).policy == policy
+    for lname, decision in policy.layers.items():
+        w = q.get_submodule(lname).deploy().weight
+        assert int((w != 0).sum()) <= w.numel() - round(decision.sparsity * w.numel())
+
+
+def test_sparsity_shrinks_the_file_and_positions_are_counted():
+    model = TINY_MODELS["plain"]().eval()
+    graph = analyse(model, EXAMPLE)
+    dense = Policy({n: GroupDecision((4,) * g.channels) for n, g in graph.groups.items()})
+    sizes = [estimate_bytes(graph, Policy(dense.groups, layers={n: LayerDecision(s) for n in graph.layers}))
+             for s in (0.0, 0.5, 0.9)]
+    assert sizes[0] > sizes[1] > sizes[2]
+    # 50% sparse at 4 bits: codes halve, a 1-bit-per-weight bitmap is added: 3 bits per weight instead of 4
+    half = Policy(dense.groups, layers={n: LayerDecision(0.5) for n in graph.layers})
+    payload = sum(lay.code_bytes + lay.position_bytes for lay in layer_layouts(graph, half))
+    params = sum(layer.params for layer in graph.layers.values())
+    assert payload == pytest.approx(params * 3 / 8, abs=len(graph.layers) * 2)
+    # 97% sparse: the index list beats the bitmap
+    lay = [x for x in layer_layouts(graph, Policy(dense.groups, layers={"features.1.0": LayerDecision(0.97)}))
+           if x.name == "features.1.0"][0]
+    assert lay.position_bytes < (16 * 108) // 8

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import EXAMPLE, TINY_MODELS
 from torch import nn
 
-from tiny_models import EXAMPLE, TINY_MODELS
 from zerobit.graph import UntraceableModelError, analyse
 
 

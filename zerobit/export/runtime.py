@@ -11,15 +11,8 @@ import torch
 from safetensors.torch import load as st_load
 from torch import nn
 
-from zerobit.export.zbit import (
-    FORMAT_VERSION,
-    PACKED_BITS,
-    ZbitFormatError,
-    crc_of,
-    decode_policy,
-    layer_layouts,
-    to_bytes,
-)
+from zerobit.export.layout import PACKED_BITS, LayerLayout, decode_positions, layer_layouts
+from zerobit.export.zbit import FORMAT_VERSION, ZbitFormatError, crc_of, decode_policy, to_bytes
 from zerobit.graph import ModelGraph, analyse
 from zerobit.policy import FLOAT_BITS, Policy
 from zerobit.quant.apply import prune_structure
@@ -80,7 +73,8 @@ def read_zbit(path: str | os.PathLike) -> ZbitFile:
         raise ZbitFormatError(f"{path} is corrupt: its checksum does not match its contents")
     try:
         groups = [(n, int(c)) for n, c in json.loads(meta["groups"])]
-        policy = decode_policy(blobs["bits"].numpy(), groups, int(meta["act_bits"]))
+        policy = decode_policy(blobs["bits"].numpy(), groups, int(meta["act_bits"]),
+                               json.loads(meta.get("layers", "{}")))
     except (KeyError, ValueError) as exc:
         raise ZbitFormatError(f"{path} has damaged metadata: {exc}") from exc
     return ZbitFile(meta, blobs, policy)
@@ -106,36 +100,59 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def _layer_weight(bits: torch.Tensor, per: int, cur: dict[str, _Cursor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized (C, per) weight of one layer, and its float16 scales."""
-    codes = torch.zeros(len(bits), per)
-    for b in PACKED_BITS:
-        sel = bits == b
-        n = int(sel.sum())
-        if n:
-            raw = cur["codes"].take(packed_bytes(n * per, b)).numpy()
-            codes[sel] = torch.from_numpy(unpack(raw, b, n * per).astype(np.float32)).view(n, per)
+def _single_width_codes(lay: LayerLayout, cur: dict[str, _Cursor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(codes, mask) of a sparse and/or codebook layer, shaped (C, per)."""
+    channels, per, bits = len(lay.kept_bits), lay.weights_per_channel, lay.kept_bits[0]
+    values = unpack(cur["codes"].take(packed_bytes(lay.nnz, bits)).numpy(), bits, lay.nnz)
+    if lay.codebook:
+        values = values + 2 ** (bits - 1)
+    if lay.sparsity == 0:
+        return torch.from_numpy(values.astype(np.float32)).view(channels, per), None
+    raw = cur["pos"].take(lay.position_bytes).numpy()
+    mask = torch.from_numpy(decode_positions(raw, channels, per, lay.nnz).astype(bool))
+    codes = torch.zeros(channels, per)
+    codes[mask] = torch.from_numpy(values.astype(np.float32))
+    return codes, mask
+
+
+def _layer_weight(lay: LayerLayout, cur: dict[str, _Cursor]) -> torch.Tensor:
+    """Dequantized (C, per) weight of one layer, decoded exactly as QuantLayer.deploy computes it."""
+    bits, per = torch.tensor(lay.kept_bits), lay.weights_per_channel
+    mask = None
+    if lay.single_width:
+        codes, mask = _single_width_codes(lay, cur)
+    else:
+        codes = torch.zeros(len(bits), per)
+        for b in PACKED_BITS:
+            sel = bits == b
+            n = int(sel.sum())
+            if n:
+                raw = cur["codes"].take(packed_bytes(n * per, b)).numpy()
+                codes[sel] = torch.from_numpy(unpack(raw, b, n * per).astype(np.float32)).view(n, per)
     quantized = bits != FLOAT_BITS
     scale16 = torch.zeros(len(bits), dtype=torch.float16)
     scale16[quantized] = cur["scales"].take(int(quantized.sum()))
+    if lay.codebook:
+        book16 = cur["books"].take(lay.book_entries)
+        weight = book16.float()[codes.long()] * scale16.float().view(-1, 1)
+        return weight * mask if mask is not None else weight
     weight = codes * scale16.float().view(-1, 1)
     if bool((~quantized).any()):
         weight[~quantized] = cur["floats"].take(int((~quantized).sum()) * per).view(-1, per)
-    return weight, scale16
+    return weight
 
 
 def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph) -> nn.Module:
     """Prune a fresh copy of `model` by the file's policy and load the file's weights into it."""
     example = torch.zeros(zf.input_shape)
     pruned = prune_structure(model, graph, zf.policy, example)
-    cur = {k: _Cursor(zf.blobs.get(k)) for k in ("codes", "scales", "floats", "biases", "act")}
+    cur = {k: _Cursor(zf.blobs.get(k)) for k in ("codes", "scales", "floats", "biases", "act", "pos", "books")}
     for lay in layer_layouts(graph, zf.policy):
         module = pruned.get_submodule(lay.name)
-        bits = torch.tensor(lay.kept_bits)
-        weight, _ = _layer_weight(bits, lay.weights_per_channel, cur)
+        weight = _layer_weight(lay, cur)
         module.weight = nn.Parameter(weight.view_as(module.weight).contiguous())
         if lay.has_bias:
-            module.bias = nn.Parameter(cur["biases"].take(len(bits)).float())
+            module.bias = nn.Parameter(cur["biases"].take(len(lay.kept_bits)).float())
         if graph.layers[lay.name].bn:
             _set_module(pruned, graph.layers[lay.name].bn, nn.Identity())
         if zf.policy.act_bits < FLOAT_BITS:

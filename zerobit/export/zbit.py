@@ -8,6 +8,8 @@ in graph order:
 - ``scales`` (float16): one per quantized kept channel (BatchNorm folded in);
 - ``biases`` (float16): one per kept channel of layers with a bias or folded BatchNorm;
 - ``floats`` (float32): folded weights of float (32-bit) channels;
+- ``pos`` (uint8): positions of the nonzero weights of sparse layers (see layout.py);
+- ``books`` (float16): the centroids of codebook layers (codes index them; scales then hold the BatchNorm);
 - ``bits`` (uint8): the policy, one 4-bit code per channel of every group, so a file replays by itself;
 - ``act`` (float32): each layer's input scale, negative when the activation is signed;
 - ``x.<name>``: any other parameter or buffer of the model (float32), e.g. a BatchNorm no conv precedes.
@@ -19,21 +21,19 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
+from zerobit.export.layout import PACKED_BITS, LayerLayout, encode_positions, layer_layouts
 from zerobit.graph import ModelGraph
-from zerobit.policy import ALL_BITS, FLOAT_BITS, GroupDecision, Policy
-from zerobit.quant.apply import kept_in_features, quant_layers
-from zerobit.quant.pack import pack, packed_bytes
+from zerobit.policy import ALL_BITS, FLOAT_BITS, GroupDecision, LayerDecision, Policy
+from zerobit.quant.apply import quant_layers
+from zerobit.quant.pack import pack
 
 FORMAT_VERSION = "1"
-PACKED_BITS = (2, 3, 4, 5, 6, 8)
 _BIT_CODE = {b: i for i, b in enumerate(ALL_BITS)}
 
 
@@ -41,41 +41,10 @@ class ZbitFormatError(ValueError):
     """The file is not a readable .zbit file (corrupt, truncated, or written by another version)."""
 
 
-@dataclass
-class LayerLayout:
-    """Counts of one layer in the file."""
-
-    name: str
-    kept_bits: list[int]
-    weights_per_channel: int
-    has_bias: bool
-
-    def count(self, bits: int) -> int:
-        return sum(1 for b in self.kept_bits if b == bits)
-
-    @property
-    def code_bytes(self) -> int:
-        return sum(packed_bytes(self.count(b) * self.weights_per_channel, b) for b in PACKED_BITS)
-
-    @property
-    def scales(self) -> int:
-        return sum(1 for b in self.kept_bits if b != FLOAT_BITS)
-
-    @property
-    def floats(self) -> int:
-        return self.count(FLOAT_BITS) * self.weights_per_channel
-
-
-def layer_layouts(graph: ModelGraph, policy: Policy) -> Iterator[LayerLayout]:
-    """Layout of every layer of `graph` under `policy`, in graph order."""
-    for name, layer in graph.layers.items():
-        kept_in = kept_in_features(graph, policy, name)
-        per = layer.kernel_area if layer.kind == "depthwise" else kept_in * layer.kernel_area
-        yield LayerLayout(name, policy[layer.out_group].kept_bits(), per, layer.has_bias or layer.bn is not None)
-
-
 def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:
-    return {
+    layers = {"layers": json.dumps({n: [d.sparsity, int(d.codebook)] for n, d in policy.layers.items()},
+                                   separators=(",", ":"))} if policy.layers else {}
+    return layers | {
         "format": "zbit", "version": FORMAT_VERSION, "model": graph.model_name or "",
         "input_shape": ",".join(map(str, graph.input_shape)), "act_bits": str(policy.act_bits),
         "groups": json.dumps([[n, g.channels] for n, g in graph.groups.items()], separators=(",", ":")),
@@ -91,6 +60,8 @@ def _blob_sizes(graph: ModelGraph, policy: Policy) -> dict[str, tuple[torch.dtyp
         "scales": (torch.float16, sum(lay.scales for lay in layouts)),
         "biases": (torch.float16, sum(len(lay.kept_bits) for lay in layouts if lay.has_bias)),
         "floats": (torch.float32, sum(lay.floats for lay in layouts)),
+        "pos": (torch.uint8, sum(lay.position_bytes for lay in layouts)),
+        "books": (torch.float16, sum(lay.book_entries for lay in layouts)),
         "bits": (torch.uint8, (channels + 1) // 2),
         "act": (torch.float32, len(layouts) if policy.act_bits < FLOAT_BITS else 0),
     }
@@ -115,8 +86,9 @@ def _bits_blob(policy: Policy) -> np.ndarray:
     return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
 
 
-def decode_policy(bits_blob: np.ndarray, groups: list[tuple[str, int]], act_bits: int) -> Policy:
-    """The Policy stored in a file's ``bits`` blob."""
+def decode_policy(bits_blob: np.ndarray, groups: list[tuple[str, int]], act_bits: int,
+                  layers: dict[str, list] | None = None) -> Policy:
+    """The Policy stored in a file's ``bits`` blob (and its per-layer metadata)."""
     codes = np.stack([bits_blob & 15, bits_blob >> 4], axis=1).ravel()
     if len(codes) < sum(c for _, c in groups) or codes.max(initial=0) >= len(ALL_BITS):
         raise ZbitFormatError("the policy stored in the file is damaged")
@@ -124,40 +96,64 @@ def decode_policy(bits_blob: np.ndarray, groups: list[tuple[str, int]], act_bits
     for name, channels in groups:
         decisions[name] = GroupDecision(tuple(ALL_BITS[int(c)] for c in codes[pos:pos + channels]))
         pos += channels
-    return Policy(decisions, act_bits)
+    per_layer = {n: LayerDecision(float(v[0]), bool(v[1])) for n, v in (layers or {}).items()}
+    return Policy(decisions, act_bits, layers=per_layer)
 
 
-def _layer_blobs(q: nn.Module, per: int) -> dict[str, list[np.ndarray]]:
+BLOB_DTYPES = {"codes": np.uint8, "scales": np.float16, "floats": np.float32, "biases": np.float16,
+               "pos": np.uint8, "books": np.float16}
+
+
+def _single_width_codes(q: nn.Module, lay: LayerLayout, codes: torch.Tensor, out: dict) -> None:
+    """Codes of a sparse and/or codebook layer: nonzeros only (positions coded apart), one bit-width."""
+    bits = lay.kept_bits[0]
+    if q.mask is not None:
+        mask = q.mask.flatten(1).numpy().astype(np.int64)
+        if int(mask.sum()) != lay.nnz:
+            raise RuntimeError(f"layer {lay.name!r} keeps {int(mask.sum())} weights, its policy {lay.nnz}")
+        out["pos"].append(encode_positions(mask))
+        values = codes.numpy()[mask.astype(bool)]
+    else:
+        values = codes.numpy().ravel()
+    offset = 2 ** (bits - 1) if lay.codebook else 0  # centroid indices 0…2^b−1 → signed range
+    out["codes"].append(pack(values.astype(np.int64) - offset, bits))
+
+
+def _layer_blobs(q: nn.Module, lay: LayerLayout) -> dict[str, list[np.ndarray]]:
     d = q.deploy()
-    bits = q.bits
     flat_codes = d.codes.flatten(1)
-    out: dict[str, list[np.ndarray]] = {"codes": [], "scales": [], "floats": [], "biases": []}
-    for b in PACKED_BITS:
-        sel = bits == b
-        if bool(sel.any()):
-            out["codes"].append(pack(flat_codes[sel].reshape(-1).numpy().astype(np.int64), b))
-    quantized = bits != FLOAT_BITS
+    if flat_codes.shape[1] != lay.weights_per_channel:
+        raise RuntimeError(f"layer {lay.name!r} has {flat_codes.shape[1]} weights per channel, layout expects "
+                           f"{lay.weights_per_channel}")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in BLOB_DTYPES}
+    if lay.single_width:
+        _single_width_codes(q, lay, flat_codes, out)
+    else:
+        for b in PACKED_BITS:
+            sel = q.bits == b
+            if bool(sel.any()):
+                out["codes"].append(pack(flat_codes[sel].reshape(-1).numpy().astype(np.int64), b))
+    quantized = q.bits != FLOAT_BITS
     out["scales"].append(d.scale[quantized].numpy())
     out["floats"].append(d.weight.flatten(1)[~quantized].reshape(-1).numpy().astype(np.float32))
     if d.bias is not None:
         out["biases"].append(d.bias.numpy())
-    if flat_codes.shape[1] != per:
-        raise RuntimeError(f"layer has {flat_codes.shape[1]} weights per channel, layout expects {per}")
+    if d.book is not None:
+        out["books"].append(d.book.numpy())
     return out
 
 
 def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> dict[str, torch.Tensor]:
     """The blobs of the file for a fake-quant model made by `apply_policy(model, graph, policy)`."""
     layers = quant_layers(qmodel)
-    parts: dict[str, list[np.ndarray]] = {"codes": [], "scales": [], "floats": [], "biases": []}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in BLOB_DTYPES}
     act = []
     for lay in layer_layouts(graph, policy):
         q = layers[lay.name]
-        for key, arrays in _layer_blobs(q, lay.weights_per_channel).items():
+        for key, arrays in _layer_blobs(q, lay).items():
             parts[key].extend(arrays)
         act.append(float(q.act.scale) * (-1.0 if bool(q.act.signed) else 1.0))
-    dtypes = {"codes": np.uint8, "scales": np.float16, "floats": np.float32, "biases": np.float16}
-    blobs = {k: torch.from_numpy(np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k]))
+    blobs = {k: torch.from_numpy(np.concatenate(v).astype(BLOB_DTYPES[k]) if v else np.zeros(0, BLOB_DTYPES[k]))
              for k, v in parts.items()}
     blobs["bits"] = torch.from_numpy(_bits_blob(policy))
     blobs["act"] = torch.tensor(act, dtype=torch.float32) if policy.act_bits < FLOAT_BITS else torch.zeros(0)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from zerobit.graph import ModelGraph, build_dependency_graph
-from zerobit.policy import Policy
+from zerobit.policy import Policy, kept_weights
+from zerobit.quant.codebook import kmeans_1d
 from zerobit.quant.modules import QuantLayer
 
 
@@ -63,13 +64,36 @@ def wrap_layers(model: nn.Module, graph: ModelGraph, policy: Policy) -> nn.Modul
     return model
 
 
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """0/1 mask keeping the largest-magnitude weights, exactly `kept_weights(numel, sparsity)` of them."""
+    keep = kept_weights(weight.numel(), sparsity)
+    mask = torch.zeros(weight.numel())
+    mask[torch.topk(weight.detach().abs().flatten(), keep, sorted=False).indices] = 1.0
+    return mask.view_as(weight)
+
+
+def apply_layer_decisions(qmodel: nn.Module, policy: Policy) -> None:
+    """Fix masks (by magnitude) and codebooks (k-means on the kept weights) of the policy's sparse/codebook layers."""
+    layers = quant_layers(qmodel)
+    for name, decision in policy.layers.items():
+        q = layers[name]
+        if decision.sparsity > 0:
+            q.set_mask(magnitude_mask(q.layer.weight, decision.sparsity))
+        if decision.codebook:
+            w = q.masked_weight().detach()
+            kept = w[q.mask.bool()] if q.mask is not None else w.flatten()
+            q.set_codebook(kmeans_1d(kept, 2 ** int(q.bits[0])))
+
+
 def apply_policy(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: torch.Tensor) -> nn.Module:
     """The fake-quant model of `policy`: pruned copy of `model` whose layers are QuantLayers (eval mode).
 
     Example:
         >>> # qmodel = apply_policy(model, graph, policy, torch.zeros(1, 1, 28, 28))
     """
-    return wrap_layers(prune_structure(model, graph, policy, example_inputs), graph, policy).eval()
+    qmodel = wrap_layers(prune_structure(model, graph, policy, example_inputs), graph, policy)
+    apply_layer_decisions(qmodel, policy)
+    return qmodel.eval()
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:

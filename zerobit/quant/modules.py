@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerobit.quant.codebook import nearest
 from zerobit.quant.uniform import FLOAT_BITS, best_clip, codes, fake_quant, fake_quant_activation, scales
 
 
@@ -38,10 +39,11 @@ class ActQuant(nn.Module):
 class DeployTensors:
     """What one layer stores: codes per kept channel, float16 scales and bias, float weights where bits=32."""
 
-    codes: torch.Tensor  # (C, ...) integer-valued float
-    scale: torch.Tensor  # (C,) float16
+    codes: torch.Tensor  # (C, ...) integer-valued float (codebook layers: centroid index)
+    scale: torch.Tensor  # (C,) float16 (codebook layers: the folded BatchNorm multiplier)
     bias: torch.Tensor | None  # (C,) float16
     weight: torch.Tensor  # (C, ...) float32: the folded, dequantized weight used at inference
+    book: torch.Tensor | None = None  # (2^b,) float16 centroids of a codebook layer
 
 
 class QuantLayer(nn.Module):
@@ -57,6 +59,35 @@ class QuantLayer(nn.Module):
         self.act = ActQuant(act_bits)
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
         self.register_buffer("clip", best_clip(layer.weight, self.bits))
+        self.register_buffer("mask", None)  # 1 = weight kept (unstructured sparsity)
+        self.register_buffer("fixed_scale", None)  # frozen per-channel steps
+        self.register_buffer("book", None)  # sorted codebook centroids
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Fix which weights are kept (None = all)."""
+        self.mask = None if mask is None else mask.to(self.layer.weight.dtype).clone()
+
+    def freeze_scales(self) -> None:
+        """Fix the per-channel step sizes at their current values (OPQ fine-tunes with frozen steps)."""
+        self.fixed_scale = scales(self.masked_weight(), self.bits, self.clip).detach().clone()
+
+    def set_codebook(self, centroids: torch.Tensor | None) -> None:
+        """Quantize weights to the nearest of these centroids (sorted) instead of a uniform grid."""
+        self.book = None if centroids is None else torch.sort(centroids.detach().float()).values
+
+    def masked_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        return w if self.mask is None else w * self.mask
+
+    def _quantized_weight(self) -> torch.Tensor:
+        w = self.masked_weight()
+        if self.book is None:
+            wq = fake_quant(w, self.bits, self.clip, self.fixed_scale)
+        else:
+            wq = self.book[nearest(w.detach(), self.book)]
+        if self.mask is not None:
+            wq = wq * self.mask
+        return w + (wq - w).detach()
 
     def set_bits(self, bits: list[int]) -> None:
         """Change the bit-width of each channel (and re-pick the clip ratios)."""
@@ -81,7 +112,7 @@ class QuantLayer(nn.Module):
             d = self.deploy()
             bias = d.bias.float() if d.bias is not None else None
             return self._keep_mask(self._linear_op(x, d.weight, bias))
-        y = self._linear_op(x, fake_quant(self.layer.weight, self.bits, self.clip), self.layer.bias)
+        y = self._linear_op(x, self._quantized_weight(), self.layer.bias)
         if self.bn is not None:
             y = self.bn(y)
         return self._keep_mask(y)
@@ -101,16 +132,24 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def deploy(self) -> DeployTensors:
         """The tensors the exported file holds, and the weight they decode to."""
-        w = self.layer.weight.detach()
+        w = self.masked_weight().detach()
         mult, shift = self._fold()
-        s = scales(w, self.bits, self.clip)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        bias16 = shift.detach().to(torch.float16) if shift is not None else None
+        if self.book is not None:
+            book16 = self.book.to(torch.float16)
+            idx = nearest(w, self.book)
+            scale16 = mult.detach().to(torch.float16)
+            weight = book16.float()[idx] * scale16.float().view(shape)
+            if self.mask is not None:
+                weight = weight * self.mask
+            return DeployTensors(idx.float(), scale16, bias16, weight.contiguous(), book16)
+        s = self.fixed_scale if self.fixed_scale is not None else scales(w, self.bits, self.clip)
         c = codes(w, self.bits, s)
         scale16 = (s * mult).to(torch.float16)
-        shape = (-1,) + (1,) * (w.dim() - 1)
         quantized = c * scale16.float().view(shape)
         is_float = (self.bits == FLOAT_BITS).view(shape)
         weight = torch.where(is_float, w * mult.view(shape), quantized)
-        bias16 = shift.detach().to(torch.float16) if shift is not None else None
         return DeployTensors(c, scale16, bias16, weight.contiguous())
 
     def extra_repr(self) -> str:

@@ -37,15 +37,18 @@ def codes(w: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     return c * _per_channel((bits > 0).float(), w)
 
 
-def fake_quant(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize `w` per output channel; gradients pass straight through.
+
+    `scale` fixes the per-channel steps (otherwise they follow max|w|·clip).
 
     Example:
         >>> w = torch.randn(4, 3)
         >>> fake_quant(w, torch.tensor([8, 4, 0, 32])).shape
         torch.Size([4, 3])
     """
-    s = scales(w, bits, clip)
+    s = scales(w, bits, clip) if scale is None else scale
     wq = codes(w, bits, s) * _per_channel(s, w)
     is_float = _per_channel((bits == FLOAT_BITS).float(), w)
     wq = wq * (1 - is_float) + w.detach() * is_float

@@ -1,6 +1,13 @@
 """Strategies: each turns a Problem into a Policy. Adding one = one file + @register_strategy."""
 
-from zerobit.strategies.base import STRATEGIES, Problem, SearchResult, Strategy, get_strategy, register_strategy
+from zerobit.strategies.base import (
+           STRATEGIES,
+           Problem,
+           SearchResult,
+           Strategy,
+           get_strategy,
+           register_strategy,
+)
 from zerobit.strategies.sequential import Sequential
 from zerobit.strategies.uniform import Uniform
 

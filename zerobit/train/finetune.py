@@ -58,7 +58,7 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
     return (1 - distill) * ce + distill * kd
 
 
-def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig = FinetuneConfig(),
+def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | None = None,
              teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None) -> dict:
     """Fine-tune `model` in place (QAT when its layers are QuantLayers); returns the loss history.
 
@@ -73,6 +73,7 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig = 
     Example:
         >>> # finetune(qmodel, splits.train, FinetuneConfig(epochs=1), teacher=model)
     """
+    config = config or FinetuneConfig()
     epochs = config.epochs if epochs is None else epochs
     batches = Batches(train_data, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed,
                       drop_last=True)

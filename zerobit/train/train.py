@@ -124,7 +124,7 @@ def _train_epoch(model: nn.Module, batches: Batches, opt: torch.optim.Optimizer,
         loss.backward()
         opt.step()
         sched.step()
-        total, count = total + float(loss) * len(y), count + len(y)
+        total, count = total + loss.item() * len(y), count + len(y)
         bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{sched.get_last_lr()[0]:.4f}", refresh=False)
     return total / max(count, 1)

@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:  make demo   |   make test
+# Each creates .venv, installs zerobit (torch 2.13.0 CPU) and gets Fashion-MNIST by itself.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+WHEELS := $(wildcard /opt/wheels)
+PIPFLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
+
+.PHONY: setup data demo test test-fast bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(PIPFLAGS) "torch==2.13.0"
+	$(PY) -m pip install -q $(PIPFLAGS) -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST: the Debian package when we may install it, else the official download (SHA-256 checked).
+data: setup
+	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
+	  echo "apt-get could not install dataset-fashion-mnist; trying the download"; fi
+	$(PY) -m zerobit.data
+
+demo: data
+	$(VENV)/bin/zerobit demo
+
+test: data
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: data
+	$(PY) bench/baselines.py
+
+lint: setup
+	$(VENV)/bin/ruff check zerobit tests bench
+
+clean:
+	rm -rf $(VENV) runs

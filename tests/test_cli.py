@@ -1,0 +1,54 @@
+"""End to end on the real thing: pretrained ResNet-20, Fashion-MNIST, the command line, the written file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from zerobit.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("r20")
+    code = main(["compress", "--model", "resnet20", "--data", "fashion-mnist", "--budget", "1/32",
+                 "--strategy", "sequential", "--finetune-epochs", "0.02", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_compress_writes_the_promised_file(compressed):
+    result = json.loads((compressed / "result.json").read_text())
+    for key in ("file_bytes", "fp32_bytes", "budget_bytes", "accuracy", "baseline_accuracy", "bops", "macs",
+                "strategy", "seconds"):
+        assert key in result
+    size = os.path.getsize(compressed / "model.zbit")
+    assert size == result["file_bytes"] <= result["budget_bytes"] == pytest.approx(result["fp32_bytes"] / 32)
+    assert result["baseline_accuracy"] >= 0.93
+    assert result["accuracy"] > 0.5  # 32× smaller after a few dozen fine-tune steps: still far above chance
+    assert (compressed / "policy.json").exists()
+
+
+def test_eval_of_the_file_matches_the_reported_accuracy(compressed, capsys):
+    assert main(["eval", str(compressed / "model.zbit"), "--data", "fashion-mnist", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    result = json.loads((compressed / "result.json").read_text())
+    assert out["accuracy"] == result["accuracy"]  # decoded file == measured fake-quant model, on 10k test images
+
+
+def test_impossible_budget_exits_with_clear_message(tmp_path, capsys):
+    code = main(["compress", "--model", "resnet20", "--budget", "100B", "--out", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "smallest achievable" in capsys.readouterr().err
+    assert not (tmp_path / "model.zbit").exists()
+
+
+def test_corrupt_file_exits_with_clear_message(tmp_path, capsys):
+    bad = tmp_path / "bad.zbit"
+    bad.write_bytes(os.urandom(1000))
+    assert main(["eval", str(bad)]) == 2
+    assert "not a readable .zbit" in capsys.readouterr().err
