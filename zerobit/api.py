@@ -132,7 +132,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
         raise BudgetError(f"strategy {strat.name!r} returned a policy over budget "
                           f"({problem.cost(found.policy):,.0f} > {problem.limit:,.0f} {budget.unit})")
     t = time.perf_counter()
-    qmodel = found.model if found.model is not None else apply_policy(model, graph, found.policy, example_inputs)
+    start = found.start_model if found.start_model is not None else model
+    qmodel = found.model if found.model is not None else apply_policy(start, graph, found.policy, example_inputs)
     calib = Batches(train_data, 256, shuffle=True, seed=finetune_config.seed)
     if found.model is None:
         recalibrate_batchnorm(qmodel, calib)

@@ -68,6 +68,7 @@ class LayerDecision:
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        object.__setattr__(self, "sparsity", min(0.9999, round(float(self.sparsity), 4)))  # stored as 1/10000s
 
     @property
     def is_default(self) -> bool:

@@ -131,7 +131,7 @@ def test_sparse_and_codebook_layers_are_exact(tmp_path, name, seed, codebook):
     x = torch.randn(64, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), q(x))
-    assert read_zbit(path).policy == policy
+    assert read_zbit(path).full_policy(graph) == policy
     for lname, decision in policy.layers.items():
         w = q.get_submodule(lname).deploy().weight
         assert int((w != 0).sum()) <= w.numel() - round(decision.sparsity * w.numel())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -12,7 +12,14 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from zerobit.export.layout import PACKED_BITS, LayerLayout, decode_positions, layer_layouts
-from zerobit.export.zbit import FORMAT_VERSION, ZbitFormatError, crc_of, decode_policy, to_bytes
+from zerobit.export.zbit import (
+    FORMAT_VERSION,
+    ZbitFormatError,
+    crc_of,
+    decode_layer_decisions,
+    decode_policy,
+    to_bytes,
+)
 from zerobit.graph import ModelGraph, analyse
 from zerobit.policy import FLOAT_BITS, Policy
 from zerobit.quant.apply import prune_structure
@@ -46,6 +53,12 @@ class ZbitFile:
     def model_name(self) -> str:
         return self.metadata.get("model", "")
 
+    def full_policy(self, graph: ModelGraph) -> Policy:
+        """The policy with its per-layer decisions (their layer names come from the model's graph)."""
+        if "ldec" not in self.blobs:
+            return self.policy
+        return replace(self.policy, layers=decode_layer_decisions(self.blobs["ldec"].numpy(), list(graph.layers)))
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.metadata["input_shape"].split(","))
@@ -73,8 +86,7 @@ def read_zbit(path: str | os.PathLike) -> ZbitFile:
         raise ZbitFormatError(f"{path} is corrupt: its checksum does not match its contents")
     try:
         groups = [(n, int(c)) for n, c in json.loads(meta["groups"])]
-        policy = decode_policy(blobs["bits"].numpy(), groups, int(meta["act_bits"]),
-                               json.loads(meta.get("layers", "{}")))
+        policy = decode_policy(blobs["bits"].numpy(), groups, int(meta["act_bits"]))
     except (KeyError, ValueError) as exc:
         raise ZbitFormatError(f"{path} has damaged metadata: {exc}") from exc
     return ZbitFile(meta, blobs, policy)
@@ -144,6 +156,7 @@ def _layer_weight(lay: LayerLayout, cur: dict[str, _Cursor]) -> torch.Tensor:
 
 def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph) -> nn.Module:
     """Prune a fresh copy of `model` by the file's policy and load the file's weights into it."""
+    zf.policy = zf.full_policy(graph)
     example = torch.zeros(zf.input_shape)
     pruned = prune_structure(model, graph, zf.policy, example)
     cur = {k: _Cursor(zf.blobs.get(k)) for k in ("codes", "scales", "floats", "biases", "act", "pos", "books")}

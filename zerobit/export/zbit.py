@@ -12,6 +12,7 @@ in graph order:
 - ``books`` (float16): the centroids of codebook layers (codes index them; scales then hold the BatchNorm);
 - ``bits`` (uint8): the policy, one 4-bit code per channel of every group, so a file replays by itself;
 - ``act`` (float32): each layer's input scale, negative when the activation is signed;
+- ``ldec`` (int16, only with per-layer decisions): each layer's sparsity in 1/10000, as −1−value for codebooks;
 - ``x.<name>``: any other parameter or buffer of the model (float32), e.g. a BatchNorm no conv precedes.
 
 `estimate_bytes` builds the same header around empty blobs of the right sizes, so it equals the written size.
@@ -42,9 +43,7 @@ class ZbitFormatError(ValueError):
 
 
 def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:
-    layers = {"layers": json.dumps({n: [d.sparsity, int(d.codebook)] for n, d in policy.layers.items()},
-                                   separators=(",", ":"))} if policy.layers else {}
-    return layers | {
+    return {
         "format": "zbit", "version": FORMAT_VERSION, "model": graph.model_name or "",
         "input_shape": ",".join(map(str, graph.input_shape)), "act_bits": str(policy.act_bits),
         "groups": json.dumps([[n, g.channels] for n, g in graph.groups.items()], separators=(",", ":")),
@@ -64,6 +63,7 @@ def _blob_sizes(graph: ModelGraph, policy: Policy) -> dict[str, tuple[torch.dtyp
         "books": (torch.float16, sum(lay.book_entries for lay in layouts)),
         "bits": (torch.uint8, (channels + 1) // 2),
         "act": (torch.float32, len(layouts) if policy.act_bits < FLOAT_BITS else 0),
+        "ldec": (torch.int16, len(layouts) if policy.layers else 0),
     }
     sizes.update({f"x.{k}": (torch.float32, n) for k, n in graph.extra_params.items()})
     return {k: v for k, v in sizes.items() if v[1] > 0}
@@ -86,9 +86,29 @@ def _bits_blob(policy: Policy) -> np.ndarray:
     return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
 
 
+def _ldec_blob(graph: ModelGraph, policy: Policy) -> torch.Tensor:
+    values = []
+    for name in graph.layers:
+        d = policy.layer(name)
+        v = int(round(d.sparsity * 10000))
+        values.append(-1 - v if d.codebook else v)
+    return torch.tensor(values, dtype=torch.int16)
+
+
+def decode_layer_decisions(ldec: np.ndarray, layer_names: list[str]) -> dict[str, LayerDecision]:
+    """Per-layer decisions from a file's ``ldec`` blob."""
+    if len(ldec) != len(layer_names):
+        raise ZbitFormatError("the per-layer decisions stored in the file do not match the model's layers")
+    out = {}
+    for name, v in zip(layer_names, ldec.tolist(), strict=True):
+        codebook = v < 0
+        out[name] = LayerDecision(((-1 - v) if codebook else v) / 10000, codebook)
+    return out
+
+
 def decode_policy(bits_blob: np.ndarray, groups: list[tuple[str, int]], act_bits: int,
-                  layers: dict[str, list] | None = None) -> Policy:
-    """The Policy stored in a file's ``bits`` blob (and its per-layer metadata)."""
+                  layers: dict[str, LayerDecision] | None = None) -> Policy:
+    """The Policy stored in a file's ``bits`` blob (plus its per-layer decisions)."""
     codes = np.stack([bits_blob & 15, bits_blob >> 4], axis=1).ravel()
     if len(codes) < sum(c for _, c in groups) or codes.max(initial=0) >= len(ALL_BITS):
         raise ZbitFormatError("the policy stored in the file is damaged")
@@ -96,8 +116,7 @@ def decode_policy(bits_blob: np.ndarray, groups: list[tuple[str, int]], act_bits
     for name, channels in groups:
         decisions[name] = GroupDecision(tuple(ALL_BITS[int(c)] for c in codes[pos:pos + channels]))
         pos += channels
-    per_layer = {n: LayerDecision(float(v[0]), bool(v[1])) for n, v in (layers or {}).items()}
-    return Policy(decisions, act_bits, layers=per_layer)
+    return Policy(decisions, act_bits, layers=layers or {})
 
 
 BLOB_DTYPES = {"codes": np.uint8, "scales": np.float16, "floats": np.float32, "biases": np.float16,
@@ -157,6 +176,7 @@ def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> d
              for k, v in parts.items()}
     blobs["bits"] = torch.from_numpy(_bits_blob(policy))
     blobs["act"] = torch.tensor(act, dtype=torch.float32) if policy.act_bits < FLOAT_BITS else torch.zeros(0)
+    blobs["ldec"] = _ldec_blob(graph, policy) if policy.layers else torch.zeros(0)
     quant_keys = {f"{n}.{k}" for n, q in layers.items() for k in q.state_dict()}
     for key, value in qmodel.state_dict().items():
         if key not in quant_keys:

@@ -15,8 +15,8 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30) -> torch.Tenso
     values = values.detach().flatten().float()
     if values.numel() == 0:
         return torch.zeros(k)
-    if values.numel() > 200_000:  # a fixed subsample keeps large layers fast
-        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+    if values.numel() > 50_000:  # a fixed subsample keeps large layers fast
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:50_000]]
     centroids = torch.quantile(values, torch.linspace(0, 1, k + 2)[1:-1])
     for _ in range(iterations):
         assign = nearest(values, centroids)

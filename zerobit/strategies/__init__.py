@@ -1,5 +1,6 @@
 """Strategies: each turns a Problem into a Policy. Adding one = one file + @register_strategy."""
 
+from zerobit.strategies.admm import ADMM
 from zerobit.strategies.base import (
            STRATEGIES,
            Problem,
@@ -8,8 +9,9 @@ from zerobit.strategies.base import (
            get_strategy,
            register_strategy,
 )
+from zerobit.strategies.opq import OPQ
 from zerobit.strategies.sequential import Sequential
 from zerobit.strategies.uniform import Uniform
 
-__all__ = ["STRATEGIES", "Problem", "SearchResult", "Sequential", "Strategy", "Uniform", "get_strategy",
+__all__ = ["ADMM", "OPQ", "STRATEGIES", "Problem", "SearchResult", "Sequential", "Strategy", "Uniform", "get_strategy",
            "register_strategy"]

@@ -46,12 +46,17 @@ class Problem:
 
 @dataclass
 class SearchResult:
-    """A strategy's answer; `model` is an applied, partly trained model to continue from (or None)."""
+    """A strategy's answer.
+
+    `model`: an applied (fake-quant), partly trained model to continue from; or `start_model`: float weights the
+    policy is applied to instead of the original ones (e.g. after ADMM's training); or neither.
+    """
 
     policy: Policy
     model: nn.Module | None = None
     finetune_epochs_used: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    start_model: nn.Module | None = None
 
 
 class Strategy:

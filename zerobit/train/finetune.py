@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,7 +60,8 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
 
 
 def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | None = None,
-             teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None) -> dict:
+             teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None,
+             penalty: Callable[[], torch.Tensor] | None = None) -> dict:
     """Fine-tune `model` in place (QAT when its layers are QuantLayers); returns the loss history.
 
     Args:
@@ -69,6 +71,7 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
         teacher: the uncompressed model; its softened outputs are distilled into `model`.
         progress: show a progress bar.
         epochs: overrides `config.epochs` (e.g. what is left of a shared fine-tune budget).
+        penalty: an extra loss term added at every step (e.g. ADMM's proximal pull).
 
     Example:
         >>> # finetune(qmodel, splits.train, FinetuneConfig(epochs=1), teacher=model)
@@ -95,6 +98,8 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
             with torch.no_grad():
                 t_logits = teacher(x) if teacher is not None else None
             loss = distillation_loss(model(x), y, t_logits, config.distill, config.temperature)
+            if penalty is not None:
+                loss = loss + penalty()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tuning diverged at step {step} (loss {loss.item()}); "
                                          "lower FinetuneConfig.lr")

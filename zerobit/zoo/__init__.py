@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from zerobit.zoo.models import MobileNetV2, ResNet20, VGG, mobilenetv2, resnet20, vgg
+from zerobit.zoo.models import VGG, MobileNetV2, ResNet20, mobilenetv2, resnet20, vgg
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 INPUT_SHAPE: tuple[int, int, int] = (1, 28, 28)
