@@ -1,0 +1,109 @@
+"""AJPQ on a tiny residual model and digits: the agent learns, the wall holds, a killed search resumes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import EXAMPLE
+
+from zerobit.budget import BOPs, Size
+from zerobit.graph import analyse
+from zerobit.importance import group_scores
+from zerobit.strategies import AJPQ, ActionSpace, Problem, ProxyConfig
+from zerobit.strategies.ajpq import group_decision
+
+PROXY = ProxyConfig(recovery_batches=4, samples=300)
+
+
+def problem_for(model, digits, budget):
+    graph = analyse(model, EXAMPLE)
+    return Problem(model, graph, budget, EXAMPLE, digits.train, digits.val, group_scores(model, graph),
+                   progress=False)
+
+
+def test_channel_controller_gives_important_channels_more_bits():
+    scores = torch.arange(24, dtype=torch.float)  # channel 23 most important
+    d = group_decision(scores, sparsity=0.25, level=2, space=ActionSpace(chunk=4), prunable=True)
+    assert d.bits[:6] == (0,) * 6  # lowest-ranked quarter removed
+    assert d.bits[23] == 5 and d.bits[6] == 3 and d.bits[14] == 4  # +1 / −1 level around level 2 (4 bits)
+    prune_only = group_decision(scores, 0.5, 0, ActionSpace(quantize=False, fixed_bits=6), True)
+    assert set(prune_only.kept_bits()) == {6} and prune_only.kept == 12
+    quant_only = group_decision(scores, 0.5, 3, ActionSpace(prune=False), True)
+    assert quant_only.kept == 24
+
+
+def test_agent_beats_random_policies_and_the_wall_always_holds(trained_residual, digits):
+    prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
+    result = AJPQ(episodes=60, warmup=15, proxy=PROXY, seed=0).search(prob)
+    rewards = np.array(result.info["rewards"])
+    assert rewards[-15:].mean() > rewards[:15].mean() + 1.0  # learned episodes beat the random warm-up
+    assert result.info["best_reward"] == rewards.max()
+    assert prob.fits(result.policy)
+
+
+@pytest.mark.parametrize("space", [ActionSpace(prune=False), ActionSpace(quantize=False, fixed_bits=4)])
+def test_special_cases_respect_their_space_and_bops_wall(trained_residual, digits, space):
+    prob = problem_for(trained_residual, digits, BOPs(fraction=1 / 40))
+    result = AJPQ(episodes=12, warmup=6, space=space, proxy=PROXY).search(prob)
+    assert prob.fits(result.policy)
+    kept_bits = {b for d in result.policy.groups.values() for b in d.kept_bits()}
+    if not space.prune:
+        assert all(d.kept == d.channels for d in result.policy.groups.values())
+    else:
+        assert kept_bits == {4}
+
+
+def test_killed_search_resumes_where_it_stopped(tmp_path, trained_residual, digits):
+    state = tmp_path / "search.state"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        torch.set_num_threads(1)
+        from conftest import train_tiny
+        from zerobit.data import get_splits
+        from zerobit.strategies import AJPQ, ProxyConfig
+        from strategies.test_ajpq import problem_for
+        from zerobit.budget import Size
+        d = get_splits("digits")
+        prob = problem_for(train_tiny("residual", d), d, Size(fraction=1 / 5))
+        AJPQ(episodes=int(sys.argv[1]), warmup=5, proxy=ProxyConfig(4, 300), checkpoint={str(state)!r}).search(prob)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, "1000"])
+    import json
+
+    from safetensors import safe_open
+
+    def episodes_done() -> int:
+        try:
+            with safe_open(str(state), "pt") as f:
+                return json.loads(f.metadata()["state"])["episode"]
+        except Exception:
+            return 0
+
+    deadline = time.time() + 240
+    while episodes_done() < 8 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    stopped_at = episodes_done()
+    assert 8 <= stopped_at < 1000
+    prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
+    resumed = AJPQ(episodes=stopped_at + 6, warmup=5, proxy=PROXY, checkpoint=str(state)).search(prob)
+    fresh = AJPQ(episodes=stopped_at + 6, warmup=5, proxy=PROXY).search(prob)
+    assert resumed.info["episodes"] == stopped_at + 6
+    assert resumed.info["rewards"] == fresh.info["rewards"]  # same seed: the interruption changed nothing
+    assert resumed.policy == fresh.policy
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path, trained_residual, digits):
+    prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
+    AJPQ(episodes=2, warmup=2, proxy=PROXY, checkpoint=str(tmp_path / "s")).search(prob)
+    with pytest.raises(ValueError, match="other settings"):
+        AJPQ(episodes=2, warmup=2, proxy=PROXY, seed=5, checkpoint=str(tmp_path / "s")).search(prob)

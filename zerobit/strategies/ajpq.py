@@ -1,0 +1,228 @@
+"""AJPQ: hierarchical reinforcement learning over layer sparsity and channel bit-widths (seeds 000, 001).
+
+One importance ranking per coupled group (L1 magnitude by default; Group Fisher is a drop-in). The agent walks
+the groups in graph order; at each it takes two actions in [0, 1]:
+
+- layer controller: sparsity s = a₀ · max_sparsity — the ⌈s·C⌉ lowest-ranked channels get 0 bits;
+- channel controller *(reconstructed design)*: a₁ picks a bit level b = round(b_min − 0.5 + a₁·levels); the
+  surviving channels, ranked by the same importance, are cut into chunks of `chunk` channels; the top third of
+  chunks gets one level more, the bottom third one level less — more important channels, more bits.
+
+A DDPG agent (zerobit.strategies.ddpg) learns from the episode reward 0.1·(acc − acc_ref), accuracy in % on a
+fixed slice of the validation split after a cheap recovery: the pruned channels are masked (no rebuild), the
+BatchNorm statistics re-estimated on a few training batches. The budget is a wall, not a penalty: each action is
+capped so that the remaining groups, at their minimum (max sparsity, lowest bits), can still meet it — so every
+episode's policy fits. The search state (agent, replay, RNG, history) is saved after every episode and an
+interrupted search resumes where it stopped; seeded runs repeat exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from zerobit.data.loaders import Batches
+from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
+from zerobit.quant.apply import quant_layers, wrap_layers
+from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
+from zerobit.strategies.ddpg import DDPG, DDPGConfig
+from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
+from zerobit.train.evaluate import accuracy
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """What the agent may decide. prune=False → quantize-only (HAQ-like); quantize=False → prune-only (AMC-like)."""
+
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    max_sparsity: float = 0.8
+    chunk: int = 8
+    prune: bool = True
+    quantize: bool = True
+    fixed_bits: int = 8  # bits of every kept channel when quantize=False
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The cheap evaluation behind the reward."""
+
+    recovery_batches: int = 10  # BatchNorm re-estimation batches (of 128 training images)
+    samples: int = 1000  # validation images scored per episode
+
+
+def group_decision(scores: torch.Tensor, sparsity: float, level: int, space: ActionSpace,
+                   prunable: bool) -> GroupDecision:
+    """Channel bits of one group from the two actions (see the module docstring)."""
+    channels = len(scores)
+    removed = min(channels - 1, int(np.ceil(sparsity * channels))) if prunable and space.prune else 0
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    bits = [0] * channels
+    kept = order[: channels - removed]
+    chunks = [kept[i:i + space.chunk] for i in range(0, len(kept), space.chunk)]
+    for k, chunk in enumerate(chunks):
+        shift = 1 if k < len(chunks) / 3 else (-1 if k >= 2 * len(chunks) / 3 and len(chunks) > 2 else 0)
+        lvl = min(len(space.bits) - 1, max(0, level + shift)) if space.quantize else None
+        for c in chunk:
+            bits[c] = space.bits[lvl] if lvl is not None else space.fixed_bits
+    return GroupDecision(tuple(bits))
+
+
+class _Episode:
+    """Builds one policy group by group under the budget wall."""
+
+    def __init__(self, problem: Problem, space: ActionSpace) -> None:
+        self.problem, self.space = problem, space
+        self.names = list(problem.graph.groups)
+        self.minimum = {n: self._decision(n, space.max_sparsity, 0) for n in self.names}
+        self.decisions: dict[str, GroupDecision] = {}
+
+    def _decision(self, name: str, sparsity: float, level: int) -> GroupDecision:
+        g = self.problem.graph.groups[name]
+        return group_decision(self.problem.scores[name], sparsity, level, self.space, g.prunable)
+
+    def policy(self, extra: dict[str, GroupDecision] | None = None) -> Policy:
+        groups = self.minimum | self.decisions | (extra or {})
+        return Policy({n: groups[n] for n in self.names}, self.problem.act_bits)
+
+    def feasible(self, name: str, sparsity: float, level: int) -> bool:
+        return self.problem.fits(self.policy({name: self._decision(name, sparsity, level)}))
+
+    def step(self, name: str, sparsity: float, level: int) -> tuple[float, int]:
+        """Apply the wall: lower the bit level, then raise sparsity, until the rest can still fit."""
+        max_s = self.space.max_sparsity if self.space.prune else 0.0
+        for lvl in range(level, -1, -1):
+            if self.feasible(name, sparsity, lvl):
+                break
+            if self.feasible(name, max_s, lvl):
+                lo, hi = sparsity, max_s
+                for _ in range(6):
+                    mid = (lo + hi) / 2
+                    lo, hi = (lo, mid) if self.feasible(name, mid, lvl) else (mid, hi)
+                sparsity = hi
+                break
+        else:
+            lvl, sparsity = 0, max_s
+        self.decisions[name] = self._decision(name, sparsity, lvl)
+        return sparsity, lvl
+
+
+def _static_features(problem: Problem) -> np.ndarray:
+    """Per group: index, type, c_in, c_out, kernel, params, feature-map area (min-max normalized)."""
+    rows = []
+    for i, (name, g) in enumerate(problem.graph.groups.items()):
+        first = problem.graph.layers[g.layers[0]]
+        kind = {"conv": 0.0, "depthwise": 1.0, "linear": 0.5}[first.kind]
+        params = sum(problem.graph.layers[n].params for n in g.layers)
+        rows.append([i, kind, first.in_features, g.channels, first.kernel_area, params, first.out_area])
+    feats = np.array(rows, dtype=np.float32)
+    span = feats.max(0) - feats.min(0)
+    return (feats - feats.min(0)) / np.where(span > 0, span, 1)
+
+
+@register_strategy
+@dataclass(frozen=True)
+class AJPQ(Strategy):
+    """Hierarchical RL search of per-group sparsity and per-channel-chunk bits; see the module docstring.
+
+    Example:
+        >>> # zerobit.compress(model, x, Size(fraction=1/32), AJPQ(episodes=300, checkpoint="ajpq.state"), ...)
+    """
+
+    episodes: int = 300
+    warmup: int = 30
+    space: ActionSpace = field(default_factory=ActionSpace)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    agent: DDPGConfig = field(default_factory=DDPGConfig)
+    checkpoint: str | None = None
+    seed: int = 0
+    name = "ajpq"
+
+    def search(self, problem: Problem) -> SearchResult:
+        graph = problem.graph
+        feats = _static_features(problem)
+        agent = DDPG(feats.shape[1] + 4, 2, self.agent, self.seed)
+        state = {"episode": 0, "best_reward": None, "best_policy": None, "rewards": []}
+        if self.checkpoint and os.path.exists(self.checkpoint):
+            state = self._load(agent)
+        proxy_model, ref = self._proxy_model(problem)
+        total_cost = problem.budget.reference(graph)
+        bar = tqdm(total=self.episodes, initial=state["episode"], desc="ajpq", disable=not problem.progress)
+        while state["episode"] < self.episodes:
+            ep = state["episode"]
+            warm = ep < self.warmup
+            episode, states, actions, prev = _Episode(problem, self.space), [], [], np.zeros(2, np.float32)
+            for i, name in enumerate(graph.groups):
+                cost = problem.cost(episode.policy())
+                s = np.concatenate([feats[i], [1 - cost / total_cost, cost / total_cost], prev]).astype(np.float32)
+                a = agent.act(s, explore=True, warmup=warm)
+                level = int(np.clip(round(-0.5 + a[1] * len(self.space.bits)), 0, len(self.space.bits) - 1))
+                sparsity, level = episode.step(name, float(a[0]) * self.space.max_sparsity, level)
+                a = np.array([sparsity / self.space.max_sparsity, (level + 0.5) / len(self.space.bits)], np.float32)
+                states.append(s)
+                actions.append(a)
+                prev = a
+            policy = episode.policy()
+            reward = self._reward(problem, proxy_model, policy, ref, ep)
+            agent.remember(states, actions, reward)
+            if not warm:
+                agent.update(steps=len(states))
+            agent.end_episode(warm)
+            state["rewards"].append(reward)
+            if state["best_reward"] is None or reward > state["best_reward"]:
+                state["best_reward"], state["best_policy"] = reward, policy.to_dict()
+            state["episode"] = ep + 1
+            if self.checkpoint:
+                self._save(agent, state)
+            bar.update(1)
+            bar.set_postfix(best=f"{state['best_reward']:.2f}", budget=f"{problem.cost(policy) / problem.limit:.0%}")
+        bar.close()
+        best = Policy.from_dict(state["best_policy"])
+        return SearchResult(best, info={"episodes": state["episode"], "best_reward": state["best_reward"],
+                                        "rewards": state["rewards"], "reference_accuracy": ref})
+
+    def _proxy_model(self, problem: Problem) -> tuple[torch.nn.Module, float]:
+        """One masked fake-quant copy reused by every episode, and the reference (float) accuracy in %."""
+        graph = problem.graph
+        full = Policy({n: GroupDecision((8,) * g.channels) for n, g in graph.groups.items()}, problem.act_bits)
+        model = wrap_layers(copy.deepcopy(problem.model).eval(), graph, full)
+        calibrate_activations(model, Batches(problem.train_data, 256, shuffle=True, seed=self.seed), 4)
+        ref = 100 * accuracy(problem.model, problem.val_data.subset(self.proxy.samples))
+        return model, ref
+
+    def _reward(self, problem: Problem, model: torch.nn.Module, policy: Policy, ref: float, ep: int) -> float:
+        layers = quant_layers(model)
+        for name, layer in problem.graph.layers.items():
+            bits = list(policy[layer.out_group].bits)
+            layers[name].set_bits([b if b else 0 for b in bits])
+            layers[name].act.bits = policy.act_bits if policy.act_bits < FLOAT_BITS else FLOAT_BITS
+        batches = Batches(problem.train_data, 128, shuffle=True, seed=self.seed + ep)
+        recalibrate_batchnorm(model, batches, self.proxy.recovery_batches)
+        acc = 100 * accuracy(model, problem.val_data.subset(self.proxy.samples))
+        return 0.1 * (acc - ref)
+
+    def _save(self, agent: DDPG, state: dict) -> None:
+        meta = {"state": json.dumps(state), "agent": json.dumps(agent.scalars()),
+                "config": json.dumps(asdict(self))}
+        tmp = f"{self.checkpoint}.tmp"
+        save_file(agent.tensors(), tmp, metadata=meta)
+        os.replace(tmp, self.checkpoint)
+
+    def _load(self, agent: DDPG) -> dict:
+        from safetensors import safe_open
+
+        with safe_open(self.checkpoint, "pt") as f:
+            meta = f.metadata()
+        saved = json.loads(meta["config"])
+        mine = json.loads(json.dumps(asdict(self)))
+        if {k: v for k, v in saved.items() if k != "episodes"} != {k: v for k, v in mine.items() if k != "episodes"}:
+            raise ValueError(f"{self.checkpoint} belongs to a search with other settings; delete it or use "
+                             "another checkpoint path")
+        agent.restore(load_file(self.checkpoint), json.loads(meta["agent"]))
+        return json.loads(meta["state"])
