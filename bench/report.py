@@ -1,9 +1,12 @@
-"""BENCHMARKS.md from the JSON results of the bench scripts."""
+"""BENCHMARKS.md from the JSON results of the bench scripts (bench/results/*.json)."""
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 HEADER = """# Benchmarks
 
@@ -14,7 +17,9 @@ Measured on this project's reference machine (2 CPU cores, no GPU) by the script
 
 Every row wrote its `.zbit` file: *file bytes* is its size on disk, *accuracy* the test-set accuracy (10,000
 images) of the model decoded from it, Δ against the fp32 model in the same run. Same fine-tune budget for every
-strategy (epochs column); searches score on the validation split held out of training.
+strategy (epochs column, including what a strategy spends inside its search: sequential and ADMM train half of it
+before their final policy); searches score on the validation split held out of training. *search s* is the time
+to choose the policy (for AJPQ: all its episodes), *total s* the whole run.
 
 """
 
@@ -28,21 +33,43 @@ def _budget_key(budget: str) -> tuple[str, float]:
 
 
 def compression_table(rows: list[dict]) -> str:
-    lines = ["| budget | strategy | file bytes | ratio | test acc % | Δ vs fp32 | BOPs | MACs | epochs | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| budget | strategy | file bytes | ratio | test acc % | Δ vs fp32 | BOPs | MACs | epochs | search s | "
+             "total s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["model"], _budget_key(r["budget"]), r["strategy"])):
         if "error" in r:
-            lines.append(f"| {r['budget']} | {r['strategy']} | refused: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['budget']} | {r['strategy']} | refused: {r['error'][:90]} | | | | | | | | |")
             continue
         lines.append(
             f"| {r['budget']} | {r['strategy']} | {r['file_bytes']:,} | {r['fp32_bytes'] / r['file_bytes']:.1f}× | "
             f"{100 * r['accuracy']:.2f} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} | "
-            f"{r['bops'] / 1e6:,.1f} M | {r['macs'] / 1e6:,.2f} M | {r['epochs']:g} | {r['seconds']:.0f} |")
+            f"{r['bops'] / 1e6:,.1f} M | {r['macs'] / 1e6:,.2f} M | {r['epochs']:g} | "
+            f"{r['seconds_by_stage'].get('search', 0):.1f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def write_benchmarks_md(rows: list[dict], path: Path) -> None:
-    base = rows[0] if rows else {}
-    ref = (f"fp32 model: {base.get('fp32_bytes', 0):,} bytes, {100 * base.get('baseline_accuracy', 0):.2f}% test "
-           f"accuracy, {base.get('fp32_macs', 0) / 1e6:.2f} M MACs.\n\n" if base and "error" not in base else "")
-    path.write_text(HEADER + ref + compression_table(rows))
+def proxy_section(summary: dict) -> str:
+    names = list(summary["spearman"])
+    lines = [f"\n## AJPQ reward proxy vs accuracy after fine-tuning\n\n{len(summary['policies'])} random policies "
+             f"under a {summary['budget']} size budget (as AJPQ's warm-up draws them); each scored by the proxies, "
+             f"then fine-tuned for real ({summary['epochs']:g} epoch, distillation) and tested. Spearman rank "
+             "correlation of proxy reward vs final test accuracy:\n", "| proxy | Spearman ρ | seconds / policy |",
+             "|---|---:|---:|"]
+    for n in names:
+        secs = sum(r[n + " seconds"] for r in summary["policies"]) / len(summary["policies"])
+        lines.append(f"| {n} | {summary['spearman'][n]:+.2f} | {secs:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
+    """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
+    if rows is None:
+        stored = RESULTS / "compression.json"
+        rows = json.loads(stored.read_text()) if stored.exists() else []
+    ok = [r for r in rows if "error" not in r]
+    ref = (f"fp32 model: {ok[0]['fp32_bytes']:,} bytes, {100 * ok[0]['baseline_accuracy']:.2f}% test accuracy, "
+           f"{ok[0]['fp32_macs'] / 1e6:.2f} M MACs.\n\n" if ok else "")
+    text = HEADER + ref + compression_table(rows)
+    proxy = RESULTS / "ajpq_proxy.json"
+    if proxy.exists():
+        text += proxy_section(json.loads(proxy.read_text()))
+    path.write_text(text)

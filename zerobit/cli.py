@@ -21,16 +21,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_options(items: list[str]) -> dict:
+    """['episodes=300', 'checkpoint=a.state', 'prune=false'] → typed strategy options."""
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"strategy option {item!r} must look like KEY=VALUE")
+        low = text.lower()
+        if low in ("true", "false"):
+            options[key] = low == "true"
+            continue
+        for kind in (int, float):
+            try:
+                options[key] = kind(text)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = text
+    return options
+
+
 def run_compress(model_name: str, data: str, budget: str, strategy: str, finetune_epochs: float, out: str,
-                 act_bits: int = 8, seed: int = 0, progress: bool = True) -> dict:
+                 act_bits: int = 8, seed: int = 0, progress: bool = True, options: dict | None = None) -> dict:
     """Compress a zoo model and write DIR/model.zbit, DIR/policy.json and DIR/result.json; returns the result."""
     from zerobit import FinetuneConfig, compress, parse_budget, zoo
     from zerobit.data import get_splits
+    from zerobit.strategies import get_strategy
 
     torch.manual_seed(seed)
+    strat = get_strategy(strategy, **(options or {}))
     splits = get_splits(data)
     model = zoo.load_pretrained(model_name)
-    result = compress(model, zoo.example_input(model_name), parse_budget(budget), strategy,
+    result = compress(model, zoo.example_input(model_name), parse_budget(budget), strat,
                       train_data=splits.train, eval_data=splits.val, test_data=splits.test,
                       finetune_config=FinetuneConfig(epochs=finetune_epochs, seed=seed), act_bits=act_bits,
                       model_name=model_name, progress=progress)
@@ -48,7 +72,7 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     summary = run_compress(args.model, args.data, args.budget, args.strategy, args.finetune_epochs, args.out,
-                           args.act_bits, args.seed, not args.quiet)
+                           args.act_bits, args.seed, not args.quiet, parse_options(args.option))
     result = summary.pop("_result")
     print(result.policy)
     print(result.summary())
@@ -96,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="resnet20")
     c.add_argument("--data", default="fashion-mnist")
     c.add_argument("--budget", required=True, help="1/32 (of fp32 file), 40KB, 40000B, bops=1/64, macs=1/4")
-    c.add_argument("--strategy", default="uniform")
+    c.add_argument("--strategy", default="uniform", help="uniform, sequential, opq, admm, ajpq")
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy setting, repeatable (e.g. --option episodes=300 --option checkpoint=s.state)")
     c.add_argument("--finetune-epochs", type=float, default=1.0)
     c.add_argument("--act-bits", type=int, default=8)
     c.add_argument("--seed", type=int, default=0)

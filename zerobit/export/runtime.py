@@ -22,7 +22,7 @@ from zerobit.export.zbit import (
 )
 from zerobit.graph import ModelGraph, analyse
 from zerobit.policy import FLOAT_BITS, Policy
-from zerobit.quant.apply import prune_structure
+from zerobit.quant.apply import prune_structure, set_module
 from zerobit.quant.modules import ActQuant
 from zerobit.quant.pack import packed_bytes, unpack
 
@@ -107,11 +107,6 @@ class _Cursor:
         return out
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def _single_width_codes(lay: LayerLayout, cur: dict[str, _Cursor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(codes, mask) of a sparse and/or codebook layer, shaped (C, per)."""
     channels, per, bits = len(lay.kept_bits), lay.weights_per_channel, lay.kept_bits[0]
@@ -167,10 +162,10 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph) -> nn.Module:
         if lay.has_bias:
             module.bias = nn.Parameter(cur["biases"].take(len(lay.kept_bits)).float())
         if graph.layers[lay.name].bn:
-            _set_module(pruned, graph.layers[lay.name].bn, nn.Identity())
+            set_module(pruned, graph.layers[lay.name].bn, nn.Identity())
         if zf.policy.act_bits < FLOAT_BITS:
             s = float(cur["act"].take(1))
-            _set_module(pruned, lay.name, nn.Sequential(ActQuant(zf.policy.act_bits, abs(s), s < 0), module))
+            set_module(pruned, lay.name, nn.Sequential(ActQuant(zf.policy.act_bits, abs(s), s < 0), module))
     state = pruned.state_dict()
     for key, blob in zf.blobs.items():
         if key.startswith("x."):

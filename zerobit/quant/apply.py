@@ -13,7 +13,8 @@ from zerobit.quant.codebook import kmeans_1d
 from zerobit.quant.modules import QuantLayer
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called `name` (dotted path) by `module`."""
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
@@ -58,9 +59,9 @@ def wrap_layers(model: nn.Module, graph: ModelGraph, policy: Policy) -> nn.Modul
     for name, layer in graph.layers.items():
         bn = model.get_submodule(layer.bn) if layer.bn else None
         q = QuantLayer(model.get_submodule(name), bn, policy[layer.out_group].kept_bits(), policy.act_bits)
-        _set_module(model, name, q)
+        set_module(model, name, q)
         if layer.bn:
-            _set_module(model, layer.bn, nn.Identity())
+            set_module(model, layer.bn, nn.Identity())
     return model
 
 

@@ -116,7 +116,7 @@ class _Episode:
 def _static_features(problem: Problem) -> np.ndarray:
     """Per group: index, type, c_in, c_out, kernel, params, feature-map area (min-max normalized)."""
     rows = []
-    for i, (name, g) in enumerate(problem.graph.groups.items()):
+    for i, g in enumerate(problem.graph.groups.values()):
         first = problem.graph.layers[g.layers[0]]
         kind = {"conv": 0.0, "depthwise": 1.0, "linear": 0.5}[first.kind]
         params = sum(problem.graph.layers[n].params for n in g.layers)

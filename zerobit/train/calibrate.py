@@ -61,7 +61,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int = 50) -> None:
     """Re-estimate BatchNorm running statistics (they go stale once channels are removed or quantized)."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns:
+    if not bns or max_batches <= 0:
         return
     was_training = model.training
     momenta = {bn: bn.momentum for bn in bns}
