@@ -109,3 +109,36 @@ def test_admm_removes_empty_channels_physically(trained_plain, digits, tmp_path)
         loaded = zb.load(tmp_path / "m.zbit", TINY_MODELS["plain"]())
         kept = result.policy["features.0.0"].kept
         assert loaded.get_submodule("features.0.0")[1].weight.shape[0] == kept
+
+
+class OneChannel(torch.nn.Module):
+    """A conv with a single output channel: nothing to prune there, only bits to choose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(1)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "opq", "admm"])
+def test_layer_too_small_to_prune_keeps_its_channel(digits, strategy, tmp_path):
+    torch.manual_seed(0)
+    model = OneChannel().eval()
+    result = zb.compress(model, EXAMPLE, Size(fraction=1 / 4), strategy, train_data=digits.train,
+                         eval_data=digits.val, finetune_config=FinetuneConfig(epochs=0.5), progress=False)
+    assert result.policy["conv"].kept == 1
+    assert zb.save(result, tmp_path / "m.zbit") <= Size(fraction=1 / 4).limit(result.graph)
+
+
+def test_admm_below_its_minimum_is_refused(trained_residual, digits):
+    from zerobit.budget import smallest_policy
+
+    graph = analyse(trained_residual, EXAMPLE)
+    floor = Size(bytes=1).cost(graph, smallest_policy(graph))  # reachable by channel pruning, not by ADMM
+    prob = problem_for(trained_residual, digits, Size(bytes=int(floor) + 10), epochs=0.5)
+    with pytest.raises(BudgetError, match="ADMM could not fit"):
+        ADMM(iterations=1).search(prob)
