@@ -215,6 +215,7 @@ def train_zoo_model(name: str, recipe: TrainRecipe | None = None, out_dir: str |
         "seconds": round(seconds, 1),
         "seconds_per_epoch": round(sum(history["seconds"]) / len(history["seconds"]), 1),
         "val_accuracy_per_epoch": history["val_accuracy"],
+        "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

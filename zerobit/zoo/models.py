@@ -144,11 +144,14 @@ class InvertedResidual(nn.Module):
         return out
 
 
-MBV2_SETTINGS: tuple[tuple[int, int, int, int], ...] = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 2, 1))
+# (expansion t, channels c, blocks n, stride s). Compared with the classic small-input setting
+# (1,16,1,1),(6,24,2,2),(6,32,3,2),(6,64,2,1), the first block downsamples (so no 96-channel expansion
+# runs at 28x28) and t=4: ~1.7x less activation traffic, which is what bounds MobileNet speed on CPU.
+MBV2_SETTINGS: tuple[tuple[int, int, int, int], ...] = ((1, 16, 1, 2), (4, 24, 2, 1), (4, 32, 3, 2), (4, 64, 2, 1))
 
 
 class MobileNetV2(nn.Module):
-    """Small MobileNetV2 for 28x28 inputs: stem 3x3 conv, inverted residual stages, 1x1 conv to 256."""
+    """Small MobileNetV2 for 28x28 inputs: 3x3 stem, inverted residuals at 14x14 and 7x7, 1x1 conv to 256."""
 
     def __init__(self, settings: Sequence[tuple[int, int, int, int]] = MBV2_SETTINGS, stem: int = 16,
                  last: int = 256, in_channels: int = 1, num_classes: int = 10) -> None:
