@@ -13,9 +13,14 @@ import torch
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from zerobit import zoo
     from zerobit.train.train import TrainRecipe, train_zoo_model
 
-    recipe = TrainRecipe(**({"epochs": args.epochs} if args.epochs else {}), seed=args.seed)
+    try:  # the recipe recorded on the committed card, so `zerobit train --model NAME` reproduces it
+        base = {k: v for k, v in zoo.card(args.model)["recipe"].items() if k in TrainRecipe.__dataclass_fields__}
+    except (FileNotFoundError, KeyError, ValueError):
+        base = {}
+    recipe = TrainRecipe(**(base | ({"epochs": args.epochs} if args.epochs else {}) | {"seed": args.seed}))
     card = train_zoo_model(args.model, recipe, out_dir=args.out, progress=not args.quiet)
     print(json.dumps({k: card[k] for k in ("model", "test_accuracy", "seconds") if k in card}))
     return 0
@@ -96,7 +101,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     print(f"zerobit demo: compress the pretrained ResNet-20 to {args.budget} of its fp32 file "
-          f"({args.strategy}, {args.finetune_epochs} fine-tune epoch) on Fashion-MNIST\n")
+          f"({args.strategy}, {args.finetune_epochs:g} fine-tune epochs) on Fashion-MNIST\n")
     summary = run_compress("resnet20", "fashion-mnist", args.budget, args.strategy, args.finetune_epochs, args.out)
     result = summary.pop("_result")
     print(result.policy, "\n")
@@ -137,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compress the pretrained ResNet-20 and print a before/after table")
     d.add_argument("--budget", default="1/32")
     d.add_argument("--strategy", default="sequential")
-    d.add_argument("--finetune-epochs", type=float, default=1.0)
+    d.add_argument("--finetune-epochs", type=float, default=0.5)
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=_cmd_demo)
     return p

@@ -112,6 +112,15 @@ def test_missing_checkpoint_message(tmp_path, monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_pretrained_loads_and_classifies(name: str, splits: Splits) -> None:
+    model = zoo.load_pretrained(name)
+    assert not model.training
+    assert zoo.card(name)["recipe"]["epochs"] >= 1
+    assert accuracy(model, splits.test.subset(500)) > 0.88  # an untrained model scores ~0.10
+
+
+@pytest.mark.slow  # 10k test images: ~20-30 s per model on a busy 2-core CPU
+@pytest.mark.parametrize("name", NAMES)
 def test_pretrained_reproduces_card_accuracy(name: str, splits: Splits) -> None:
     card = zoo.card(name)
     assert json.loads((zoo.CHECKPOINT_DIR / f"{name}.json").read_text()) == card
