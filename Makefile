@@ -36,9 +36,9 @@ test-fast: setup
 
 # Long (about an hour on 2 cores): every strategy on ResNet-20, then AJPQ's proxy study; results → BENCHMARKS.md
 bench: data
-	$(PY) bench/compression.py --strategies uniform,sequential,opq,admm --budgets 1/16,1/32,1/64,1/128 --epochs 1
-	$(PY) bench/compression.py --strategies uniform,sequential,opq --budgets bops=1/64 --epochs 1
-	$(PY) bench/compression.py --strategies ajpq --budgets 1/32,1/64,bops=1/64 --epochs 1 --option episodes=300
+	$(PY) bench/compression.py --strategies uniform,sequential,opq,admm --budgets 1/16,1/32,1/64,1/128 --epochs 0.25
+	$(PY) bench/compression.py --strategies uniform,sequential,opq --budgets bops=1/64 --epochs 0.25
+	$(PY) bench/compression.py --strategies ajpq --budgets 1/32,1/64,bops=1/64 --epochs 0.25 --option episodes=300
 	$(PY) bench/ajpq_proxy.py --policies 10 --budget 1/32 --epochs 0.5
 
 lint: setup

@@ -4,6 +4,7 @@ Samples policies under one budget the way AJPQ's warm-up does (random actions th
 each with several proxies, then fine-tunes each for real and measures test accuracy of the result.
 
     python bench/ajpq_proxy.py --policies 10 --budget 1/32 --epochs 0.5
+    python bench/ajpq_proxy.py --rescore     # score the stored policies with PROXIES again (no fine-tuning)
 """
 
 from __future__ import annotations
@@ -26,19 +27,37 @@ from zerobit.data.loaders import Batches  # noqa: E402
 from zerobit.graph import analyse  # noqa: E402
 from zerobit.importance import group_scores  # noqa: E402
 from zerobit.quant.apply import apply_policy  # noqa: E402
-from zerobit.strategies import AJPQ, ActionSpace, Problem, ProxyConfig  # noqa: E402
+from zerobit.strategies import ActionSpace, Problem, ProxyConfig  # noqa: E402
 from zerobit.strategies.ajpq import _Episode  # noqa: E402
+from zerobit.strategies.proxy import proxy_reference, proxy_scores  # noqa: E402
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm  # noqa: E402
 from zerobit.train.evaluate import accuracy  # noqa: E402
 from zerobit.train.finetune import finetune  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ajpq_proxy.json"
-PROXIES = {"no recovery": ProxyConfig(recovery_batches=0), "BN re-estimation, 10 batches": ProxyConfig(),
-           "BN re-estimation, 40 batches": ProxyConfig(recovery_batches=40)}
+PROXIES = {"no recovery": ProxyConfig(recovery_batches=0), "BN re-estimation (10 batches)": ProxyConfig(),
+           "BN + 20 QAT steps": ProxyConfig(finetune_steps=20),
+           "BN + 20 QAT steps of 32 images": ProxyConfig(finetune_steps=20, batch_size=32),
+           "BN + 8 QAT steps at lr 0.05": ProxyConfig(finetune_steps=8, lr=0.05),
+           "BN + 20 QAT steps of 32, 500 images scored": ProxyConfig(finetune_steps=20, batch_size=32, samples=500)}
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    """Ranks from 0, ties sharing their average rank."""
+    v = np.asarray(values, dtype=float)
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v))
+    for value in np.unique(v):
+        ranks[v == value] = ranks[v == value].mean()
+    return ranks
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    """Spearman rank correlation (0 when either side is constant)."""
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
@@ -55,43 +74,70 @@ def sample_policies(problem: Problem, n: int, seed: int) -> list:
     return out
 
 
+def score(problem: Problem, references: dict, policy, seed: int) -> dict:
+    """Every proxy's scores and seconds for one policy."""
+    row = {}
+    for name, cfg in PROXIES.items():
+        t = time.perf_counter()
+        scores = proxy_scores(problem, references[name], policy, cfg, seed)
+        row[f"{name} seconds"] = time.perf_counter() - t
+        row |= {f"{name} {metric}": value for metric, value in scores.items()}
+    return row
+
+
+def finetuned_accuracy(problem: Problem, policy, splits, epochs: float, seed: int) -> float:
+    """Test accuracy after the real recipe: apply, calibrate, fine-tune with distillation."""
+    q = apply_policy(problem.model, problem.graph, policy, problem.example_inputs)
+    calib = Batches(splits.train, 256, shuffle=True, seed=seed)
+    recalibrate_batchnorm(q, calib)
+    calibrate_activations(q, calib)
+    finetune(q, splits.train, FinetuneConfig(epochs=epochs, seed=seed), teacher=problem.model, progress=False)
+    return accuracy(q, splits.test)
+
+
+def summarize(rows: list[dict], budget: str, epochs: float) -> dict:
+    final = [r["final test accuracy"] for r in rows]
+    names = [n for n in PROXIES if all(f"{n} kl" in r for r in rows)]
+    rho = {f"{n} {metric}": spearman([sign * r[f"{n} {metric}"] for r in rows], final)
+           for n in names for metric, sign in (("accuracy", 1), ("kl", -1))}
+    rho["bytes used"] = spearman([r["bytes"] for r in rows], final)
+    seconds = {n: float(np.mean([r[f"{n} seconds"] for r in rows])) for n in names}
+    return {"budget": budget, "epochs": epochs, "policies": rows, "spearman": rho, "proxy seconds": seconds}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policies", type=int, default=10)
     ap.add_argument("--budget", default="1/32")
     ap.add_argument("--epochs", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rescore", action="store_true", help="re-score the stored policies; keep their accuracies")
     args = ap.parse_args()
+    stored = json.loads(RESULTS.read_text()) if args.rescore else None
+    if stored:
+        args.budget, args.epochs, args.policies = stored["budget"], stored["epochs"], len(stored["policies"])
     splits = get_splits("fashion-mnist")
     model = zoo.load_pretrained("resnet20")
     x = zoo.example_input("resnet20")
     graph = analyse(model, x)
     problem = Problem(model, graph, parse_budget(args.budget), x, splits.train, splits.val,
                       group_scores(model, graph), progress=False)
-    policies = sample_policies(problem, args.policies, args.seed)
+    references = {name: proxy_reference(problem, cfg, args.seed) for name, cfg in PROXIES.items()}
     rows = []
-    proxies = {name: AJPQ(proxy=cfg) for name, cfg in PROXIES.items()}
-    proxy_models = {name: a._proxy_model(problem) for name, a in proxies.items()}
-    for i, policy in enumerate(policies):
-        row = {"policy": i, "bytes": problem.cost(policy)}
-        for name, a in proxies.items():
+    for i, policy in enumerate(sample_policies(problem, args.policies, args.seed)):
+        row = {"policy": i, "bytes": problem.cost(policy)} | score(problem, references, policy, args.seed + i)
+        if stored:
+            old = stored["policies"][i]
+            if old["bytes"] != row["bytes"]:
+                raise RuntimeError(f"policy {i} is not the stored one ({row['bytes']} vs {old['bytes']} B)")
+            row = old | row
+        else:
             t = time.perf_counter()
-            pm, ref = proxy_models[name]
-            row[name] = a._reward(problem, pm, policy, ref, i)
-            row[name + " seconds"] = time.perf_counter() - t
-        t = time.perf_counter()
-        q = apply_policy(model, graph, policy, x)
-        calib = Batches(splits.train, 256, shuffle=True, seed=args.seed)
-        recalibrate_batchnorm(q, calib)
-        calibrate_activations(q, calib)
-        finetune(q, splits.train, FinetuneConfig(epochs=args.epochs, seed=args.seed), teacher=model, progress=False)
-        row["final test accuracy"] = accuracy(q, splits.test)
-        row["fine-tune seconds"] = time.perf_counter() - t
+            row["final test accuracy"] = finetuned_accuracy(problem, policy, splits, args.epochs, args.seed)
+            row["fine-tune seconds"] = time.perf_counter() - t
         rows.append(row)
         print(json.dumps(row), flush=True)
-    summary = {"budget": args.budget, "epochs": args.epochs, "policies": rows,
-               "spearman": {name: spearman([r[name] for r in rows], [r["final test accuracy"] for r in rows])
-                            for name in PROXIES}}
+    summary = summarize(rows, args.budget, args.epochs)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary["spearman"], indent=1))

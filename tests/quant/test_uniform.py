@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerobit.quant.uniform import best_clip, codes, fake_quant, qmax, scales
+from zerobit.quant.uniform import best_clip, codes, fake_quant, fake_quant_activation, qmax, scales
 
 
 def sqnr_db(w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -44,6 +44,17 @@ def test_straight_through_gradient():
     w = torch.randn(4, 6, requires_grad=True)
     fake_quant(w, torch.full((4,), 3)).sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_activation_inference_path_equals_training_values(signed):
+    x = torch.randn(3, 5, 7, 7) * 4
+    trained = fake_quant_activation(x.clone().requires_grad_(), 4, torch.tensor(0.3), signed)
+    with torch.no_grad():
+        inferred = fake_quant_activation(x, 4, torch.tensor(0.3), signed)
+    assert torch.allclose(inferred, trained.detach(), atol=1e-6)
+    assert len(inferred.unique()) <= (15 if signed else 16)
+    assert (inferred.min() < 0) == signed
 
 
 def test_clip_search_never_worse_than_max_scaling():

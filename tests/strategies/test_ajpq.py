@@ -16,8 +16,10 @@ from tiny_models import EXAMPLE
 from zerobit.budget import BOPs, Size
 from zerobit.graph import analyse
 from zerobit.importance import group_scores
+from zerobit.policy import uniform_policy
 from zerobit.strategies import AJPQ, ActionSpace, Problem, ProxyConfig
 from zerobit.strategies.ajpq import group_decision
+from zerobit.strategies.proxy import proxy_reference, proxy_reward, proxy_scores
 
 PROXY = ProxyConfig(recovery_batches=4, samples=300)
 
@@ -37,6 +39,18 @@ def test_channel_controller_gives_important_channels_more_bits():
     assert set(prune_only.kept_bits()) == {6} and prune_only.kept == 12
     quant_only = group_decision(scores, 0.5, 3, ActionSpace(prune=False), True)
     assert quant_only.kept == 24
+
+
+def test_proxy_scores_grow_worse_with_damage(trained_residual, digits):
+    prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
+    cfg = ProxyConfig(recovery_batches=4, samples=300)
+    ref = proxy_reference(prob, cfg)
+    gentle = proxy_scores(prob, ref, uniform_policy(prob.graph, prob.scores, keep=1.0, bits=8), cfg)
+    harsh = proxy_scores(prob, ref, uniform_policy(prob.graph, prob.scores, keep=0.3, bits=2), cfg)
+    assert abs(gentle["accuracy"] - ref.accuracy) <= 2 and gentle["kl"] < 0.05
+    assert harsh["accuracy"] < gentle["accuracy"] - 10 and harsh["kl"] > 10 * gentle["kl"]
+    for metric in ("accuracy", "kl"):
+        assert proxy_reward(gentle, ref, metric) > proxy_reward(harsh, ref, metric)
 
 
 def test_agent_beats_random_policies_and_the_wall_always_holds(trained_residual, digits):
@@ -73,7 +87,7 @@ def test_killed_search_resumes_where_it_stopped(tmp_path, trained_residual, digi
         from zerobit.budget import Size
         d = get_splits("digits")
         prob = problem_for(train_tiny("residual", d), d, Size(fraction=1 / 5))
-        AJPQ(episodes=int(sys.argv[1]), warmup=5, proxy=ProxyConfig(4, 300), checkpoint={str(state)!r}).search(prob)
+        AJPQ(episodes=int(sys.argv[1]), warmup=5, proxy=ProxyConfig(recovery_batches=4, samples=300), checkpoint={str(state)!r}).search(prob)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script, "1000"])
     import json

@@ -67,3 +67,15 @@ def test_registry():
     assert isinstance(get_strategy("sequential"), Sequential)
     with pytest.raises(ValueError, match="available"):
         get_strategy("nope")
+
+
+def test_nested_options_set_fields_of_a_strategy_config():
+    ajpq = get_strategy("ajpq", **{"episodes": 7, "proxy.metric": "kl", "proxy.samples": 200, "space.chunk": 4})
+    assert (ajpq.episodes, ajpq.proxy.metric, ajpq.proxy.samples, ajpq.space.chunk) == (7, "kl", 200, 4)
+    assert ajpq.proxy.recovery_batches == 10  # the other fields keep their defaults
+    with pytest.raises(ValueError, match="no option 'metrc'"):
+        get_strategy("ajpq", **{"proxy.metrc": "kl"})
+    with pytest.raises(ValueError, match="no option bitz"):
+        get_strategy("uniform", bitz=3)
+    with pytest.raises(ValueError, match="metric"):
+        get_strategy("ajpq", **{"proxy.metric": "loss"})

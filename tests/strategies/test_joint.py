@@ -42,6 +42,8 @@ def test_opq_allocation_follows_the_budget(trained_residual, digits):
         prob = problem_for(trained_residual, digits, Size(fraction=fraction))
         found = OPQ().search(prob)
         assert prob.cost(found.policy) <= prob.limit
+        everything = all(d.bits[0] == 8 for d in found.policy.groups.values()) and all(d.sparsity == 0 for d in found.policy.layers.values())
+        assert everything or prob.cost(found.policy) >= 0.9 * prob.limit  # the greedy fill spends the rest
         bits = sum(d.kept * d.kept_bits()[0] for d in found.policy.groups.values())
         density = np.mean([1 - found.policy.layer(n).sparsity for n in prob.graph.layers])
         stored.append(bits * density)

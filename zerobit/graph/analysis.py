@@ -42,6 +42,7 @@ class Layer:
     fixed_in: int = 0
     bn: str | None = None  # name of the BatchNorm2d folded into this layer
     has_bias: bool = False
+    stride: int = 1
 
     @property
     def weights_per_channel(self) -> int:
@@ -141,7 +142,7 @@ def _make_layer(name: str, module: nn.Module, area: int) -> Layer:
         raise UntraceableModelError(f"layer {name!r}: grouped convs other than depthwise are not supported yet")
     kh, kw = module.kernel_size
     return Layer(name, kind, module.in_channels, module.out_channels, kh * kw, module.groups, area,
-                 has_bias=module.bias is not None)
+                 has_bias=module.bias is not None, stride=module.stride[0])
 
 
 def _folded_bn(dg: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:

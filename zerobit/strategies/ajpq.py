@@ -9,8 +9,8 @@ the groups in graph order; at each it takes two actions in [0, 1]:
   chunks gets one level more, the bottom third one level less — more important channels, more bits.
 
 A DDPG agent (zerobit.strategies.ddpg) learns from the episode reward 0.1·(acc − acc_ref), accuracy in % on a
-fixed slice of the validation split after a cheap recovery: the pruned channels are masked (no rebuild), the
-BatchNorm statistics re-estimated on a few training batches. The budget is a wall, not a penalty: each action is
+fixed slice of the validation split after a cheap recovery (ProxyConfig): the policy is applied for real (pruned
+channels removed), the BatchNorm statistics re-estimated on a few training batches. The budget is a wall, not a penalty: each action is
 capped so that the remaining groups, at their minimum (max sparsity, lowest bits), can still meet it — so every
 episode's policy fits. The search state (agent, replay, RNG, history) is saved after every episode and an
 interrupted search resumes where it stopped; seeded runs repeat exactly.
@@ -18,7 +18,6 @@ interrupted search resumes where it stopped; seeded runs repeat exactly.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -28,13 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from zerobit.data.loaders import Batches
-from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
-from zerobit.quant.apply import quant_layers, wrap_layers
+from zerobit.policy import GroupDecision, Policy
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.strategies.ddpg import DDPG, DDPGConfig
-from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
-from zerobit.train.evaluate import accuracy
+from zerobit.strategies.proxy import ProxyConfig, proxy_reference, proxy_reward, proxy_scores
 
 
 @dataclass(frozen=True)
@@ -47,14 +43,6 @@ class ActionSpace:
     prune: bool = True
     quantize: bool = True
     fixed_bits: int = 8  # bits of every kept channel when quantize=False
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """The cheap evaluation behind the reward."""
-
-    recovery_batches: int = 10  # BatchNorm re-estimation batches (of 128 training images)
-    samples: int = 1000  # validation images scored per episode
 
 
 def group_decision(scores: torch.Tensor, sparsity: float, level: int, space: ActionSpace,
@@ -114,13 +102,14 @@ class _Episode:
 
 
 def _static_features(problem: Problem) -> np.ndarray:
-    """Per group: index, type, c_in, c_out, kernel, params, feature-map area (min-max normalized)."""
+    """Per group: index, type, c_in, c_out, stride, kernel, params, feature-map area (min-max normalized)."""
     rows = []
     for i, g in enumerate(problem.graph.groups.values()):
         first = problem.graph.layers[g.layers[0]]
         kind = {"conv": 0.0, "depthwise": 1.0, "linear": 0.5}[first.kind]
         params = sum(problem.graph.layers[n].params for n in g.layers)
-        rows.append([i, kind, first.in_features, g.channels, first.kernel_area, params, first.out_area])
+        rows.append([i, kind, first.in_features, g.channels, first.stride, first.kernel_area, params,
+                     first.out_area])
     feats = np.array(rows, dtype=np.float32)
     span = feats.max(0) - feats.min(0)
     return (feats - feats.min(0)) / np.where(span > 0, span, 1)
@@ -151,7 +140,7 @@ class AJPQ(Strategy):
         state = {"episode": 0, "best_reward": None, "best_policy": None, "rewards": []}
         if self.checkpoint and os.path.exists(self.checkpoint):
             state = self._load(agent)
-        proxy_model, ref = self._proxy_model(problem)
+        reference = proxy_reference(problem, self.proxy, self.seed)
         total_cost = problem.budget.reference(graph)
         bar = tqdm(total=self.episodes, initial=state["episode"], desc="ajpq", disable=not problem.progress)
         while state["episode"] < self.episodes:
@@ -169,7 +158,8 @@ class AJPQ(Strategy):
                 actions.append(a)
                 prev = a
             policy = episode.policy()
-            reward = self._reward(problem, proxy_model, policy, ref, ep)
+            scores = proxy_scores(problem, reference, policy, self.proxy, self.seed + ep)
+            reward = proxy_reward(scores, reference, self.proxy.metric)
             agent.remember(states, actions, reward)
             if not warm:
                 agent.update(steps=len(states))
@@ -185,27 +175,7 @@ class AJPQ(Strategy):
         bar.close()
         best = Policy.from_dict(state["best_policy"])
         return SearchResult(best, info={"episodes": state["episode"], "best_reward": state["best_reward"],
-                                        "rewards": state["rewards"], "reference_accuracy": ref})
-
-    def _proxy_model(self, problem: Problem) -> tuple[torch.nn.Module, float]:
-        """One masked fake-quant copy reused by every episode, and the reference (float) accuracy in %."""
-        graph = problem.graph
-        full = Policy({n: GroupDecision((8,) * g.channels) for n, g in graph.groups.items()}, problem.act_bits)
-        model = wrap_layers(copy.deepcopy(problem.model).eval(), graph, full)
-        calibrate_activations(model, Batches(problem.train_data, 256, shuffle=True, seed=self.seed), 4)
-        ref = 100 * accuracy(problem.model, problem.val_data.subset(self.proxy.samples))
-        return model, ref
-
-    def _reward(self, problem: Problem, model: torch.nn.Module, policy: Policy, ref: float, ep: int) -> float:
-        layers = quant_layers(model)
-        for name, layer in problem.graph.layers.items():
-            bits = list(policy[layer.out_group].bits)
-            layers[name].set_bits([b if b else 0 for b in bits])
-            layers[name].act.bits = policy.act_bits if policy.act_bits < FLOAT_BITS else FLOAT_BITS
-        batches = Batches(problem.train_data, 128, shuffle=True, seed=self.seed + ep)
-        recalibrate_batchnorm(model, batches, self.proxy.recovery_batches)
-        acc = 100 * accuracy(model, problem.val_data.subset(self.proxy.samples))
-        return 0.1 * (acc - ref)
+                                        "rewards": state["rewards"], "reference_accuracy": reference.accuracy})
 
     def _save(self, agent: DDPG, state: dict) -> None:
         meta = {"state": json.dumps(state), "agent": json.dumps(agent.scalars()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
 
 def get_strategy(strategy: str | Strategy, **config: Any) -> Strategy:
-    """A strategy instance from its name (with config) or as given.
+    """A strategy instance from its name (with config; "outer.inner" keys set fields of nested configs) or as given.
 
     Example:
         >>> get_strategy("uniform", bits=4).bits
@@ -90,4 +91,20 @@ def get_strategy(strategy: str | Strategy, **config: Any) -> Strategy:
         return strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[strategy](**config)
+    cls = STRATEGIES[strategy]
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    flat = {k: v for k, v in config.items() if "." not in k}
+    for key in sorted(k for k in config if "." in k):  # "proxy.metric=kl" sets a field of a nested config
+        outer, inner = key.split(".", 1)
+        part = known.get(outer)
+        if part is None or part.default_factory is dataclasses.MISSING:
+            raise ValueError(f"strategy {strategy!r} has no nested config {outer!r} (option {key!r})")
+        base = flat.get(outer, part.default_factory())
+        if inner not in {f.name for f in dataclasses.fields(base)}:
+            raise ValueError(f"{type(base).__name__} has no option {inner!r} (option {key!r})")
+        flat[outer] = dataclasses.replace(base, **{inner: config[key]})
+    unknown = set(flat) - set(known)
+    if unknown:
+        raise ValueError(f"strategy {strategy!r} has no option {', '.join(sorted(unknown))}; "
+                         f"options: {', '.join(known)}")
+    return cls(**flat)

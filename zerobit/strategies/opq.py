@@ -9,7 +9,8 @@ Normalization (the issue's "not one global threshold"): each layer's error is di
 E[w²] = 2b², so a layer of small weights is not pruned away just because its absolute errors are small. The
 allocation minimizes Σ_l n_l·(relative error per weight)_l + λ·cost_l over a grid of (p, bits) per layer — bits
 shared by coupled layers, as the Policy requires — and a bisection on λ finds the allocation that just fits the
-budget, checked with the exact file size. No search loop, no data.
+budget, checked with the exact file size; a greedy fill then spends what the bisection's discrete jumps left
+unused (best Δerror/Δcost step that still fits, until none does). No search loop, no data.
 
 Unified channel-wise quantization: the channels of a layer share one grid of 2^(b−1)−1 levels after a
 per-channel rescale. zerobit folds each BatchNorm into that per-channel float16 factor, so the rescale costs no
@@ -104,6 +105,48 @@ class OPQ(Strategy):
                 layers[lname] = LayerDecision(sparsities[int(best_p[lname][j])])
         return Policy(groups, problem.act_bits, layers=layers)
 
+    def fill(self, problem: Problem, policy: Policy, costs: dict[str, np.ndarray],
+             sparsities: tuple[float, ...]) -> Policy:
+        """Spend what the bisection left: take the best Δerror/Δcost step (one sparsity step less in a layer, or
+        one bit level more in a group) that still fits, until none does."""
+        error = relative_error_table()[: len(sparsities)]
+        graph = problem.graph
+        p_idx = {n: int(np.abs(np.array(sparsities) - policy.layer(n).sparsity).argmin()) for n in graph.layers}
+        b_idx = {n: OPQ_BITS.index(d.bits[0]) for n, d in policy.groups.items()}
+        group_of = {n: layer.out_group for n, layer in graph.layers.items()}
+
+        def step_gain(layers: list[str], dp: int, db: int) -> tuple[float, float]:
+            gain = cost = 0.0
+            for n in layers:
+                i, j = p_idx[n], b_idx[group_of[n]]
+                gain += graph.layers[n].params * (error[i, j] - error[i + dp, j + db])
+                cost += costs[n][i + dp, j + db] - costs[n][i, j]
+            return gain, cost
+
+        while True:
+            moves = [(*step_gain([n], -1, 0), n, None) for n in p_idx if p_idx[n] > 0]
+            moves += [(*step_gain(list(g.layers), 0, 1), None, name) for name, g in graph.groups.items()
+                      if b_idx[name] < len(OPQ_BITS) - 1]
+            moves.sort(key=lambda m: m[0] / max(m[1], 1e-9), reverse=True)
+            for _gain, _cost, layer, group in moves:
+                trial_p, trial_b = dict(p_idx), dict(b_idx)
+                if layer is not None:
+                    trial_p[layer] -= 1
+                else:
+                    trial_b[group] += 1
+                candidate = self._policy(problem, trial_p, trial_b, sparsities)
+                if problem.fits(candidate):
+                    p_idx, b_idx, policy = trial_p, trial_b, candidate
+                    break
+            else:
+                return policy
+
+    @staticmethod
+    def _policy(problem: Problem, p_idx: dict[str, int], b_idx: dict[str, int],
+                sparsities: tuple[float, ...]) -> Policy:
+        groups = {n: GroupDecision((OPQ_BITS[b_idx[n]],) * g.channels) for n, g in problem.graph.groups.items()}
+        return Policy(groups, problem.act_bits, layers={n: LayerDecision(sparsities[i]) for n, i in p_idx.items()})
+
     def search(self, problem: Problem) -> SearchResult:
         start = time.perf_counter()
         if isinstance(problem.budget, MACs):
@@ -119,7 +162,7 @@ class OPQ(Strategy):
         for _ in range(40):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if problem.fits(self.allocate(problem, math.exp(mid), costs, sparsities)) else (mid, hi)
-        policy = self.allocate(problem, math.exp(hi), costs, sparsities)
+        policy = self.fill(problem, self.allocate(problem, math.exp(hi), costs, sparsities), costs, sparsities)
         seconds = time.perf_counter() - start
         model = apply_policy(problem.model, problem.graph, policy, problem.example_inputs)
         recalibrate_batchnorm(model, Batches(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed))

@@ -61,7 +61,7 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
 
 def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | None = None,
              teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None,
-             penalty: Callable[[], torch.Tensor] | None = None) -> dict:
+             penalty: Callable[[], torch.Tensor] | None = None, steps: int | None = None) -> dict:
     """Fine-tune `model` in place (QAT when its layers are QuantLayers); returns the loss history.
 
     Args:
@@ -72,6 +72,7 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
         progress: show a progress bar.
         epochs: overrides `config.epochs` (e.g. what is left of a shared fine-tune budget).
         penalty: an extra loss term added at every step (e.g. ADMM's proximal pull).
+        steps: overrides both epoch counts with a number of optimiser steps (e.g. a search's cheap recovery).
 
     Example:
         >>> # finetune(qmodel, splits.train, FinetuneConfig(epochs=1), teacher=model)
@@ -80,7 +81,7 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
     epochs = config.epochs if epochs is None else epochs
     batches = Batches(train_data, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed,
                       drop_last=True)
-    steps = int(round(epochs * len(batches)))
+    steps = int(round(epochs * len(batches))) if steps is None else steps
     history: dict = {"loss": [], "steps": steps}
     if steps == 0:
         return history

@@ -1,0 +1,102 @@
+"""The cheap evaluation a search scores candidate policies with (AJPQ's reward).
+
+A candidate is applied for real (0-bit channels removed, so small policies evaluate fast), its BatchNorm
+statistics are re-estimated on a few training batches, optionally a few QAT steps follow, and it is scored on a
+fixed slice of the validation split: top-1 accuracy and the KL divergence from the uncompressed model's outputs.
+`bench/ajpq_proxy.py` measures how well each setting ranks policies by their accuracy after a real fine-tune.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zerobit.data.loaders import Batches
+from zerobit.policy import GroupDecision, Policy
+from zerobit.quant.apply import apply_policy, quant_layers, wrap_layers
+from zerobit.strategies.base import Problem
+from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
+from zerobit.train.finetune import FinetuneConfig, finetune
+
+METRICS = ("accuracy", "kl")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """How a candidate policy is scored.
+
+    Attributes:
+        recovery_batches: training batches the BatchNorm statistics are re-estimated on.
+        batch_size: images per recovery / fine-tune batch.
+        finetune_steps: QAT steps (labels only, no augmentation, SGD at `lr`) after the BatchNorm re-estimation.
+        lr: learning rate of those steps.
+        samples: validation images scored (always the same ones).
+        metric: "accuracy" → reward 0.1·(acc − reference acc) in % points; "kl" → reward −KL(reference ‖ candidate).
+    """
+
+    recovery_batches: int = 10
+    batch_size: int = 128
+    finetune_steps: int = 0
+    lr: float = 0.01
+    samples: int = 1000
+    metric: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS or self.samples < 1 or self.recovery_batches < 0 or self.finetune_steps < 0:
+            raise ValueError(f"invalid ProxyConfig {self}: metric must be one of {METRICS}, samples ≥ 1, "
+                             "recovery_batches and finetune_steps ≥ 0")
+
+
+@dataclass
+class ProxyReference:
+    """What every candidate is compared with: the uncompressed model on the scored slice."""
+
+    ranges: dict[str, dict]  # calibrated activation quantizer state per layer (of the unpruned model)
+    logits: torch.Tensor
+    accuracy: float  # in %
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def proxy_reference(problem: Problem, config: ProxyConfig, seed: int = 0) -> ProxyReference:
+    """Calibrate activation ranges once on the unpruned 8-bit model and score the uncompressed model."""
+    graph = problem.graph
+    full = Policy({n: GroupDecision((8,) * g.channels) for n, g in graph.groups.items()}, problem.act_bits)
+    model = wrap_layers(copy.deepcopy(problem.model).eval(), graph, full)
+    calibrate_activations(model, Batches(problem.train_data, 256, shuffle=True, seed=seed), 4)
+    val = problem.val_data.subset(config.samples)
+    logits = _logits(problem.model, val.x)
+    acc = 100 * float((logits.argmax(1) == val.y).float().mean())
+    return ProxyReference({n: q.act.state_dict() for n, q in quant_layers(model).items()}, logits, acc)
+
+
+def proxy_scores(problem: Problem, reference: ProxyReference, policy: Policy, config: ProxyConfig,
+                 seed: int = 0) -> dict[str, float]:
+    """Accuracy (%) and KL(reference ‖ candidate) of `policy` after the cheap recovery; `seed` picks the batches."""
+    model = apply_policy(problem.model, problem.graph, policy, problem.example_inputs)
+    for name, q in quant_layers(model).items():
+        q.act.load_state_dict(reference.ranges[name])
+    batches = Batches(problem.train_data, config.batch_size, shuffle=True, seed=seed)
+    recalibrate_batchnorm(model, batches, config.recovery_batches)
+    if config.finetune_steps:
+        ft = FinetuneConfig(lr=config.lr, batch_size=config.batch_size, distill=0.0, seed=seed, augment=False)
+        finetune(model, problem.train_data, ft, progress=False, steps=config.finetune_steps)
+    val = problem.val_data.subset(config.samples)
+    logits = _logits(model, val.x)
+    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference.logits, 1), log_target=True,
+                  reduction="batchmean")
+    return {"accuracy": 100 * float((logits.argmax(1) == val.y).float().mean()), "kl": float(kl)}
+
+
+def proxy_reward(scores: dict[str, float], reference: ProxyReference, metric: str) -> float:
+    """The reward of one candidate's scores (see ProxyConfig.metric)."""
+    if metric == "accuracy":
+        return 0.1 * (scores["accuracy"] - reference.accuracy)
+    return -scores["kl"]
