@@ -39,8 +39,10 @@ def compression_table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['budget']} | {r['strategy']} | refused: {r['error'][:90]} | | | | | | | | |")
             continue
+        episodes = r.get("info", {}).get("episodes")
+        name = f"{r['strategy']} ({episodes} episodes)" if episodes else r["strategy"]
         lines.append(
-            f"| {r['budget']} | {r['strategy']} | {r['file_bytes']:,} | {r['fp32_bytes'] / r['file_bytes']:.1f}× | "
+            f"| {r['budget']} | {name} | {r['file_bytes']:,} | {r['fp32_bytes'] / r['file_bytes']:.1f}× | "
             f"{100 * r['accuracy']:.2f} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} | "
             f"{r['bops'] / 1e6:,.1f} M | {r['macs'] / 1e6:,.2f} M | {r['epochs']:g} | "
             f"{r['seconds_by_stage'].get('search', 0):.1f} | {r['seconds']:.0f} |")

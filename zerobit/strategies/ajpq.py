@@ -9,10 +9,11 @@ the groups in graph order; at each it takes two actions in [0, 1]:
   chunks gets one level more, the bottom third one level less — more important channels, more bits.
 
 A DDPG agent (zerobit.strategies.ddpg) learns from the episode reward 0.1·(acc − acc_ref), accuracy in % on a
-fixed slice of the validation split after a cheap recovery (ProxyConfig): the policy is applied for real (pruned
-channels removed), the BatchNorm statistics re-estimated on a few training batches. The budget is a wall, not a penalty: each action is
-capped so that the remaining groups, at their minimum (max sparsity, lowest bits), can still meet it — so every
-episode's policy fits. The search state (agent, replay, RNG, history) is saved after every episode and an
+fixed slice of the validation split after a cheap recovery (zerobit.strategies.proxy): the policy is applied for
+real (pruned channels removed) and its BatchNorm statistics re-estimated on a few training batches — on ResNet-20
+this ranks random 1/32 policies by their fine-tuned accuracy with Spearman ρ ≈ 0.8 (bench/ajpq_proxy.py). The
+budget is a wall, not a penalty: each action is capped so that the remaining groups, at their minimum (max
+sparsity, lowest bits), can still meet it — so every episode's policy fits. The search state (agent, replay, RNG, history) is saved after every episode and an
 interrupted search resumes where it stopped; seeded runs repeat exactly.
 """
 
@@ -137,6 +138,7 @@ class AJPQ(Strategy):
         graph = problem.graph
         feats = _static_features(problem)
         agent = DDPG(feats.shape[1] + 4, 2, self.agent, self.seed)
+        agent.anneal_over(self.episodes - self.warmup)
         state = {"episode": 0, "best_reward": None, "best_policy": None, "rewards": []}
         if self.checkpoint and os.path.exists(self.checkpoint):
             state = self._load(agent)
