@@ -36,6 +36,8 @@ from zerobit.train.finetune import finetune  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ajpq_proxy.json"
 PROXIES = {"no recovery": ProxyConfig(recovery_batches=0), "BN re-estimation (10 batches)": ProxyConfig(),
+           "BN re-estimation (5 batches)": ProxyConfig(recovery_batches=5),
+           "BN re-estimation (10 batches), 500 images scored": ProxyConfig(samples=500),
            "BN + 20 QAT steps": ProxyConfig(finetune_steps=20),
            "BN + 20 QAT steps of 32 images": ProxyConfig(finetune_steps=20, batch_size=32),
            "BN + 8 QAT steps at lr 0.05": ProxyConfig(finetune_steps=8, lr=0.05),
