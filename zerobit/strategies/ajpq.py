@@ -13,8 +13,9 @@ fixed slice of the validation split after a cheap recovery (zerobit.strategies.p
 real (pruned channels removed) and its BatchNorm statistics re-estimated on a few training batches — on ResNet-20
 this ranks random 1/32 policies by their fine-tuned accuracy with Spearman ρ ≈ 0.8 (bench/ajpq_proxy.py). The
 budget is a wall, not a penalty: each action is capped so that the remaining groups, at their minimum (max
-sparsity, lowest bits), can still meet it — so every episode's policy fits. The search state (agent, replay, RNG, history) is saved after every episode and an
-interrupted search resumes where it stopped; seeded runs repeat exactly.
+sparsity, lowest bits), can still meet it — so every episode's policy fits. The search state (agent, replay,
+RNG, history) is saved after every episode and an interrupted search resumes where it stopped; seeded runs
+repeat exactly.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class OPQ(Strategy):
                  sparsities: tuple[float, ...]) -> Policy:
         """The policy minimizing Σ relative error + λ·cost (bits per group, sparsity per layer)."""
         error = relative_error_table()[: len(sparsities)]
-        groups, layers = {}, {}
+        p_idx, b_idx = {}, {}
         for gname, group in problem.graph.groups.items():
             totals = np.zeros(len(OPQ_BITS))
             best_p = {}
@@ -99,11 +99,9 @@ class OPQ(Strategy):
                 score = error + lam * costs[lname] / max(1, problem.graph.layers[lname].params)
                 best_p[lname] = score.argmin(axis=0)
                 totals += score.min(axis=0)
-            j = int(totals.argmin())
-            groups[gname] = GroupDecision((OPQ_BITS[j],) * group.channels)
-            for lname in group.layers:
-                layers[lname] = LayerDecision(sparsities[int(best_p[lname][j])])
-        return Policy(groups, problem.act_bits, layers=layers)
+            b_idx[gname] = j = int(totals.argmin())
+            p_idx |= {lname: int(best_p[lname][j]) for lname in group.layers}
+        return self._policy(problem, p_idx, b_idx, sparsities)
 
     def fill(self, problem: Problem, policy: Policy, costs: dict[str, np.ndarray],
              sparsities: tuple[float, ...]) -> Policy:

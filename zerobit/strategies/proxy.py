@@ -19,6 +19,7 @@ from zerobit.policy import GroupDecision, Policy
 from zerobit.quant.apply import apply_policy, quant_layers, wrap_layers
 from zerobit.strategies.base import Problem
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
+from zerobit.train.evaluate import logits
 from zerobit.train.finetune import FinetuneConfig, finetune
 
 METRICS = ("accuracy", "kl")
@@ -59,12 +60,6 @@ class ProxyReference:
     accuracy: float  # in %
 
 
-@torch.no_grad()
-def _logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
 def proxy_reference(problem: Problem, config: ProxyConfig, seed: int = 0) -> ProxyReference:
     """Calibrate activation ranges once on the unpruned 8-bit model and score the uncompressed model."""
     graph = problem.graph
@@ -72,9 +67,9 @@ def proxy_reference(problem: Problem, config: ProxyConfig, seed: int = 0) -> Pro
     model = wrap_layers(copy.deepcopy(problem.model).eval(), graph, full)
     calibrate_activations(model, Batches(problem.train_data, 256, shuffle=True, seed=seed), 4)
     val = problem.val_data.subset(config.samples)
-    logits = _logits(problem.model, val.x)
-    acc = 100 * float((logits.argmax(1) == val.y).float().mean())
-    return ProxyReference({n: q.act.state_dict() for n, q in quant_layers(model).items()}, logits, acc)
+    out = logits(problem.model, val.x, 500)
+    acc = 100 * float((out.argmax(1) == val.y).float().mean())
+    return ProxyReference({n: q.act.state_dict() for n, q in quant_layers(model).items()}, out, acc)
 
 
 def proxy_scores(problem: Problem, reference: ProxyReference, policy: Policy, config: ProxyConfig,
@@ -89,10 +84,10 @@ def proxy_scores(problem: Problem, reference: ProxyReference, policy: Policy, co
         ft = FinetuneConfig(lr=config.lr, batch_size=config.batch_size, distill=0.0, seed=seed, augment=False)
         finetune(model, problem.train_data, ft, progress=False, steps=config.finetune_steps)
     val = problem.val_data.subset(config.samples)
-    logits = _logits(model, val.x)
-    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference.logits, 1), log_target=True,
+    out = logits(model, val.x, 500)
+    kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(reference.logits, 1), log_target=True,
                   reduction="batchmean")
-    return {"accuracy": 100 * float((logits.argmax(1) == val.y).float().mean()), "kl": float(kl)}
+    return {"accuracy": 100 * float((out.argmax(1) == val.y).float().mean()), "kl": float(kl)}
 
 
 def proxy_reward(scores: dict[str, float], reference: ProxyReference, metric: str) -> float:

@@ -32,15 +32,22 @@ def predictions(model: nn.Module, data: LabelledData, batch_size: int = 1000) ->
         >>> pred.shape  # doctest: +SKIP
         torch.Size([10000])
     """
+    if len(data.x) == 0:
+        return torch.empty(0, dtype=torch.int64)
+    return logits(model, data.x, batch_size).argmax(dim=1)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """The model's outputs for every example, in eval mode, batch by batch; its previous mode is restored."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     try:
-        chunks = [model(data.x[i:i + batch_size]).argmax(dim=1) for i in range(0, len(data.x), batch_size)]
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
-    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
 
 
 def accuracy(model: nn.Module, data: LabelledData, batch_size: int = 1000) -> float:
