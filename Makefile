@@ -40,6 +40,8 @@ bench: data
 	$(PY) bench/compression.py --strategies uniform,sequential,opq --budgets bops=1/64 --epochs 0.25
 	$(PY) bench/compression.py --strategies ajpq --budgets 1/32,1/64,bops=1/64 --epochs 0.25 --option episodes=300
 	$(PY) bench/ajpq_proxy.py --policies 10 --budget 1/32 --epochs 0.5
+	rm -f runs/ajpq_rerank.state
+	$(PY) bench/ajpq_rerank.py --budget 1/32 --top 6 --epochs 0.25
 
 lint: setup
 	$(VENV)/bin/ruff check zerobit tests bench

@@ -35,13 +35,19 @@ from zerobit.train.evaluate import accuracy  # noqa: E402
 from zerobit.train.finetune import finetune  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ajpq_proxy.json"
-PROXIES = {"no recovery": ProxyConfig(recovery_batches=0), "BN re-estimation (10 batches)": ProxyConfig(),
-           "BN re-estimation (5 batches)": ProxyConfig(recovery_batches=5),
+THOUSAND = 1000  # images scored, unless the name says otherwise (the study predates the default of 500)
+PROXIES = {"no recovery": ProxyConfig(recovery_batches=0, samples=THOUSAND),
+           "BN re-estimation (10 batches)": ProxyConfig(samples=THOUSAND),
+           "BN re-estimation (5 batches)": ProxyConfig(recovery_batches=5, samples=THOUSAND),
            "BN re-estimation (10 batches), 500 images scored": ProxyConfig(samples=500),
-           "BN + 20 QAT steps": ProxyConfig(finetune_steps=20),
-           "BN + 20 QAT steps of 32 images": ProxyConfig(finetune_steps=20, batch_size=32),
-           "BN + 8 QAT steps at lr 0.05": ProxyConfig(finetune_steps=8, lr=0.05),
-           "BN + 20 QAT steps of 32, 500 images scored": ProxyConfig(finetune_steps=20, batch_size=32, samples=500)}
+           "BN + 20 QAT steps": ProxyConfig(finetune_steps=20, samples=THOUSAND),
+           "BN + 20 QAT steps of 32 images": ProxyConfig(finetune_steps=20, batch_size=32, samples=THOUSAND),
+           "BN + 8 QAT steps at lr 0.05": ProxyConfig(finetune_steps=8, lr=0.05, samples=THOUSAND),
+           "BN + 20 QAT steps of 32, 500 images scored": ProxyConfig(finetune_steps=20, batch_size=32, samples=500),
+           "BN re-estimation (6 batches), 500 images scored": ProxyConfig(recovery_batches=6, samples=500),
+           "BN re-estimation (4 batches of 256), 500 images scored": ProxyConfig(recovery_batches=4, batch_size=256,
+                                                                                 samples=500),
+           "BN re-estimation (10 batches of 64), 500 images scored": ProxyConfig(batch_size=64, samples=500)}
 
 
 def _ranks(values: list[float]) -> np.ndarray:

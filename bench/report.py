@@ -62,6 +62,22 @@ def proxy_section(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rerank_section(summary: dict) -> str:
+    scores = list(summary["spearman"])
+    lines = [f"\n## AJPQ: the search's leading policies, fine-tuned\n\nOne AJPQ search at {summary['budget']} "
+             f"({summary['search seconds']:.0f} s, options {', '.join(summary['options']) or 'default'}); its "
+             f"{len(summary['policies'])} best distinct policies by search reward, re-scored by larger proxies and "
+             f"fine-tuned for real ({summary['epochs']:g} epoch, distillation). `bench/ajpq_rerank.py`.\n",
+             "| rank | bytes | " + " | ".join(scores) + " | test acc % |", "|---:|---:|" + "---:|" * (len(scores) + 1)]
+    for r in summary["policies"]:
+        lines.append(f"| {r['rank']} | {r['bytes']:,.0f} | " + " | ".join(f"{r[s]:+.3f}" for s in scores) +
+                     f" | {100 * r['final test accuracy']:.2f} |")
+    lines.append("| Spearman ρ vs test acc | | " + " | ".join(f"{summary['spearman'][s]:+.2f}" for s in scores) + " | |")
+    lines.append("| test acc % of its pick | | " + " | ".join(
+        f"{100 * summary['accuracy of the pick'][s]:.2f}" for s in scores) + f" | best {100 * summary['best accuracy']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -74,4 +90,7 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     proxy = RESULTS / "ajpq_proxy.json"
     if proxy.exists():
         text += proxy_section(json.loads(proxy.read_text()))
+    rerank = RESULTS / "ajpq_rerank.json"
+    if rerank.exists():
+        text += rerank_section(json.loads(rerank.read_text()))
     path.write_text(text)

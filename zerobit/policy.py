@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -40,9 +41,14 @@ class GroupDecision:
     def channels(self) -> int:
         return len(self.bits)
 
-    @property
+    @cached_property  # costs are summed over many candidate policies: count once per decision
     def kept(self) -> int:
         return sum(1 for b in self.bits if b > 0)
+
+    @cached_property
+    def bit_counts(self) -> Counter:
+        """Channels per bit-width, the removed ones (0) included."""
+        return Counter(self.bits)
 
     def kept_bits(self) -> list[int]:
         """Bits of the surviving channels, in order."""

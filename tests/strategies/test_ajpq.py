@@ -18,7 +18,7 @@ from zerobit.graph import analyse
 from zerobit.importance import group_scores
 from zerobit.policy import uniform_policy
 from zerobit.strategies import AJPQ, ActionSpace, Problem, ProxyConfig
-from zerobit.strategies.ajpq import group_decision
+from zerobit.strategies.ajpq import _keep_top, group_decision
 from zerobit.strategies.proxy import proxy_reference, proxy_reward, proxy_scores
 
 PROXY = ProxyConfig(recovery_batches=4, samples=300)
@@ -60,6 +60,29 @@ def test_agent_beats_random_policies_and_the_wall_always_holds(trained_residual,
     assert rewards[-15:].mean() > rewards[:15].mean() + 1.0  # learned episodes beat the random warm-up
     assert result.info["best_reward"] == rewards.max()
     assert prob.fits(result.policy)
+
+
+def test_top_list_keeps_the_best_distinct_policies():
+    top: list = []
+    for reward, policy in [(1.0, {"p": 1}), (3.0, {"p": 2}), (2.0, {"p": 3}), (4.0, {"p": 1}), (0.5, {"p": 4})]:
+        _keep_top(top, reward, policy, k=3)
+    assert top == [[4.0, {"p": 1}], [3.0, {"p": 2}], [2.0, {"p": 3}]]  # a repeat keeps one entry, its best
+
+
+def test_final_rerank_returns_the_leader_of_the_larger_evaluation(trained_residual, digits):
+    prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
+    final = ProxyConfig(recovery_batches=6, samples=360)
+    result = AJPQ(episodes=10, warmup=10, proxy=ProxyConfig(recovery_batches=1, samples=40), rerank=4,
+                  final=final).search(prob)
+    rerank = result.info["rerank"]
+    assert len(rerank) == 4 and [r["search_reward"] for r in rerank] == sorted(
+        [r["search_reward"] for r in rerank], reverse=True)
+    ref = proxy_reference(prob, final)
+    again = proxy_reward(proxy_scores(prob, ref, result.policy, final), ref, final.metric)
+    assert again == max(r["final_reward"] for r in rerank)  # the returned policy is the re-scored leader
+    assert prob.fits(result.policy)
+    single = AJPQ(episodes=10, warmup=10, proxy=ProxyConfig(recovery_batches=1, samples=40), rerank=1).search(prob)
+    assert single.info["rerank"] == [] and single.info["best_reward"] == max(single.info["rewards"])
 
 
 @pytest.mark.parametrize("space", [ActionSpace(prune=False), ActionSpace(quantize=False, fixed_bits=4)])

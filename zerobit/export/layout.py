@@ -8,8 +8,10 @@ positions, coded as whichever is smaller for the counts at hand: a bitmap (one b
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -70,8 +72,12 @@ class LayerLayout:
     sparsity: float = 0.0
     codebook: bool = False
 
+    @cached_property
+    def _counts(self) -> Counter:
+        return Counter(self.kept_bits)
+
     def count(self, bits: int) -> int:
-        return sum(1 for b in self.kept_bits if b == bits)
+        return self._counts[bits]
 
     @property
     def single_width(self) -> bool:
@@ -101,7 +107,7 @@ class LayerLayout:
 
     @property
     def scales(self) -> int:
-        return sum(1 for b in self.kept_bits if b != FLOAT_BITS)
+        return len(self.kept_bits) - self.count(FLOAT_BITS)
 
     @property
     def floats(self) -> int:

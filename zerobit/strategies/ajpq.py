@@ -13,9 +13,11 @@ fixed slice of the validation split after a cheap recovery (zerobit.strategies.p
 real (pruned channels removed) and its BatchNorm statistics re-estimated on a few training batches — on ResNet-20
 this ranks random 1/32 policies by their fine-tuned accuracy with Spearman ρ ≈ 0.8 (bench/ajpq_proxy.py). The
 budget is a wall, not a penalty: each action is capped so that the remaining groups, at their minimum (max
-sparsity, lowest bits), can still meet it — so every episode's policy fits. The search state (agent, replay,
-RNG, history) is saved after every episode and an interrupted search resumes where it stopped; seeded runs
-repeat exactly.
+sparsity, lowest bits), can still meet it — so every episode's policy fits. The `rerank` best distinct policies
+are scored again at the end with the larger `final` proxy and the best of them is returned (the top one of
+hundreds of noisy rewards is partly luck; bench/ajpq_rerank.py fine-tunes a search's leaders). The search
+state (agent, replay, RNG, history, leaders) is saved after every episode and an interrupted search resumes
+where it stopped; seeded runs repeat exactly on one thread.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 from zerobit.policy import GroupDecision, Policy
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.strategies.ddpg import DDPG, DDPGConfig
-from zerobit.strategies.proxy import ProxyConfig, proxy_reference, proxy_reward, proxy_scores
+from zerobit.strategies.proxy import ProxyConfig, ProxyReference, proxy_reference, proxy_reward, proxy_scores
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,18 @@ class _Episode:
         return sparsity, lvl
 
 
+def _keep_top(top: list, reward: float, policy: dict, k: int) -> None:
+    """Keep the k best distinct policies seen, best first, as [reward, policy dict] pairs."""
+    for entry in top:
+        if entry[1] == policy:
+            entry[0] = max(entry[0], reward)
+            break
+    else:
+        top.append([reward, policy])
+    top.sort(key=lambda e: -e[0])
+    del top[max(k, 1):]
+
+
 def _static_features(problem: Problem) -> np.ndarray:
     """Per group: index, type, c_in, c_out, stride, kernel, params, feature-map area (min-max normalized)."""
     rows = []
@@ -131,36 +145,26 @@ class AJPQ(Strategy):
     space: ActionSpace = field(default_factory=ActionSpace)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     agent: DDPGConfig = field(default_factory=DDPGConfig)
+    rerank: int = 5  # leaders re-scored at the end (< 2: return the best search reward)
+    final: ProxyConfig = field(default_factory=lambda: ProxyConfig(samples=2000))
     checkpoint: str | None = None
     seed: int = 0
     name = "ajpq"
 
     def search(self, problem: Problem) -> SearchResult:
-        graph = problem.graph
         feats = _static_features(problem)
         agent = DDPG(feats.shape[1] + 4, 2, self.agent, self.seed)
         agent.anneal_over(self.episodes - self.warmup)
-        state = {"episode": 0, "best_reward": None, "best_policy": None, "rewards": []}
+        state = {"episode": 0, "best_reward": None, "best_policy": None, "rewards": [], "top": []}
         if self.checkpoint and os.path.exists(self.checkpoint):
             state = self._load(agent)
+            state.setdefault("top", [])
         reference = proxy_reference(problem, self.proxy, self.seed)
-        total_cost = problem.budget.reference(graph)
         bar = tqdm(total=self.episodes, initial=state["episode"], desc="ajpq", disable=not problem.progress)
         while state["episode"] < self.episodes:
             ep = state["episode"]
             warm = ep < self.warmup
-            episode, states, actions, prev = _Episode(problem, self.space), [], [], np.zeros(2, np.float32)
-            for i, name in enumerate(graph.groups):
-                cost = problem.cost(episode.policy())
-                s = np.concatenate([feats[i], [1 - cost / total_cost, cost / total_cost], prev]).astype(np.float32)
-                a = agent.act(s, explore=True, warmup=warm)
-                level = int(np.clip(round(-0.5 + a[1] * len(self.space.bits)), 0, len(self.space.bits) - 1))
-                sparsity, level = episode.step(name, float(a[0]) * self.space.max_sparsity, level)
-                a = np.array([sparsity / self.space.max_sparsity, (level + 0.5) / len(self.space.bits)], np.float32)
-                states.append(s)
-                actions.append(a)
-                prev = a
-            policy = episode.policy()
+            policy, states, actions = self._episode(problem, agent, feats, warm)
             scores = proxy_scores(problem, reference, policy, self.proxy, self.seed + ep)
             reward = proxy_reward(scores, reference, self.proxy.metric)
             agent.remember(states, actions, reward)
@@ -170,15 +174,52 @@ class AJPQ(Strategy):
             state["rewards"].append(reward)
             if state["best_reward"] is None or reward > state["best_reward"]:
                 state["best_reward"], state["best_policy"] = reward, policy.to_dict()
+            _keep_top(state["top"], reward, policy.to_dict(), self.rerank)
             state["episode"] = ep + 1
             if self.checkpoint:
                 self._save(agent, state)
             bar.update(1)
             bar.set_postfix(best=f"{state['best_reward']:.2f}", budget=f"{problem.cost(policy) / problem.limit:.0%}")
         bar.close()
-        best = Policy.from_dict(state["best_policy"])
+        best, final = self._rerank(problem, state, reference)
         return SearchResult(best, info={"episodes": state["episode"], "best_reward": state["best_reward"],
-                                        "rewards": state["rewards"], "reference_accuracy": reference.accuracy})
+                                        "rewards": state["rewards"], "reference_accuracy": reference.accuracy,
+                                        "rerank": final})
+
+    def _episode(self, problem: Problem, agent: DDPG, feats: np.ndarray,
+                 warm: bool) -> tuple[Policy, list[np.ndarray], list[np.ndarray]]:
+        """One walk over the groups: the agent's actions, capped by the budget wall."""
+        total_cost = problem.budget.reference(problem.graph)
+        episode, states, actions, prev = _Episode(problem, self.space), [], [], np.zeros(2, np.float32)
+        levels = len(self.space.bits)
+        for i, name in enumerate(problem.graph.groups):
+            cost = problem.cost(episode.policy())
+            s = np.concatenate([feats[i], [1 - cost / total_cost, cost / total_cost], prev]).astype(np.float32)
+            a = agent.act(s, explore=True, warmup=warm)
+            level = int(np.clip(round(-0.5 + a[1] * levels), 0, levels - 1))
+            sparsity, level = episode.step(name, float(a[0]) * self.space.max_sparsity, level)
+            prev = np.array([sparsity / self.space.max_sparsity, (level + 0.5) / levels], np.float32)
+            states.append(s)
+            actions.append(prev)
+        return episode.policy(), states, actions
+
+    def _rerank(self, problem: Problem, state: dict, search_ref: ProxyReference) -> tuple[Policy, list[dict]]:
+        """Score the `rerank` best distinct policies again with the `final` proxy; return the best of them.
+
+        The search's best proxy reward is the maximum of many noisy scores, so it tends to belong to a policy
+        that was merely lucky on its slice and batches; a larger, fixed evaluation of the few leaders corrects it.
+        """
+        top = state.get("top") or [[state["best_reward"], state["best_policy"]]]
+        if self.rerank < 2 or len(top) < 2:
+            return Policy.from_dict(state["best_policy"]), []
+        reference = proxy_reference(problem, self.final, self.seed, ranges=search_ref.ranges)
+        final = []
+        for reward, policy in top:
+            scores = proxy_scores(problem, reference, Policy.from_dict(policy), self.final, self.seed)
+            final.append({"search_reward": reward, "final_reward": proxy_reward(scores, reference, self.final.metric),
+                          "cost": problem.cost(Policy.from_dict(policy))})
+        pick = max(range(len(top)), key=lambda i: final[i]["final_reward"])
+        return Policy.from_dict(top[pick][1]), final
 
     def _save(self, agent: DDPG, state: dict) -> None:
         meta = {"state": json.dumps(state), "agent": json.dumps(agent.scalars()),

@@ -38,11 +38,11 @@ class ProxyConfig:
         metric: "accuracy" → reward 0.1·(acc − reference acc) in % points; "kl" → reward −KL(reference ‖ candidate).
     """
 
-    recovery_batches: int = 10
+    recovery_batches: int = 6
     batch_size: int = 128
     finetune_steps: int = 0
     lr: float = 0.01
-    samples: int = 1000
+    samples: int = 500
     metric: str = "accuracy"
 
     def __post_init__(self) -> None:
@@ -60,16 +60,20 @@ class ProxyReference:
     accuracy: float  # in %
 
 
-def proxy_reference(problem: Problem, config: ProxyConfig, seed: int = 0) -> ProxyReference:
-    """Calibrate activation ranges once on the unpruned 8-bit model and score the uncompressed model."""
-    graph = problem.graph
-    full = Policy({n: GroupDecision((8,) * g.channels) for n, g in graph.groups.items()}, problem.act_bits)
-    model = wrap_layers(copy.deepcopy(problem.model).eval(), graph, full)
-    calibrate_activations(model, Batches(problem.train_data, 256, shuffle=True, seed=seed), 4)
+def proxy_reference(problem: Problem, config: ProxyConfig, seed: int = 0,
+                    ranges: dict[str, dict] | None = None) -> ProxyReference:
+    """Calibrate activation ranges once on the unpruned 8-bit model (unless `ranges` are given) and score the
+    uncompressed model on the config's slice."""
+    if ranges is None:
+        graph = problem.graph
+        full = Policy({n: GroupDecision((8,) * g.channels) for n, g in graph.groups.items()}, problem.act_bits)
+        model = wrap_layers(copy.deepcopy(problem.model).eval(), graph, full)
+        calibrate_activations(model, Batches(problem.train_data, 256, shuffle=True, seed=seed), 4)
+        ranges = {n: q.act.state_dict() for n, q in quant_layers(model).items()}
     val = problem.val_data.subset(config.samples)
     out = logits(problem.model, val.x, 500)
     acc = 100 * float((out.argmax(1) == val.y).float().mean())
-    return ProxyReference({n: q.act.state_dict() for n, q in quant_layers(model).items()}, out, acc)
+    return ProxyReference(ranges, out, acc)
 
 
 def proxy_scores(problem: Problem, reference: ProxyReference, policy: Policy, config: ProxyConfig,
