@@ -38,7 +38,7 @@ class ProxyConfig:
         metric: "accuracy" → reward 0.1·(acc − reference acc) in % points; "kl" → reward −KL(reference ‖ candidate).
     """
 
-    recovery_batches: int = 6
+    recovery_batches: int = 10
     batch_size: int = 128
     finetune_steps: int = 0
     lr: float = 0.01
