@@ -78,6 +78,14 @@ def rerank_section(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runs_section(runs: dict) -> str:
+    lines = [f"\n## AJPQ from run to run\n\n{runs['about']}\n", "| settings | file bytes | test acc % | search s |",
+             "|---|---:|---:|---:|"]
+    for r in runs["runs"]:
+        lines.append(f"| {r['settings']} | {r['file_bytes']:,} | {100 * r['accuracy']:.2f} | {r['search_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -90,6 +98,9 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     proxy = RESULTS / "ajpq_proxy.json"
     if proxy.exists():
         text += proxy_section(json.loads(proxy.read_text()))
+    runs = RESULTS / "ajpq_runs.json"
+    if runs.exists():
+        text += runs_section(json.loads(runs.read_text()))
     rerank = RESULTS / "ajpq_rerank.json"
     if rerank.exists():
         text += rerank_section(json.loads(rerank.read_text()))
