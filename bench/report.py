@@ -19,7 +19,9 @@ Every row wrote its `.zbit` file: *file bytes* is its size on disk, *accuracy* t
 images) of the model decoded from it, Δ against the fp32 model in the same run. Same fine-tune budget for every
 strategy (epochs column, including what a strategy spends inside its search: sequential and ADMM train half of it
 before their final policy); searches score on the validation split held out of training. *search s* is the time
-to choose the policy (for AJPQ: all its episodes), *total s* the whole run.
+to choose the policy (for AJPQ: all its episodes), *total s* the whole run. The `ajpq` rows scored 1,000
+validation images per episode (the default) and predate the final re-rank; the `ajpq, 500 images` rows ran with
+`--option proxy.samples=500` and the re-rank.
 
 """
 

@@ -42,7 +42,7 @@ class ProxyConfig:
     batch_size: int = 128
     finetune_steps: int = 0
     lr: float = 0.01
-    samples: int = 500
+    samples: int = 1000
     metric: str = "accuracy"
 
     def __post_init__(self) -> None:
