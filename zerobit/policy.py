@@ -41,14 +41,9 @@ class GroupDecision:
     def channels(self) -> int:
         return len(self.bits)
 
-    @cached_property  # costs are summed over many candidate policies: count once per decision
+    @cached_property  # costs sum this over many candidate policies
     def kept(self) -> int:
         return sum(1 for b in self.bits if b > 0)
-
-    @cached_property
-    def bit_counts(self) -> Counter:
-        """Channels per bit-width, the removed ones (0) included."""
-        return Counter(self.bits)
 
     def kept_bits(self) -> list[int]:
         """Bits of the surviving channels, in order."""

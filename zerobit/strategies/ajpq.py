@@ -17,7 +17,7 @@ sparsity, lowest bits), can still meet it — so every episode's policy fits. Th
 are scored again at the end with the larger `final` proxy and the best of them is returned (the top one of
 hundreds of noisy rewards is partly luck; bench/ajpq_rerank.py fine-tunes a search's leaders). The search
 state (agent, replay, RNG, history, leaders) is saved after every episode and an interrupted search resumes
-where it stopped; seeded runs repeat exactly on one thread.
+where it stopped; seeded runs repeat exactly.
 """
 
 from __future__ import annotations
@@ -172,9 +172,10 @@ class AJPQ(Strategy):
                 agent.update(steps=len(states))
             agent.end_episode(warm)
             state["rewards"].append(reward)
+            stored = policy.to_dict()
             if state["best_reward"] is None or reward > state["best_reward"]:
-                state["best_reward"], state["best_policy"] = reward, policy.to_dict()
-            _keep_top(state["top"], reward, policy.to_dict(), self.rerank)
+                state["best_reward"], state["best_policy"] = reward, stored
+            _keep_top(state["top"], reward, stored, self.rerank)
             state["episode"] = ep + 1
             if self.checkpoint:
                 self._save(agent, state)
@@ -209,17 +210,17 @@ class AJPQ(Strategy):
         The search's best proxy reward is the maximum of many noisy scores, so it tends to belong to a policy
         that was merely lucky on its slice and batches; a larger, fixed evaluation of the few leaders corrects it.
         """
-        top = state.get("top") or [[state["best_reward"], state["best_policy"]]]
-        if self.rerank < 2 or len(top) < 2:
+        leaders = [(reward, Policy.from_dict(p)) for reward, p in state["top"]]
+        if self.rerank < 2 or len(leaders) < 2:
             return Policy.from_dict(state["best_policy"]), []
         reference = proxy_reference(problem, self.final, self.seed, ranges=search_ref.ranges)
         final = []
-        for reward, policy in top:
-            scores = proxy_scores(problem, reference, Policy.from_dict(policy), self.final, self.seed)
+        for reward, policy in leaders:
+            scores = proxy_scores(problem, reference, policy, self.final, self.seed)
             final.append({"search_reward": reward, "final_reward": proxy_reward(scores, reference, self.final.metric),
-                          "cost": problem.cost(Policy.from_dict(policy))})
-        pick = max(range(len(top)), key=lambda i: final[i]["final_reward"])
-        return Policy.from_dict(top[pick][1]), final
+                          "cost": problem.cost(policy)})
+        pick = max(range(len(leaders)), key=lambda i: final[i]["final_reward"])
+        return leaders[pick][1], final
 
     def _save(self, agent: DDPG, state: dict) -> None:
         meta = {"state": json.dumps(state), "agent": json.dumps(agent.scalars()),
