@@ -34,12 +34,13 @@ test: data
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Long (about an hour on 2 cores): every strategy on ResNet-20, then AJPQ's proxy study; results → BENCHMARKS.md
+# Long (about two hours on 2 cores): every strategy on ResNet-20, then AJPQ's proxy study; results → BENCHMARKS.md
 bench: data
 	$(PY) bench/compression.py --strategies uniform,sequential,opq,admm --budgets 1/16,1/32,1/64,1/128 --epochs 0.25
 	$(PY) bench/compression.py --strategies uniform,sequential,opq --budgets bops=1/64 --epochs 0.25
 	$(PY) bench/compression.py --strategies ajpq --budgets 1/32,1/64,bops=1/64 --epochs 0.25 --option episodes=300
 	$(PY) bench/ajpq_proxy.py --policies 10 --budget 1/32 --epochs 0.5
+	$(PY) bench/ajpq_proxy.py --policies 10 --budget 1/64 --epochs 0.5 --only bfloat16 --out bench/results/ajpq_proxy_1over64.json
 	rm -f runs/ajpq_rerank.state
 	$(PY) bench/ajpq_rerank.py --budget 1/32 --top 6 --epochs 0.25
 

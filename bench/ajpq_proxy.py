@@ -5,6 +5,7 @@ each with several proxies, then fine-tunes each for real and measures test accur
 
     python bench/ajpq_proxy.py --policies 10 --budget 1/32 --epochs 0.5
     python bench/ajpq_proxy.py --rescore     # score the stored policies with PROXIES again (no fine-tuning)
+    python bench/ajpq_proxy.py --budget 1/64 --only bfloat16 --out bench/results/ajpq_proxy_1over64.json
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +37,25 @@ from zerobit.train.evaluate import accuracy  # noqa: E402
 from zerobit.train.finetune import finetune  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ajpq_proxy.json"
-THOUSAND = 1000  # images scored, unless the name says otherwise (the study predates the default of 500)
-PROXIES = {"no recovery": ProxyConfig(recovery_batches=0, samples=THOUSAND),
-           "BN re-estimation (10 batches)": ProxyConfig(samples=THOUSAND),
-           "BN re-estimation (5 batches)": ProxyConfig(recovery_batches=5, samples=THOUSAND),
-           "BN re-estimation (10 batches), 500 images scored": ProxyConfig(samples=500),
-           "BN + 20 QAT steps": ProxyConfig(finetune_steps=20, samples=THOUSAND),
-           "BN + 20 QAT steps of 32 images": ProxyConfig(finetune_steps=20, batch_size=32, samples=THOUSAND),
-           "BN + 8 QAT steps at lr 0.05": ProxyConfig(finetune_steps=8, lr=0.05, samples=THOUSAND),
-           "BN + 20 QAT steps of 32, 500 images scored": ProxyConfig(finetune_steps=20, batch_size=32, samples=500),
-           "BN re-estimation (6 batches), 500 images scored": ProxyConfig(recovery_batches=6, samples=500),
-           "BN re-estimation (4 batches of 256), 500 images scored": ProxyConfig(recovery_batches=4, batch_size=256,
-                                                                                 samples=500),
-           "BN re-estimation (10 batches of 64), 500 images scored": ProxyConfig(batch_size=64, samples=500)}
+THOUSAND = 1000  # images scored (the default), unless the name says otherwise
+BASE = ProxyConfig(samples=THOUSAND, precision="float32")  # float32 unless the name says bfloat16
+BF16 = ", bfloat16"
+PROXIES = {"no recovery": replace(BASE, recovery_batches=0),
+           "BN re-estimation (10 batches)": BASE,
+           "BN re-estimation (5 batches)": replace(BASE, recovery_batches=5),
+           "BN re-estimation (10 batches), 500 images scored": replace(BASE, samples=500),
+           "BN + 20 QAT steps": replace(BASE, finetune_steps=20),
+           "BN + 20 QAT steps of 32 images": replace(BASE, finetune_steps=20, batch_size=32),
+           "BN + 8 QAT steps at lr 0.05": replace(BASE, finetune_steps=8, lr=0.05),
+           "BN + 20 QAT steps of 32, 500 images scored": replace(BASE, finetune_steps=20, batch_size=32, samples=500),
+           "BN re-estimation (6 batches), 500 images scored": replace(BASE, recovery_batches=6, samples=500),
+           "BN re-estimation (4 batches of 256), 500 images scored": replace(BASE, recovery_batches=4, batch_size=256,
+                                                                             samples=500),
+           "BN re-estimation (10 batches of 64), 500 images scored": replace(BASE, batch_size=64, samples=500),
+           "BN re-estimation (10 batches)" + BF16: replace(BASE, precision="bfloat16"),
+           "BN + 20 QAT steps" + BF16: replace(BASE, finetune_steps=20, precision="bfloat16"),
+           "BN + 5 QAT steps" + BF16: replace(BASE, finetune_steps=5, precision="bfloat16"),
+           "BN + 10 QAT steps" + BF16: replace(BASE, finetune_steps=10, precision="bfloat16")}
 
 
 def _ranks(values: list[float]) -> np.ndarray:
@@ -83,9 +91,10 @@ def sample_policies(problem: Problem, n: int, seed: int) -> list:
 
 
 def score(problem: Problem, references: dict, policy, seed: int) -> dict:
-    """Every proxy's scores and seconds for one policy."""
+    """Every chosen proxy's scores and seconds for one policy."""
     row = {}
-    for name, cfg in PROXIES.items():
+    for name in references:
+        cfg = PROXIES[name]
         t = time.perf_counter()
         scores = proxy_scores(problem, references[name], policy, cfg, seed)
         row[f"{name} seconds"] = time.perf_counter() - t
@@ -110,7 +119,15 @@ def summarize(rows: list[dict], budget: str, epochs: float) -> dict:
            for n in names for metric, sign in (("accuracy", 1), ("kl", -1))}
     rho["bytes used"] = spearman([r["bytes"] for r in rows], final)
     seconds = {n: float(np.mean([r[f"{n} seconds"] for r in rows])) for n in names}
-    return {"budget": budget, "epochs": epochs, "policies": rows, "spearman": rho, "proxy seconds": seconds}
+    twins = {n: _agreement(rows, n.removesuffix(BF16), n) for n in names if n.endswith(BF16) and n[:-len(BF16)] in names}
+    return {"budget": budget, "epochs": epochs, "policies": rows, "spearman": rho, "proxy seconds": seconds,
+            "bfloat16 vs float32": twins}
+
+
+def _agreement(rows: list[dict], a: str, b: str) -> dict:
+    """How closely two proxies' accuracies agree policy by policy."""
+    x, y = [r[f"{a} accuracy"] for r in rows], [r[f"{b} accuracy"] for r in rows]
+    return {"max abs difference": float(np.max(np.abs(np.subtract(x, y)))), "spearman": spearman(x, y)}
 
 
 def main() -> int:
@@ -120,8 +137,11 @@ def main() -> int:
     ap.add_argument("--epochs", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rescore", action="store_true", help="re-score the stored policies; keep their accuracies")
+    ap.add_argument("--only", default="", help="score only the proxies whose name contains this text")
+    ap.add_argument("--out", default=str(RESULTS), help="results file (read back by --rescore)")
     args = ap.parse_args()
-    stored = json.loads(RESULTS.read_text()) if args.rescore else None
+    out = Path(args.out)
+    stored = json.loads(out.read_text()) if args.rescore else None
     if stored:
         args.budget, args.epochs, args.policies = stored["budget"], stored["epochs"], len(stored["policies"])
     splits = get_splits("fashion-mnist")
@@ -130,7 +150,7 @@ def main() -> int:
     graph = analyse(model, x)
     problem = Problem(model, graph, parse_budget(args.budget), x, splits.train, splits.val,
                       group_scores(model, graph), progress=False)
-    references = {name: proxy_reference(problem, cfg, args.seed) for name, cfg in PROXIES.items()}
+    references = {name: proxy_reference(problem, cfg, args.seed) for name, cfg in PROXIES.items() if args.only in name}
     rows = []
     for i, policy in enumerate(sample_policies(problem, args.policies, args.seed)):
         row = {"policy": i, "bytes": problem.cost(policy)} | score(problem, references, policy, args.seed + i)
@@ -146,8 +166,8 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     summary = summarize(rows, args.budget, args.epochs)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary["spearman"], indent=1))
     write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
     return 0

@@ -53,6 +53,22 @@ def test_proxy_scores_grow_worse_with_damage(trained_residual, digits):
         assert proxy_reward(gentle, ref, metric) > proxy_reward(harsh, ref, metric)
 
 
+def test_bfloat16_proxy_agrees_with_float32(trained_residual, digits):
+    prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
+    policies = [uniform_policy(prob.graph, prob.scores, keep=k, bits=b) for k, b in ((1.0, 8), (0.6, 4), (0.3, 2))]
+    accs, kls = {}, {}
+    for precision in ("float32", "bfloat16"):
+        cfg = ProxyConfig(recovery_batches=4, samples=300, precision=precision)
+        ref = proxy_reference(prob, cfg)
+        scores = [proxy_scores(prob, ref, p, cfg) for p in policies]
+        accs[precision], kls[precision] = [s["accuracy"] for s in scores], [s["kl"] for s in scores]
+    assert kls["float32"] != kls["bfloat16"]  # the autocast really ran
+    assert np.allclose(accs["float32"], accs["bfloat16"], atol=2.0)  # 300 images: 2 points = 6 images
+    assert np.argsort(accs["float32"]).tolist() == np.argsort(accs["bfloat16"]).tolist()
+    with pytest.raises(ValueError, match="precision"):
+        ProxyConfig(precision="float16")
+
+
 def test_agent_beats_random_policies_and_the_wall_always_holds(trained_residual, digits):
     prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
     result = AJPQ(episodes=60, warmup=15, proxy=PROXY, seed=0).search(prob)
@@ -140,8 +156,12 @@ def test_killed_search_resumes_where_it_stopped(tmp_path, trained_residual, digi
     assert resumed.policy == fresh.policy
 
 
-def test_checkpoint_of_other_settings_is_refused(tmp_path, trained_residual, digits):
+def test_checkpoint_of_other_settings_or_budget_is_refused(tmp_path, trained_residual, digits):
     prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
     AJPQ(episodes=2, warmup=2, proxy=PROXY, checkpoint=str(tmp_path / "s")).search(prob)
     with pytest.raises(ValueError, match="other settings"):
         AJPQ(episodes=2, warmup=2, proxy=PROXY, seed=5, checkpoint=str(tmp_path / "s")).search(prob)
+    other_budget = problem_for(trained_residual, digits, Size(fraction=1 / 6))
+    with pytest.raises(ValueError, match="another model or budget"):
+        AJPQ(episodes=2, warmup=2, proxy=PROXY, checkpoint=str(tmp_path / "s")).search(other_budget)
+    assert AJPQ(episodes=3, warmup=2, proxy=PROXY, checkpoint=str(tmp_path / "s")).search(prob).info["episodes"] == 3

@@ -11,7 +11,8 @@ the groups in graph order; at each it takes two actions in [0, 1]:
 A DDPG agent (zerobit.strategies.ddpg) learns from the episode reward 0.1·(acc − acc_ref), accuracy in % on a
 fixed slice of the validation split after a cheap recovery (zerobit.strategies.proxy): the policy is applied for
 real (pruned channels removed) and its BatchNorm statistics re-estimated on a few training batches — on ResNet-20
-this ranks random 1/32 policies by their fine-tuned accuracy with Spearman ρ ≈ 0.8 (bench/ajpq_proxy.py). The
+this ranks random 1/32 policies by their fine-tuned accuracy with Spearman ρ ≈ 0.7–0.8 (bench/ajpq_proxy.py);
+where the CPU has native bfloat16 it runs under bfloat16 autocast (ProxyConfig.precision), ~1.6× faster. The
 budget is a wall, not a penalty: each action is capped so that the remaining groups, at their minimum (max
 sparsity, lowest bits), can still meet it — so every episode's policy fits. The `rerank` best distinct policies
 are scored again at the end with the larger `final` proxy and the best of them is returned (the top one of
@@ -117,6 +118,12 @@ def _keep_top(top: list, reward: float, policy: dict, k: int) -> None:
     del top[max(k, 1):]
 
 
+def _identity(problem: Problem) -> dict:
+    """What a checkpoint must match to be resumed besides the settings: the budget and the model's groups."""
+    return {"budget": repr(problem.budget), "limit": problem.limit,
+            "groups": {n: g.channels for n, g in problem.graph.groups.items()}}
+
+
 def _static_features(problem: Problem) -> np.ndarray:
     """Per group: index, type, c_in, c_out, stride, kernel, params, feature-map area (min-max normalized)."""
     rows = []
@@ -157,7 +164,7 @@ class AJPQ(Strategy):
         agent.anneal_over(self.episodes - self.warmup)
         state = {"episode": 0, "best_reward": None, "best_policy": None, "rewards": [], "top": []}
         if self.checkpoint and os.path.exists(self.checkpoint):
-            state = self._load(agent)
+            state = self._load(agent, problem)
             state.setdefault("top", [])
         reference = proxy_reference(problem, self.proxy, self.seed)
         bar = tqdm(total=self.episodes, initial=state["episode"], desc="ajpq", disable=not problem.progress)
@@ -178,13 +185,14 @@ class AJPQ(Strategy):
             _keep_top(state["top"], reward, stored, self.rerank)
             state["episode"] = ep + 1
             if self.checkpoint:
-                self._save(agent, state)
+                self._save(agent, state, problem)
             bar.update(1)
             bar.set_postfix(best=f"{state['best_reward']:.2f}", budget=f"{problem.cost(policy) / problem.limit:.0%}")
         bar.close()
         best, final = self._rerank(problem, state, reference)
         return SearchResult(best, info={"episodes": state["episode"], "best_reward": state["best_reward"],
                                         "rewards": state["rewards"], "reference_accuracy": reference.accuracy,
+                                        "proxy_dtype": str(self.proxy.dtype()).removeprefix("torch."),
                                         "rerank": final})
 
     def _episode(self, problem: Problem, agent: DDPG, feats: np.ndarray,
@@ -222,14 +230,14 @@ class AJPQ(Strategy):
         pick = max(range(len(leaders)), key=lambda i: final[i]["final_reward"])
         return leaders[pick][1], final
 
-    def _save(self, agent: DDPG, state: dict) -> None:
+    def _save(self, agent: DDPG, state: dict, problem: Problem) -> None:
         meta = {"state": json.dumps(state), "agent": json.dumps(agent.scalars()),
-                "config": json.dumps(asdict(self))}
+                "config": json.dumps(asdict(self)), "problem": json.dumps(_identity(problem))}
         tmp = f"{self.checkpoint}.tmp"
         save_file(agent.tensors(), tmp, metadata=meta)
         os.replace(tmp, self.checkpoint)
 
-    def _load(self, agent: DDPG) -> dict:
+    def _load(self, agent: DDPG, problem: Problem) -> dict:
         from safetensors import safe_open
 
         with safe_open(self.checkpoint, "pt") as f:
@@ -239,5 +247,8 @@ class AJPQ(Strategy):
         if {k: v for k, v in saved.items() if k != "episodes"} != {k: v for k, v in mine.items() if k != "episodes"}:
             raise ValueError(f"{self.checkpoint} belongs to a search with other settings; delete it or use "
                              "another checkpoint path")
+        if "problem" in meta and json.loads(meta["problem"]) != json.loads(json.dumps(_identity(problem))):
+            raise ValueError(f"{self.checkpoint} belongs to a search of another model or budget "
+                             f"({json.loads(meta['problem'])['budget']}); delete it or use another checkpoint path")
         agent.restore(load_file(self.checkpoint), json.loads(meta["agent"]))
         return json.loads(meta["state"])
