@@ -15,8 +15,8 @@ this ranks random 1/32 policies by their fine-tuned accuracy with Spearman ρ �
 where the CPU has native bfloat16 it runs under bfloat16 autocast (ProxyConfig.precision), ~1.6× faster. The
 budget is a wall, not a penalty: each action is capped so that the remaining groups, at their minimum (max
 sparsity, lowest bits), can still meet it — so every episode's policy fits. The `rerank` best distinct policies
-are scored again at the end with the larger `final` proxy and the best of them is returned (the top one of
-hundreds of noisy rewards is partly luck; bench/ajpq_rerank.py fine-tunes a search's leaders). The search
+are scored again at the end by the same proxy on ≥ 2,000 images (or by `final`) and the best is returned (the
+top one of hundreds of noisy rewards is partly luck; bench/ajpq_rerank.py fine-tunes a search's leaders). The search
 state (agent, replay, RNG, history, leaders) is saved after every episode and an interrupted search resumes
 where it stopped; seeded runs repeat exactly.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -153,7 +153,7 @@ class AJPQ(Strategy):
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     agent: DDPGConfig = field(default_factory=DDPGConfig)
     rerank: int = 5  # leaders re-scored at the end (< 2: return the best search reward)
-    final: ProxyConfig = field(default_factory=lambda: ProxyConfig(samples=2000))
+    final: ProxyConfig | None = None  # the re-rank's proxy; None: the search's proxy on ≥ 2,000 images
     checkpoint: str | None = None
     seed: int = 0
     name = "ajpq"
@@ -221,11 +221,12 @@ class AJPQ(Strategy):
         leaders = [(reward, Policy.from_dict(p)) for reward, p in state["top"]]
         if self.rerank < 2 or len(leaders) < 2:
             return Policy.from_dict(state["best_policy"]), []
-        reference = proxy_reference(problem, self.final, self.seed, ranges=search_ref.ranges)
+        config = self.final or replace(self.proxy, samples=max(2000, self.proxy.samples))
+        reference = proxy_reference(problem, config, self.seed, ranges=search_ref.ranges)
         final = []
         for reward, policy in leaders:
-            scores = proxy_scores(problem, reference, policy, self.final, self.seed)
-            final.append({"search_reward": reward, "final_reward": proxy_reward(scores, reference, self.final.metric),
+            scores = proxy_scores(problem, reference, policy, config, self.seed)
+            final.append({"search_reward": reward, "final_reward": proxy_reward(scores, reference, config.metric),
                           "cost": problem.cost(policy)})
         pick = max(range(len(leaders)), key=lambda i: final[i]["final_reward"])
         return leaders[pick][1], final
