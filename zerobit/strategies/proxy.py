@@ -12,6 +12,7 @@ weights and 8-bit activation codes are exact in bfloat16, only products and sums
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ class ProxyConfig:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype() == torch.bfloat16)
 
 
+@functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AMX tiles or AVX512-BF16); elsewhere it is emulated, slower."""
     try:
