@@ -51,4 +51,5 @@ def test_corrupt_file_exits_with_clear_message(tmp_path, capsys):
     bad = tmp_path / "bad.zbit"
     bad.write_bytes(os.urandom(1000))
     assert main(["eval", str(bad)]) == 2
-    assert "not a readable .zbit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad.zbit is corrupt" in err and err.count("\n") == 1

@@ -80,3 +80,28 @@ class TinyConcat(nn.Module):
 
 TINY_MODELS = {"plain": TinyPlain, "residual": TinyResidual, "depthwise": TinyDepthwise, "concat": TinyConcat}
 EXAMPLE = torch.zeros(1, 1, 8, 8)
+
+
+class TinyLayerNorm(nn.Module):
+    """ConvNeXt-style block: depthwise conv, LayerNorm and Linears on (B, H, W, C), a learned layer-scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, 1, 1)
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+        self.head_norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # (B, C, H, W)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+        y = self.fc2(torch.nn.functional.gelu(self.fc1(y))) * self.gamma
+        x = x + y.permute(0, 3, 1, 2)
+        return self.head(self.head_norm(x.mean(dim=(2, 3))))
+
+
+TINY_MODELS["layernorm"] = TinyLayerNorm

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, a damaged file (ZbitFormatError), a missing path
         print(f"zerobit: error: {exc}", file=sys.stderr)
         return 2
 

@@ -56,12 +56,14 @@ def test_estimate_is_file_size_and_load_is_exact(tmp_path, name, seed, act_bits)
 
 def test_zero_bit_channels_are_physically_gone(tmp_path):
     _model, graph, policy, q = applied("residual", 3, 8)
+    kept = policy["stem.0"].kept
+    assert kept < 8  # the seed removes some channels of the residual group
     path = tmp_path / "m.zbit"
     save_zbit(q, graph, policy, path)
     loaded = load(path, TINY_MODELS["residual"]())
-    stem = loaded.get_submodule("stem.0")[1]
-    assert stem.weight.shape[0] == policy["stem.0"].kept < 8 or policy["stem.0"].kept == 8
-    assert loaded.get_submodule("fc")[1].weight.shape == (10, policy["stem.0"].kept)
+    assert loaded.get_submodule("stem.0").weight.shape[0] == kept
+    assert loaded.get_submodule("a1.1").weight.shape[:2] == (kept, policy["a1.0.0"].kept)
+    assert loaded.get_submodule("fc").weight.shape == (10, kept)
 
 
 def test_removing_channels_shrinks_the_file():
@@ -153,3 +155,66 @@ def test_sparsity_shrinks_the_file_and_positions_are_counted():
     lay = [x for x in layer_layouts(graph, Policy(dense.groups, layers={"features.1.0": LayerDecision(0.97)}))
            if x.name == "features.1.0"][0]
     assert lay.position_bytes < (16 * 108) // 8
+
+
+@pytest.mark.parametrize("per", [300, 5000, 70_000])
+@pytest.mark.parametrize("sparsity", [0.3, 0.97])
+def test_wide_layers_need_wide_position_codes(tmp_path, per, sparsity):
+    """Channels of more than 256 weights need 9+ bit indices and counts (bitmap at 30%, index list at 97%)."""
+    torch.manual_seed(per)
+    model = torch.nn.Sequential(torch.nn.Linear(per, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).eval()
+    example = torch.zeros(1, per)
+    graph = analyse(model, example)
+    policy = Policy({"0": GroupDecision((4, 0, 4, 4, 0, 4)), "2": GroupDecision((4, 4, 4))},
+                    layers={"0": LayerDecision(sparsity)})
+    q = apply_policy(model, graph, policy, example)
+    calibrate_activations(q, [(torch.randn(8, per), None)])
+    path = tmp_path / "wide.zbit"
+    assert save_zbit(q, graph, policy, path) == os.path.getsize(path) == estimate_bytes(graph, policy)
+    loaded = load(path, torch.nn.Sequential(torch.nn.Linear(per, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)))
+    x = torch.randn(4, per)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_load_inside_no_grad_and_inference_mode(tmp_path, mode):
+    _model, graph, policy, q = applied("depthwise", 0, 8)
+    save_zbit(q, graph, policy, tmp_path / "m.zbit")
+    with getattr(torch, mode)():
+        loaded = load(tmp_path / "m.zbit", TINY_MODELS["depthwise"]())
+        x = torch.randn(4, 1, 8, 8)
+        assert torch.equal(loaded(x), q(x))
+
+
+def test_non_finite_weights_never_reach_a_file(tmp_path):
+    _model, graph, policy, q = applied("plain", 0, 8)
+    with torch.no_grad():
+        q.get_submodule("features.1.0").layer.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'features.1.0'.*not finite"):
+        save_zbit(q, graph, policy, tmp_path / "m.zbit")
+    assert not (tmp_path / "m.zbit").exists()
+
+
+def test_model_code_reading_layer_attributes_runs_quantized_and_loaded(tmp_path):
+    class ReadsAttributes(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 6, 3, padding=1)
+            self.fc = torch.nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert self.conv.stride == (1, 1) and self.fc.in_features == self.conv.out_channels
+            return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    model = ReadsAttributes().eval()
+    graph = analyse(model, EXAMPLE)
+    policy = Policy({"conv": GroupDecision((4, 0, 8, 8, 0, 2)), "fc": GroupDecision((8,) * 4)})
+    q = apply_policy(model, graph, policy, EXAMPLE)
+    calibrate_activations(q, [(torch.randn(8, 1, 8, 8), None)])
+    save_zbit(q, graph, policy, tmp_path / "m.zbit")
+    loaded = load(tmp_path / "m.zbit", ReadsAttributes())
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    assert isinstance(loaded.conv, torch.nn.Conv2d) and loaded.conv.out_channels == 4

@@ -47,17 +47,27 @@ def encode_positions(mask: np.ndarray) -> np.ndarray:
 
 
 def decode_positions(data: np.ndarray, channels: int, per: int, nnz: int) -> np.ndarray:
-    """Inverse of `encode_positions` (the counts say which code was used)."""
+    """Inverse of `encode_positions` (the counts say which code was used).
+
+    Raises:
+        ValueError: when the code does not describe exactly `nnz` distinct positions in ascending order.
+    """
     if packed_bytes(channels * per, 1) == position_bytes(channels, per, nnz):
-        return unpack(data, 1, channels * per, signed=False).reshape(channels, per)
+        mask = unpack(data, 1, channels * per, signed=False).reshape(channels, per)
+        if int(mask.sum()) != nnz:
+            raise ValueError("position code does not match the nonzero count")
+        return mask
     count_bits, index_bits = _index_widths(per)
     head = packed_bytes(channels, count_bits)
     counts = unpack(data[:head], count_bits, channels, signed=False)
     indices = unpack(data[head:], index_bits, nnz, signed=False)
-    if counts.sum() != nnz:
+    if counts.sum() != nnz or (counts > per).any() or (indices >= per).any():
         raise ValueError("position code does not match the nonzero count")
+    rows = np.repeat(np.arange(channels), counts)
+    if (np.diff(indices)[rows[1:] == rows[:-1]] <= 0).any():
+        raise ValueError("position code repeats or reorders a position")
     mask = np.zeros((channels, per), dtype=np.int64)
-    mask[np.repeat(np.arange(channels), counts), indices] = 1
+    mask[rows, indices] = 1
     return mask
 
 

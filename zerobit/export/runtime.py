@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from torch import nn
 
+from zerobit.export.container import (
+    MAX_SAMPLE_ELEMENTS,
+    Header,
+    ZbitFormatError,
+    check_metadata,
+    checksum,
+    checksum_v1,
+    read_container,
+)
 from zerobit.export.layout import PACKED_BITS, LayerLayout, decode_positions, layer_layouts
 from zerobit.export.zbit import (
+    BLOB_DTYPES,
+    DTYPES_BY_TORCH,
     FORMAT_VERSION,
-    ZbitFormatError,
-    crc_of,
+    blob_sizes,
     decode_layer_decisions,
     decode_policy,
     to_bytes,
 )
-from zerobit.graph import ModelGraph, analyse
+from zerobit.graph import ModelGraph, UntraceableModelError, analyse
 from zerobit.policy import FLOAT_BITS, Policy
 from zerobit.quant.apply import prune_structure, set_module
-from zerobit.quant.modules import ActQuant
+from zerobit.quant.modules import ActQuant, attach_input_quant
 from zerobit.quant.pack import packed_bytes, unpack
 
 
@@ -43,15 +51,16 @@ def save_zbit(qmodel: nn.Module, graph: ModelGraph, policy: Policy, path: str | 
 
 @dataclass
 class ZbitFile:
-    """A parsed, checksum-verified .zbit file."""
+    """A parsed, checksum-verified .zbit file (metadata fields checked; tensors checked against a model later)."""
 
     metadata: dict[str, str]
     blobs: dict[str, torch.Tensor]
     policy: Policy
+    header: Header
 
     @property
     def model_name(self) -> str:
-        return self.metadata.get("model", "")
+        return self.header.model
 
     def full_policy(self, graph: ModelGraph) -> Policy:
         """The policy with its per-layer decisions (their layer names come from the model's graph)."""
@@ -61,35 +70,53 @@ class ZbitFile:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(x) for x in self.metadata["input_shape"].split(","))
+        return self.header.input_shape
 
 
-def read_zbit(path: str | os.PathLike) -> ZbitFile:
-    """Parse and verify a .zbit file.
+def read_zbit(path: str | os.PathLike, max_input_elements: int | None = MAX_SAMPLE_ELEMENTS) -> ZbitFile:
+    """Parse and verify a .zbit file: container, checksum, and every metadata field with its bounds.
 
     Raises:
-        ZbitFormatError: if the file is corrupt, truncated or not a .zbit file.
+        ZbitFormatError: if the file is corrupt, truncated, edited or not a .zbit file.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        blobs = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    except Exception as exc:
-        raise ZbitFormatError(f"{path} is not a readable .zbit file (corrupt or truncated): {exc}") from exc
+    meta, arrays = read_container(path)
     if meta.get("format") != "zbit":
         raise ZbitFormatError(f"{path} is a safetensors file but not a .zbit file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ZbitFormatError(f"{path} has .zbit version {meta.get('version')}; this zerobit reads {FORMAT_VERSION}")
-    if f"{crc_of(blobs):08x}" != meta.get("crc32"):
+    version = meta.get("version")
+    if version not in ("1", FORMAT_VERSION):
+        raise ZbitFormatError(f"{path} has .zbit version {str(version)[:20]!r}; this zerobit reads 1 and "
+                              f"{FORMAT_VERSION}")
+    crc = checksum(meta, arrays) if version == FORMAT_VERSION else checksum_v1(arrays)
+    if f"{crc:08x}" != meta.get("crc32"):
         raise ZbitFormatError(f"{path} is corrupt: its checksum does not match its contents")
-    try:
-        groups = [(n, int(c)) for n, c in json.loads(meta["groups"])]
-        policy = decode_policy(blobs["bits"].numpy(), groups, int(meta["act_bits"]))
-    except (KeyError, ValueError) as exc:
-        raise ZbitFormatError(f"{path} has damaged metadata: {exc}") from exc
-    return ZbitFile(meta, blobs, policy)
+    header = check_metadata(meta, path, max_input_elements)
+    for key, a in arrays.items():
+        want = BLOB_DTYPES.get(key, np.float32 if key.startswith("x.") else None)
+        if want is None or a.dtype != want:
+            raise ZbitFormatError(f"{path} is damaged: tensor {key!r} ({a.dtype}) is not one a .zbit file holds")
+    blobs = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    if "bits" not in blobs:
+        raise ZbitFormatError(f"{path} is damaged: it holds no policy")
+    policy = decode_policy(blobs["bits"].numpy(), header.groups, header.act_bits)
+    return ZbitFile(meta, blobs, policy, header)
+
+
+def check_blobs(zf: ZbitFile, graph: ModelGraph, policy: Policy) -> None:
+    """Every tensor of the file has the name, dtype and length `policy` needs on `graph`, and finite values."""
+    expected = {k: (DTYPES_BY_TORCH[dt], n) for k, (dt, n) in blob_sizes(graph, policy).items()}
+    for key in sorted(set(zf.blobs) | set(expected)):
+        if key not in expected:
+            raise ZbitFormatError(f"the file holds a tensor {key!r} that the model does not have")
+        if key not in zf.blobs:
+            raise ZbitFormatError(f"the file lacks the tensor {key!r} of {expected[key][1]} values")
+        blob, (dtype, n) = zf.blobs[key].numpy(), expected[key]
+        if blob.dtype != dtype or blob.size != n:
+            raise ZbitFormatError(f"tensor {key!r} holds {blob.size} {blob.dtype} values; the policy needs "
+                                  f"{n} {dtype}")
+        if blob.dtype.kind == "f" and not np.isfinite(blob).all():
+            raise ZbitFormatError(f"tensor {key!r} holds NaN or infinity")
+    if "act" in zf.blobs and bool((zf.blobs["act"] == 0).any()):
+        raise ZbitFormatError("tensor 'act' holds an activation scale of 0")
 
 
 class _Cursor:
@@ -149,13 +176,16 @@ def _layer_weight(lay: LayerLayout, cur: dict[str, _Cursor]) -> torch.Tensor:
     return weight
 
 
-def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph) -> nn.Module:
-    """Prune a fresh copy of `model` by the file's policy and load the file's weights into it."""
-    zf.policy = zf.full_policy(graph)
-    example = torch.zeros(zf.input_shape)
-    pruned = prune_structure(model, graph, zf.policy, example)
+def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy) -> nn.Module:
+    """Prune a fresh copy of `model` by the file's policy and load the file's weights into it.
+
+    Layers keep their own class (a Conv2d stays a Conv2d, so model code reading its attributes still works);
+    activation quantizers are attached as `input_quant` submodules run by a forward pre-hook.
+    """
+    example = torch.zeros((1,) + zf.input_shape[1:])
+    pruned = prune_structure(model, graph, policy, example)
     cur = {k: _Cursor(zf.blobs.get(k)) for k in ("codes", "scales", "floats", "biases", "act", "pos", "books")}
-    for lay in layer_layouts(graph, zf.policy):
+    for lay in layer_layouts(graph, policy):
         module = pruned.get_submodule(lay.name)
         weight = _layer_weight(lay, cur)
         module.weight = nn.Parameter(weight.view_as(module.weight).contiguous())
@@ -163,9 +193,9 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph) -> nn.Module:
             module.bias = nn.Parameter(cur["biases"].take(len(lay.kept_bits)).float())
         if graph.layers[lay.name].bn:
             set_module(pruned, graph.layers[lay.name].bn, nn.Identity())
-        if zf.policy.act_bits < FLOAT_BITS:
+        if policy.act_bits < FLOAT_BITS:
             s = float(cur["act"].take(1))
-            set_module(pruned, lay.name, nn.Sequential(ActQuant(zf.policy.act_bits, abs(s), s < 0), module))
+            attach_input_quant(module, ActQuant(policy.act_bits, abs(s), s < 0))
     state = pruned.state_dict()
     for key, blob in zf.blobs.items():
         if key.startswith("x."):
@@ -174,28 +204,75 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph) -> nn.Module:
     return pruned.eval()
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None,
+         example_inputs: torch.Tensor | None = None) -> nn.Module:
     """Rebuild the compressed model stored in `path` as a plain nn.Module (eval mode).
+
+    Works inside ``torch.no_grad()`` and ``torch.inference_mode()``. Every part of the file is checked against
+    the model before it is used: a damaged file raises one `ZbitFormatError`.
 
     Args:
         path: a file written by `zerobit.save`.
         model: the original (uncompressed) model object; optional for zoo models, whose name the file holds.
+        example_inputs: an input like the one compressed with; needed only when one sample has more than
+            2^18 elements (a file's metadata alone is not trusted to size the tracing).
 
     Example:
         >>> # small = zerobit.load("small.zbit")          # zoo model
         >>> # small = zerobit.load("mine.zbit", MyNet())  # your own architecture, weights come from the file
     """
-    zf = read_zbit(path)
+    zf = read_zbit(path, None if example_inputs is not None else MAX_SAMPLE_ELEMENTS)
+    if example_inputs is not None and tuple(example_inputs.shape[1:]) != zf.input_shape[1:]:
+        raise ZbitFormatError(f"{path} was written for inputs of shape {zf.input_shape[1:]} per sample, "
+                              f"example_inputs has {tuple(example_inputs.shape[1:])}")
     if model is None:
-        if not zf.model_name:
-            raise ValueError(f"{path} holds a custom model: pass the model object, zerobit.load(path, model)")
-        from zerobit import zoo
+        model = _zoo_model(path, zf)
+    with torch.inference_mode(False), torch.enable_grad():  # tracing needs autograd
+        graph = _graph_of(path, model, zf)
+        policy = zf.full_policy(graph)
+        try:
+            policy.validate(graph)
+        except ValueError as exc:
+            raise ZbitFormatError(f"{path} is damaged: its policy is impossible ({exc})") from exc
+        check_blobs(zf, graph, policy)
+        try:
+            loaded = rebuild(model, zf, graph, policy)
+        except ZbitFormatError:
+            raise
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise ZbitFormatError(f"{path} could not be decoded: {exc}") from exc
+    zf.policy = policy
+    return loaded
 
-        model = zoo.build(zf.model_name)
-    graph = analyse(model, torch.zeros(zf.input_shape), ignored_layers=json.loads(zf.metadata["ignored"]))
-    graph.model_name = zf.model_name
+
+def _zoo_model(path: str | os.PathLike, zf: ZbitFile) -> nn.Module:
+    from zerobit import zoo
+
+    if not zf.model_name:
+        raise ValueError(f"{path} holds a custom model: pass the model object, zerobit.load(path, model)")
+    if zf.model_name not in zoo.names():
+        raise ZbitFormatError(f"{path} names the model {zf.model_name!r}, which is not in the zoo "
+                              f"({', '.join(zoo.names())}); pass the model object")
+    want = tuple(zoo.example_input(zf.model_name).shape[1:])
+    if zf.input_shape[1:] != want:
+        raise ZbitFormatError(f"{path} is damaged: {zf.model_name} takes inputs of shape {want}, the file says "
+                              f"{zf.input_shape[1:]}")
+    return zoo.build(zf.model_name)
+
+
+def _graph_of(path: str | os.PathLike, model: nn.Module, zf: ZbitFile) -> ModelGraph:
+    """The model's graph, traced as it was when the file was written; a different model is refused."""
     try:
-        zf.policy.validate(graph)
+        graph = analyse(model, torch.zeros((1,) + zf.input_shape[1:]), ignored_layers=zf.header.ignored)
+    except UntraceableModelError:
+        raise
     except ValueError as exc:
-        raise ValueError(f"{path} was written for a different model: {exc}") from exc
-    return rebuild(model, zf, graph)
+        raise ZbitFormatError(f"{path} was written for a different model: {exc}") from exc
+    graph.model_name = zf.model_name
+    mine = [(n, g.channels) for n, g in graph.groups.items()]
+    if mine != zf.header.groups:
+        missing = sorted(set(zf.header.groups) - set(mine))[:3]
+        extra = sorted(set(mine) - set(zf.header.groups))[:3]
+        raise ZbitFormatError(f"{path} was written for a different model: the file's channel groups "
+                              f"{missing} are not the model's {extra}; pass the model object it was written from")
+    return graph

@@ -13,7 +13,12 @@ in graph order:
 - ``bits`` (uint8): the policy, one 4-bit code per channel of every group, so a file replays by itself;
 - ``act`` (float32): each layer's input scale, negative when the activation is signed;
 - ``ldec`` (int16, only with per-layer decisions): each layer's sparsity in 1/10000, as −1−value for codebooks;
-- ``x.<name>``: any other parameter or buffer of the model (float32), e.g. a BatchNorm no conv precedes.
+- ``x.<name>``: any other parameter or buffer of the model (float32), pruned with the channels it follows, e.g.
+  a LayerNorm, a layer-scale, or a BatchNorm no conv precedes.
+
+The metadata names the model, its input shape and its channel groups, and holds a CRC-32 of everything that
+decides the model (metadata, and every tensor's name, dtype, shape and bytes). Reading is strict (see
+container.py and runtime.py): a damaged file is one `ZbitFormatError`. Nothing non-finite is ever written.
 
 `estimate_bytes` builds the same header around empty blobs of the right sizes, so it equals the written size.
 """
@@ -21,26 +26,22 @@ in graph order:
 from __future__ import annotations
 
 import json
-import zlib
 
 import numpy as np
 import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
+from zerobit.export.container import ZbitFormatError, checksum
 from zerobit.export.layout import PACKED_BITS, LayerLayout, encode_positions, layer_layouts
 from zerobit.graph import ModelGraph
 from zerobit.policy import ALL_BITS, FLOAT_BITS, GroupDecision, LayerDecision, Policy
 from zerobit.quant.apply import quant_layers
+from zerobit.quant.modules import DeployTensors
 from zerobit.quant.pack import pack
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the CRC covers the metadata and every tensor's dtype and shape too
 _BIT_CODE = {b: i for i, b in enumerate(ALL_BITS)}
-
-
-class ZbitFormatError(ValueError):
-    """The file is not a readable .zbit file (corrupt, truncated, or written by another version)."""
-
 
 def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:
     return {
@@ -51,7 +52,7 @@ def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:
     }
 
 
-def _blob_sizes(graph: ModelGraph, policy: Policy) -> dict[str, tuple[torch.dtype, int]]:
+def blob_sizes(graph: ModelGraph, policy: Policy) -> dict[str, tuple[torch.dtype, int]]:
     layouts = list(layer_layouts(graph, policy))
     channels = sum(g.channels for g in graph.groups.values())
     sizes = {
@@ -65,17 +66,18 @@ def _blob_sizes(graph: ModelGraph, policy: Policy) -> dict[str, tuple[torch.dtyp
         "act": (torch.float32, len(layouts) if policy.act_bits < FLOAT_BITS else 0),
         "ldec": (torch.int16, len(layouts) if policy.layers else 0),
     }
-    sizes.update({f"x.{k}": (torch.float32, n) for k, n in graph.extra_params.items()})
+    removed = {n: d.channels - d.kept for n, d in policy.groups.items()}
+    sizes.update({f"x.{k}": (torch.float32, t.numel(removed)) for k, t in graph.extra_params.items()})
     return {k: v for k, v in sizes.items() if v[1] > 0}
 
 
 def estimate_bytes(graph: ModelGraph, policy: Policy) -> int:
-    """Exact bytes of the .zbit file `save` writes for `policy` (extra float params counted unpruned).
+    """Exact bytes of the .zbit file `save` writes for `policy` (every tensor counted as the pruned model has it).
 
     Example:
         >>> # estimate_bytes(graph, policy) == os.path.getsize("model.zbit")
     """
-    blobs = {k: torch.zeros(n, dtype=dt) for k, (dt, n) in _blob_sizes(graph, policy).items()}
+    blobs = {k: torch.zeros(n, dtype=dt) for k, (dt, n) in blob_sizes(graph, policy).items()}
     return len(st_save(blobs, metadata=_metadata(graph, policy, 0)))
 
 
@@ -102,7 +104,10 @@ def decode_layer_decisions(ldec: np.ndarray, layer_names: list[str]) -> dict[str
     out = {}
     for name, v in zip(layer_names, ldec.tolist(), strict=True):
         codebook = v < 0
-        out[name] = LayerDecision(((-1 - v) if codebook else v) / 10000, codebook)
+        sparsity = (-1 - v) if codebook else v
+        if not 0 <= sparsity < 10000:
+            raise ZbitFormatError(f"layer {name!r}: the stored sparsity {sparsity / 100:.2f}% is impossible")
+        out[name] = LayerDecision(sparsity / 10000, codebook)
     return out
 
 
@@ -119,8 +124,11 @@ def decode_policy(bits_blob: np.ndarray, groups: list[tuple[str, int]], act_bits
     return Policy(decisions, act_bits, layers=layers or {})
 
 
+DTYPES_BY_TORCH = {torch.uint8: np.dtype("u1"), torch.int16: np.dtype("<i2"), torch.float16: np.dtype("<f2"),
+                   torch.float32: np.dtype("<f4")}
+LAYER_BLOBS = ("codes", "scales", "floats", "biases", "pos", "books")
 BLOB_DTYPES = {"codes": np.uint8, "scales": np.float16, "floats": np.float32, "biases": np.float16,
-               "pos": np.uint8, "books": np.float16}
+               "pos": np.uint8, "books": np.float16, "bits": np.uint8, "act": np.float32, "ldec": np.int16}
 
 
 def _single_width_codes(q: nn.Module, lay: LayerLayout, codes: torch.Tensor, out: dict) -> None:
@@ -138,13 +146,24 @@ def _single_width_codes(q: nn.Module, lay: LayerLayout, codes: torch.Tensor, out
     out["codes"].append(pack(values.astype(np.int64) - offset, bits))
 
 
+def _check_finite(name: str, d: DeployTensors) -> None:
+    """Refuse to write a layer whose stored numbers are not finite (a diverged fine-tune, a float16 overflow)."""
+    parts = {"weights": d.weight, "scales": d.scale, "bias": d.bias, "codebook": d.book}
+    bad = [part for part, t in parts.items() if t is not None and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"layer {name!r}: its {' and '.join(bad)} are not finite (NaN or infinity), so no file "
+                         "was written. The fine-tune diverged (lower FinetuneConfig.lr) or a folded BatchNorm "
+                         "scale overflows float16 (check the layer's BatchNorm running_var).")
+
+
 def _layer_blobs(q: nn.Module, lay: LayerLayout) -> dict[str, list[np.ndarray]]:
     d = q.deploy()
+    _check_finite(lay.name, d)
     flat_codes = d.codes.flatten(1)
     if flat_codes.shape[1] != lay.weights_per_channel:
         raise RuntimeError(f"layer {lay.name!r} has {flat_codes.shape[1]} weights per channel, layout expects "
                            f"{lay.weights_per_channel}")
-    out: dict[str, list[np.ndarray]] = {k: [] for k in BLOB_DTYPES}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in LAYER_BLOBS}
     if lay.single_width:
         _single_width_codes(q, lay, flat_codes, out)
     else:
@@ -165,13 +184,17 @@ def _layer_blobs(q: nn.Module, lay: LayerLayout) -> dict[str, list[np.ndarray]]:
 def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> dict[str, torch.Tensor]:
     """The blobs of the file for a fake-quant model made by `apply_policy(model, graph, policy)`."""
     layers = quant_layers(qmodel)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in BLOB_DTYPES}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in LAYER_BLOBS}
     act = []
     for lay in layer_layouts(graph, policy):
         q = layers[lay.name]
         for key, arrays in _layer_blobs(q, lay).items():
             parts[key].extend(arrays)
-        act.append(float(q.act.scale) * (-1.0 if bool(q.act.signed) else 1.0))
+        scale = float(q.act.scale)
+        if policy.act_bits < FLOAT_BITS and not 0 < scale < float("inf"):
+            raise ValueError(f"layer {lay.name!r}: its input quantizer's scale is {scale}; calibrate the "
+                             "activations (zerobit.train.calibrate.calibrate_activations) before saving")
+        act.append(scale * (-1.0 if bool(q.act.signed) else 1.0))
     blobs = {k: torch.from_numpy(np.concatenate(v).astype(BLOB_DTYPES[k]) if v else np.zeros(0, BLOB_DTYPES[k]))
              for k, v in parts.items()}
     blobs["bits"] = torch.from_numpy(_bits_blob(policy))
@@ -180,18 +203,15 @@ def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> d
     quant_keys = {f"{n}.{k}" for n, q in layers.items() for k in q.state_dict()}
     for key, value in qmodel.state_dict().items():
         if key not in quant_keys:
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{key!r} is not finite (NaN or infinity), so no file was written")
             blobs[f"x.{key}"] = value.detach().float().contiguous().reshape(-1)
     return {k: v for k, v in blobs.items() if v.numel() > 0}
-
-
-def crc_of(blobs: dict[str, torch.Tensor]) -> int:
-    crc = 0
-    for key in sorted(blobs):
-        crc = zlib.crc32(blobs[key].numpy().tobytes(), crc)
-    return crc
 
 
 def to_bytes(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> bytes:
     """The .zbit file content of an applied, fine-tuned fake-quant model."""
     blobs = container_tensors(qmodel, graph, policy)
-    return st_save(blobs, metadata=_metadata(graph, policy, crc_of(blobs)))
+    meta = _metadata(graph, policy, 0)
+    meta["crc32"] = f"{checksum(meta, {k: v.numpy() for k, v in blobs.items()}):08x}"
+    return st_save(blobs, metadata=meta)

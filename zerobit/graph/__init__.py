@@ -2,6 +2,7 @@
 
 from zerobit.graph.analysis import (
     ChannelGroup,
+    ExtraTensor,
     Layer,
     ModelGraph,
     UntraceableModelError,
@@ -10,5 +11,5 @@ from zerobit.graph.analysis import (
     fp32_file_bytes,
 )
 
-__all__ = ["ChannelGroup", "Layer", "ModelGraph", "UntraceableModelError", "analyse", "build_dependency_graph",
+__all__ = ["ChannelGroup", "ExtraTensor", "Layer", "ModelGraph", "UntraceableModelError", "analyse", "build_dependency_graph",
            "fp32_file_bytes"]

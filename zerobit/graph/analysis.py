@@ -36,7 +36,7 @@ class Layer:
     out_channels: int
     kernel_area: int
     groups: int
-    out_area: int  # output H*W (1 for linear)
+    out_area: int  # positions the layer runs at per sample: H*W of a conv, T (or H*W) of a Linear on (B, T, C)
     out_group: str = ""
     in_sources: list[tuple[str, int]] = field(default_factory=list)
     fixed_in: int = 0
@@ -69,6 +69,28 @@ class ChannelGroup:
 
 
 @dataclass
+class ExtraTensor:
+    """A state-dict entry outside the quantized layers (LayerNorm, layer-scale, positional tensors, …).
+
+    `pruned_dims` lists (dim, group, per): removing one channel of `group` shortens dimension `dim` by `per`.
+    The file stores it pruned, so its size follows the policy.
+    """
+
+    shape: tuple[int, ...]
+    pruned_dims: list[tuple[int, str, int]] = field(default_factory=list)
+
+    def numel(self, removed: dict[str, int] | None = None) -> int:
+        """Elements left once `removed[group]` channels of each group are gone (None: unpruned)."""
+        dims = list(self.shape)
+        for dim, group, per in self.pruned_dims if removed else ():
+            dims[dim] -= removed.get(group, 0) * per
+        n = 1
+        for d in dims:
+            n *= d
+        return n
+
+
+@dataclass
 class ModelGraph:
     """Layers, coupled groups and sizes of one model, as traced on `example_inputs`."""
 
@@ -77,7 +99,7 @@ class ModelGraph:
     fp32_bytes: int
     input_shape: tuple[int, ...]
     ignored: tuple[str, ...] = ()
-    extra_params: dict[str, int] = field(default_factory=dict)  # state-dict entries outside quantized layers
+    extra_params: dict[str, ExtraTensor] = field(default_factory=dict)  # state outside the quantized layers
     model_name: str = ""  # zoo name, lets a .zbit file rebuild the model by itself
 
     @property
@@ -118,10 +140,16 @@ def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp
 
 
 def _output_areas(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
+    """Positions each layer runs at per sample, summed over its calls (a module used twice counts twice)."""
     areas: dict[nn.Module, int] = {}
 
     def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        areas[module] = int(output[0, 0].numel()) if output.dim() == 4 else 1
+        per_sample = output[0] if output.dim() > 1 else output
+        if isinstance(module, nn.Linear):  # (B, C), (B, T, C) or (B, H, W, C): every leading position runs
+            area = per_sample.numel() // max(1, output.shape[-1])
+        else:  # (B, C, H, W)
+            area = per_sample[0].numel()
+        areas[module] = areas.get(module, 0) + int(area)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QUANT_TYPES)]
     try:
@@ -135,7 +163,7 @@ def _output_areas(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Mod
 
 def _make_layer(name: str, module: nn.Module, area: int) -> Layer:
     if isinstance(module, nn.Linear):
-        return Layer(name, "linear", module.in_features, module.out_features, 1, 1, 1,
+        return Layer(name, "linear", module.in_features, module.out_features, 1, 1, area,
                      has_bias=module.bias is not None)
     kind = "depthwise" if module.groups > 1 and module.groups == module.in_channels else "conv"
     if module.groups > 1 and kind != "depthwise":
@@ -200,7 +228,9 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list
         coupled = sum(channels * per for g, per in layer.in_sources for channels in [groups[g].channels])
         layer.fixed_in = 0 if layer.kind == "depthwise" else layer.in_features - coupled
     owned = tuple(f"{n}." for layer in layers.values() for n in (layer.name, layer.bn) if n)
-    extra = {k: v.numel() for k, v in model.state_dict().items() if not k.startswith(owned)}
+    extra = {k: ExtraTensor(tuple(v.shape)) for k, v in model.state_dict().items() if not k.startswith(owned)}
+    if extra:
+        _find_pruned_dims(model, example_inputs, groups, extra)
     return ModelGraph(layers, groups, fp32_file_bytes(model), tuple(example_inputs.shape),
                       tuple(names[m] for m in ignored), extra)
 
@@ -238,3 +268,27 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
                     layers[tname].in_sources.append((name, per))
         groups[name] = ChannelGroup(name, channels, members, prunable)
     return groups
+
+
+def _find_pruned_dims(model: nn.Module, example_inputs: torch.Tensor, groups: dict[str, ChannelGroup],
+                      extra: dict[str, ExtraTensor]) -> None:
+    """Which dimensions of the extra tensors each group's channels shorten, found by removing one channel.
+
+    Pruning is done by Torch-Pruning exactly as `prune_structure` does it, group after group on one copy, so
+    the sizes the file estimate uses are the sizes the pruned model has.
+    """
+    probe = copy.deepcopy(model)
+    dg = build_dependency_graph(probe, example_inputs)
+    modules = dict(probe.named_modules())
+    shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
+    for name, group in groups.items():
+        if not group.prunable or group.channels < 2:
+            continue
+        root = modules[name]
+        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, [0]).prune()
+        now = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
+        for key, shape in now.items():
+            for dim, (before, after) in enumerate(zip(shapes[key], shape, strict=True)):
+                if after != before:
+                    extra[key].pruned_dims.append((dim, name, before - after))
+        shapes = now

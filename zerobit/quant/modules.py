@@ -35,6 +35,16 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}, scale={float(self.scale):.4g}, signed={bool(self.signed)}"
 
 
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_quant(args[0]),) + tuple(args[1:])
+
+
+def attach_input_quant(module: nn.Module, quant: ActQuant) -> None:
+    """Quantize `module`'s input with `quant` without wrapping it (the module keeps its class and attributes)."""
+    module.add_module("input_quant", quant)
+    module.register_forward_pre_hook(_quantize_input)
+
+
 @dataclass
 class DeployTensors:
     """What one layer stores: codes per kept channel, float16 scales and bias, float weights where bits=32."""
@@ -62,6 +72,16 @@ class QuantLayer(nn.Module):
         self.register_buffer("mask", None)  # 1 = weight kept (unstructured sparsity)
         self.register_buffer("fixed_scale", None)  # frozen per-channel steps
         self.register_buffer("book", None)  # sorted codebook centroids
+
+    def __getattr__(self, name: str) -> object:
+        """Attributes of the wrapped layer (stride, out_channels, …) stay readable, for model code that reads them."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if layer is None or name.startswith("__"):
+                raise
+            return getattr(layer, name)
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Fix which weights are kept (None = all)."""
