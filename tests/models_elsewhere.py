@@ -193,18 +193,21 @@ class SpatialGateNet(nn.Module):
 
 
 class GroupedNet(nn.Module):
-    """Grouped convolutions (groups=2 and 4), not depthwise."""
+    """Grouped convolutions (groups=2 and 4), not depthwise, around plain convs that can lose channels."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = conv_bn(1, 32)
         self.g2 = conv_bn(32, 32, groups=2)
+        self.mid = conv_bn(32, 48)
+        self.wide = conv_bn(48, 32)
         self.g4 = conv_bn(32, 64, stride=2, groups=4)
         self.fc = nn.Linear(64, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))
         x = F.relu(self.g2(x))
+        x = F.relu(self.wide(F.relu(self.mid(x))))
         x = F.relu(self.g4(x))
         return self.fc(x.mean((2, 3)))
 

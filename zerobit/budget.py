@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from zerobit.graph import ModelGraph
 from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
-from zerobit.quant.apply import kept_in_features
+from zerobit.quant.apply import kept_per_channel
 
 
 class BudgetError(ValueError):
@@ -18,10 +18,7 @@ def macs(graph: ModelGraph, policy: Policy) -> int:
     """Multiply-accumulates per sample of the pruned model."""
     total = 0
     for name, layer in graph.layers.items():
-        kept_out = policy[layer.out_group].kept
-        per = layer.kernel_area if layer.kind == "depthwise" else kept_in_features(graph, policy, name) * \
-            layer.kernel_area
-        total += kept_out * per * layer.out_area
+        total += policy[layer.out_group].kept * kept_per_channel(graph, policy, name) * layer.out_area
     return total
 
 
@@ -30,9 +27,7 @@ def bops(graph: ModelGraph, policy: Policy) -> int:
     total = 0
     for name, layer in graph.layers.items():
         bits_sum = sum(policy[layer.out_group].kept_bits())
-        per = layer.kernel_area if layer.kind == "depthwise" else kept_in_features(graph, policy, name) * \
-            layer.kernel_area
-        total += bits_sum * per * layer.out_area * policy.act_bits
+        total += bits_sum * kept_per_channel(graph, policy, name) * layer.out_area * policy.act_bits
     return total
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from zerobit.graph import ModelGraph
 from zerobit.policy import FLOAT_BITS, Policy, kept_weights
-from zerobit.quant.apply import kept_in_features
+from zerobit.quant.apply import kept_per_channel
 from zerobit.quant.pack import pack, packed_bytes, unpack
 
 PACKED_BITS = (2, 3, 4, 5, 6, 8)
@@ -127,8 +127,7 @@ class LayerLayout:
 def layer_layouts(graph: ModelGraph, policy: Policy) -> Iterator[LayerLayout]:
     """Layout of every layer of `graph` under `policy`, in graph order."""
     for name, layer in graph.layers.items():
-        kept_in = kept_in_features(graph, policy, name)
-        per = layer.kernel_area if layer.kind == "depthwise" else kept_in * layer.kernel_area
+        per = kept_per_channel(graph, policy, name)
         decision = policy.layer(name)
         yield LayerLayout(name, policy[layer.out_group].kept_bits(), per, layer.has_bias or layer.bn is not None,
                           decision.sparsity, decision.codebook)

@@ -165,9 +165,10 @@ def _make_layer(name: str, module: nn.Module, area: int) -> Layer:
     if isinstance(module, nn.Linear):
         return Layer(name, "linear", module.in_features, module.out_features, 1, 1, area,
                      has_bias=module.bias is not None)
-    kind = "depthwise" if module.groups > 1 and module.groups == module.in_channels else "conv"
-    if module.groups > 1 and kind != "depthwise":
-        raise UntraceableModelError(f"layer {name!r}: grouped convs other than depthwise are not supported yet")
+    # depthwise: one input channel per output channel, so it shares its input's channel decisions; other grouped
+    # convs are kind "conv" with groups > 1, quantized per channel but never pruned (see _freeze_unsafe)
+    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    kind = "depthwise" if depthwise else "conv"
     kh, kw = module.kernel_size
     return Layer(name, kind, module.in_channels, module.out_channels, kh * kw, module.groups, area,
                  has_bias=module.bias is not None, stride=module.stride[0])
@@ -176,9 +177,10 @@ def _make_layer(name: str, module: nn.Module, area: int) -> Layer:
 def _folded_bn(dg: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:
     """The BatchNorm2d that directly and only consumes `module`'s output, if any."""
     node = dg.module2node.get(module)
-    if node is None or len(node.outputs) != 1:
+    consumers = {out.module for out in node.outputs} if node is not None else set()
+    if len(consumers) != 1:  # a module called twice lists its one consumer once per call
         return None
-    nxt = node.outputs[0].module
+    nxt = consumers.pop()
     if isinstance(nxt, nn.BatchNorm2d) and isinstance(module, nn.Conv2d) and nxt.num_features == module.out_channels:
         return nxt
     return None
@@ -252,22 +254,51 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             tname = names.get(target)
             if tname not in layers:
                 continue
+            layer = layers[tname]
             if dg.is_out_channel_pruning_fn(dep.handler):
+                if layer.out_channels != channels or layer.out_group not in ("", name):
+                    # coupling Torch-Pruning reports but channels cannot follow, e.g. x * gate with a 1-channel
+                    # gate broadcast over x: both keep every channel, each its own group
+                    prunable = False
+                    continue
                 if list(item.root_idxs) != list(idxs):
                     raise UntraceableModelError(f"layer {tname!r}: output channels are permuted against "
                                                 f"{name!r}; such coupling is not supported")
                 if tname not in members:
                     members.append(tname)
-                    layers[tname].out_group = name
+                    layer.out_group = name
                 prunable = prunable and target not in ignored
-                if layers[tname].kind == "depthwise":
-                    layers[tname].in_sources = [(name, 1)]
-            elif layers[tname].kind != "depthwise":
-                per = len(idxs) // channels
-                if (name, per) not in layers[tname].in_sources:
-                    layers[tname].in_sources.append((name, per))
+                if layer.kind == "depthwise":
+                    layer.in_sources = [(name, 1)]
+            elif layer.kind != "depthwise":
+                per, rest = divmod(len(idxs), channels)
+                if rest or not per:
+                    prunable = False
+                elif (name, per) not in layer.in_sources:
+                    layer.in_sources.append((name, per))
         groups[name] = ChannelGroup(name, channels, members, prunable)
+    _freeze_unsafe(layers, groups)
     return groups
+
+
+def _freeze_unsafe(layers: dict[str, Layer], groups: dict[str, ChannelGroup]) -> None:
+    """Keep every channel (quantize only) where removing one would not be exact.
+
+    Grouped convs (other than depthwise) need the same number of channels removed in each of their groups,
+    which per-channel decisions do not guarantee: their input and output groups keep all channels. So do the
+    inputs of a layer whose coupled inputs add up to more than it has (a coupling that does not hold).
+    """
+    for layer in layers.values():
+        if layer.kind == "depthwise":
+            continue
+        coupled = sum(groups[g].channels * per for g, per in layer.in_sources)
+        if layer.groups > 1 or coupled > layer.in_features:
+            for g, _per in layer.in_sources:
+                groups[g].prunable = False
+        if layer.groups > 1:
+            groups[layer.out_group].prunable = False
+        if coupled > layer.in_features:
+            layer.in_sources = []
 
 
 def _find_pruned_dims(model: nn.Module, example_inputs: torch.Tensor, groups: dict[str, ChannelGroup],

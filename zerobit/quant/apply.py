@@ -27,6 +27,14 @@ def kept_in_features(graph: ModelGraph, policy: Policy, layer_name: str) -> int:
     return layer.fixed_in + sum(policy[g].kept * per for g, per in layer.in_sources)
 
 
+def kept_per_channel(graph: ModelGraph, policy: Policy, layer_name: str) -> int:
+    """Weights of one output channel of `layer_name` once the policy's 0-bit channels are removed."""
+    layer = graph.layers[layer_name]
+    if layer.kind == "depthwise":
+        return layer.kernel_area
+    return kept_in_features(graph, policy, layer_name) // layer.groups * layer.kernel_area
+
+
 def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: torch.Tensor) -> nn.Module:
     """A copy of `model` with every 0-bit channel physically removed (weights of kept channels unchanged).
 
