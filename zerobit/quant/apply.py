@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from zerobit.graph import ModelGraph, build_dependency_graph
-from zerobit.policy import Policy, kept_weights
+from zerobit.policy import GroupDecision, Policy, kept_weights
 from zerobit.quant.codebook import kmeans_1d
 from zerobit.quant.modules import QuantLayer
 
@@ -92,6 +93,40 @@ def apply_layer_decisions(qmodel: nn.Module, policy: Policy) -> None:
             w = q.masked_weight().detach()
             kept = w[q.mask.bool()] if q.mask is not None else w.flatten()
             q.set_codebook(kmeans_1d(kept, 2 ** int(q.bits[0])))
+
+
+def drop_empty_channels(model: nn.Module, graph: ModelGraph, policy: Policy,
+                        example_inputs: torch.Tensor) -> tuple[Policy, nn.Module]:
+    """Remove (0 bits) the channels whose weights the policy's sparsity zeroes in every layer of their group.
+
+    Returns the new policy, with each sparse layer's sparsity counted on what is left, and a copy of `model`
+    whose weights carry the zeros, to apply it to. Unchanged when no channel is empty.
+
+    Example:
+        >>> # policy, start = drop_empty_channels(model, graph, policy, torch.zeros(1, 1, 28, 28))
+    """
+    if not policy.layers:
+        return policy, model
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, decision in policy.layers.items():
+            w = masked.get_submodule(name).weight
+            w.mul_(magnitude_mask(w, decision.sparsity))
+    groups = dict(policy.groups)
+    for name, group in graph.groups.items():
+        rows = [masked.get_submodule(n).weight.detach().flatten(1).abs().sum(1) for n in group.layers]
+        alive = (torch.stack(rows).sum(0) > 0).tolist()
+        bits = tuple(b if alive[i] else 0 for i, b in enumerate(policy[name].bits))
+        if group.prunable and 0 < sum(b > 0 for b in bits) < policy[name].kept:
+            groups[name] = GroupDecision(bits)
+    if groups == dict(policy.groups):
+        return policy, model
+    pruned = prune_structure(masked, graph, Policy(groups, policy.act_bits), example_inputs)
+    layers = {}
+    for name, decision in policy.layers.items():
+        w = pruned.get_submodule(name).weight
+        layers[name] = replace(decision, sparsity=min(0.9999, float((w == 0).sum()) / w.numel()))
+    return Policy(groups, policy.act_bits, policy.meta, layers), masked
 
 
 def apply_policy(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: torch.Tensor) -> nn.Module:

@@ -31,7 +31,7 @@ from zerobit.budget import BOPs, BudgetError, MACs
 from zerobit.data.loaders import Batches
 from zerobit.export.layout import LayerLayout
 from zerobit.policy import GroupDecision, LayerDecision, Policy
-from zerobit.quant.apply import apply_policy, quant_layers
+from zerobit.quant.apply import apply_policy, drop_empty_channels, quant_layers
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.train.calibrate import recalibrate_batchnorm
 
@@ -161,8 +161,13 @@ class OPQ(Strategy):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if problem.fits(self.allocate(problem, math.exp(mid), costs, sparsities)) else (mid, hi)
         policy = self.fill(problem, self.allocate(problem, math.exp(hi), costs, sparsities), costs, sparsities)
+        emptied, start_model = drop_empty_channels(problem.model, problem.graph, policy, problem.example_inputs)
+        if problem.fits(emptied):  # channels zeroed in every coupled layer leave the model for real
+            policy = emptied
+        else:
+            start_model = problem.model
         seconds = time.perf_counter() - start
-        model = apply_policy(problem.model, problem.graph, policy, problem.example_inputs)
+        model = apply_policy(start_model, problem.graph, policy, problem.example_inputs)
         recalibrate_batchnorm(model, Batches(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed))
         if self.freeze_steps:
             for q in quant_layers(model).values():
