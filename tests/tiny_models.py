@@ -85,16 +85,16 @@ EXAMPLE = torch.zeros(1, 1, 8, 8)
 class TinyLayerNorm(nn.Module):
     """ConvNeXt-style block: depthwise conv, LayerNorm and Linears on (B, H, W, C), a learned layer-scale."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 24) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(1, 8, 3, 1, 1)
-        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
-        self.norm = nn.LayerNorm(8)
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 8)
-        self.gamma = nn.Parameter(torch.full((8,), 0.5))
-        self.head_norm = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 10)
+        self.stem = nn.Conv2d(1, width, 3, 1, 1)
+        self.dw = nn.Conv2d(width, width, 3, 1, 1, groups=width)
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+        self.gamma = nn.Parameter(torch.full((width,), 0.5))
+        self.head_norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, C, H, W)
