@@ -72,3 +72,19 @@ def test_nan_weights_are_refused(digits):
 def test_wrong_types(trained_plain, digits):
     with pytest.raises(TypeError, match="budget"):
         run(trained_plain, digits, 1000)
+
+
+def test_a_model_that_turned_non_finite_is_never_reported():
+    """NaN that only shows in eval mode (a BatchNorm whose running variance went bad) raises, naming the layer."""
+    from zerobit.api import _check_finite
+    from zerobit.graph import analyse
+    from zerobit.quant import apply_policy
+
+    model = TINY_MODELS["plain"]().eval()
+    graph = analyse(model, EXAMPLE)
+    q = apply_policy(model, graph, zb.Policy({n: zb.GroupDecision((8,) * g.channels)
+                                              for n, g in graph.groups.items()}), EXAMPLE)
+    _check_finite(q)  # healthy
+    q.get_submodule("features.1.0").bn.running_var[3] = -1.0
+    with pytest.raises(FloatingPointError, match="features.1.0: weights, scales"):
+        _check_finite(q)

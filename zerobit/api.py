@@ -17,7 +17,7 @@ from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import ModelGraph, analyse
 from zerobit.importance import group_scores
 from zerobit.policy import Policy
-from zerobit.quant.apply import apply_policy
+from zerobit.quant.apply import apply_policy, quant_layers
 from zerobit.strategies import Problem, Strategy, get_strategy
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
 from zerobit.train.evaluate import accuracy
@@ -89,6 +89,15 @@ def _check_inputs(model: nn.Module, example_inputs: torch.Tensor, budget: Budget
         raise ValueError(f"the model's weights contain NaN or infinity (in {bad[:3]}); load a healthy checkpoint")
 
 
+def _check_finite(qmodel: nn.Module) -> None:
+    """A model with NaN or infinite numbers is never reported or returned (it would score ~chance, silently)."""
+    bad = {n: parts for n, q in quant_layers(qmodel).items() if (parts := q.non_finite_parts())}
+    if bad:
+        where = "; ".join(f"{n}: {', '.join(p)}" for n, p in list(bad.items())[:3])
+        raise FloatingPointError(f"the compressed model holds NaN or infinite numbers ({where}). The fine-tune "
+                                 "diverged: lower FinetuneConfig.lr, or check the model's BatchNorm statistics.")
+
+
 def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy = "uniform",
              *, train_data: TensorData, eval_data: TensorData, test_data: TensorData | None = None,
              finetune_config: FinetuneConfig | None = None, act_bits: int = 8, model_name: str = "",
@@ -141,5 +150,6 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
     finetune(qmodel, train_data, finetune_config, teacher=model, progress=progress,
              epochs=max(0.0, finetune_config.epochs - found.finetune_epochs_used))
     clock["finetune"] = time.perf_counter() - t
-    acc = accuracy(qmodel.eval(), report_data)
+    _check_finite(qmodel.eval())
+    acc = accuracy(qmodel, report_data)
     return CompressResult(found.policy, qmodel, graph, budget, strat.name, acc, baseline, clock, found.info)

@@ -37,7 +37,6 @@ from zerobit.export.layout import PACKED_BITS, LayerLayout, encode_positions, la
 from zerobit.graph import ModelGraph
 from zerobit.policy import ALL_BITS, FLOAT_BITS, GroupDecision, LayerDecision, Policy
 from zerobit.quant.apply import quant_layers
-from zerobit.quant.modules import DeployTensors
 from zerobit.quant.pack import pack
 
 FORMAT_VERSION = "2"  # 2: the CRC covers the metadata and every tensor's dtype and shape too
@@ -146,19 +145,18 @@ def _single_width_codes(q: nn.Module, lay: LayerLayout, codes: torch.Tensor, out
     out["codes"].append(pack(values.astype(np.int64) - offset, bits))
 
 
-def _check_finite(name: str, d: DeployTensors) -> None:
+def _check_finite(name: str, q: nn.Module) -> None:
     """Refuse to write a layer whose stored numbers are not finite (a diverged fine-tune, a float16 overflow)."""
-    parts = {"weights": d.weight, "scales": d.scale, "bias": d.bias, "codebook": d.book}
-    bad = [part for part, t in parts.items() if t is not None and not bool(torch.isfinite(t).all())]
+    bad = q.non_finite_parts()
     if bad:
-        raise ValueError(f"layer {name!r}: its {' and '.join(bad)} are not finite (NaN or infinity), so no file "
-                         "was written. The fine-tune diverged (lower FinetuneConfig.lr) or a folded BatchNorm "
-                         "scale overflows float16 (check the layer's BatchNorm running_var).")
+        raise ValueError(f"layer {name!r}: its {' and '.join(bad)} are not finite (NaN, infinity or a zero scale), "
+                         "so no file was written. The fine-tune diverged (lower FinetuneConfig.lr), a folded "
+                         "BatchNorm overflows float16 (check its running_var), or activations were not calibrated.")
 
 
 def _layer_blobs(q: nn.Module, lay: LayerLayout) -> dict[str, list[np.ndarray]]:
+    _check_finite(lay.name, q)
     d = q.deploy()
-    _check_finite(lay.name, d)
     flat_codes = d.codes.flatten(1)
     if flat_codes.shape[1] != lay.weights_per_channel:
         raise RuntimeError(f"layer {lay.name!r} has {flat_codes.shape[1]} weights per channel, layout expects "
@@ -190,11 +188,7 @@ def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> d
         q = layers[lay.name]
         for key, arrays in _layer_blobs(q, lay).items():
             parts[key].extend(arrays)
-        scale = float(q.act.scale)
-        if policy.act_bits < FLOAT_BITS and not 0 < scale < float("inf"):
-            raise ValueError(f"layer {lay.name!r}: its input quantizer's scale is {scale}; calibrate the "
-                             "activations (zerobit.train.calibrate.calibrate_activations) before saving")
-        act.append(scale * (-1.0 if bool(q.act.signed) else 1.0))
+        act.append(float(q.act.scale) * (-1.0 if bool(q.act.signed) else 1.0))
     blobs = {k: torch.from_numpy(np.concatenate(v).astype(BLOB_DTYPES[k]) if v else np.zeros(0, BLOB_DTYPES[k]))
              for k, v in parts.items()}
     blobs["bits"] = torch.from_numpy(_bits_blob(policy))

@@ -172,6 +172,15 @@ class QuantLayer(nn.Module):
         weight = torch.where(is_float, w * mult.view(shape), quantized)
         return DeployTensors(c, scale16, bias16, weight.contiguous())
 
+    def non_finite_parts(self) -> list[str]:
+        """Which stored numbers are NaN or infinite ("weights", "scales", "bias", "codebook", "input scale")."""
+        d = self.deploy()
+        parts = {"weights": d.weight, "scales": d.scale, "bias": d.bias, "codebook": d.book}
+        bad = [part for part, t in parts.items() if t is not None and not bool(torch.isfinite(t).all())]
+        if self.act.bits < FLOAT_BITS and not 0 < float(self.act.scale) < float("inf"):
+            bad.append("input scale")
+        return bad
+
     def extra_repr(self) -> str:
         kept = int((self.bits > 0).sum())
         return f"kept={kept}/{len(self.bits)}, bits={sorted(set(self.bits.tolist()))}"
