@@ -94,6 +94,25 @@ def runs_section(runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fuzz_section(summary: dict) -> str:
+    lines = ["\n## Damaged .zbit files (`bench/fuzz_zbit.py`)\n\nEach trial damages a written file and loads it. "
+             "Allowed: `ZbitFormatError`, or the very model written; a consistent *other* model only where the "
+             "checksum was recomputed after the edit (a forgery the reader cannot tell from a real file). "
+             f"Peak memory grew by {summary['peak rss growth MB during fuzzing']} MB over all trials; "
+             f"seed {summary['seed']}, {summary['device']}.\n",
+             "| file | damage | trials | ZbitFormatError | same model | another model | other exception |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for run in summary["runs"]:
+        for kind, counts in run["outcomes"].items():
+            other = sum(n for o, n in counts.items() if o not in ("ZbitFormatError", "same model", "another model"))
+            lines.append(f"| {run['model']} ({run['file_bytes']:,} B) | {kind} | {sum(counts.values())} | "
+                         f"{counts.get('ZbitFormatError', 0)} | {counts.get('same model', 0)} | "
+                         f"{counts.get('another model', 0)} | {other} |")
+        lines.append(f"| {run['model']} | slowest load | | {run['slowest']['seconds']} s | "
+                     f"{run['slowest']['case']} | | |")
+    return "\n".join(lines) + "\n"
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -111,4 +130,7 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     rerank = RESULTS / "ajpq_rerank.json"
     if rerank.exists():
         text += rerank_section(json.loads(rerank.read_text()))
+    fuzz = RESULTS / "fuzz_zbit.json"
+    if fuzz.exists():
+        text += fuzz_section(json.loads(fuzz.read_text()))
     path.write_text(text)

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+from safetensors.torch import save_file
 from tiny_models import EXAMPLE, TINY_MODELS
 
 from zerobit.budget import (
@@ -14,8 +18,10 @@ from zerobit.budget import (
     parse_budget,
     smallest_policy,
 )
+from zerobit.export.runtime import save_zbit
 from zerobit.graph import analyse
 from zerobit.policy import GroupDecision, Policy
+from zerobit.quant.apply import apply_policy
 
 
 @pytest.fixture()
@@ -48,11 +54,20 @@ def test_costs_by_hand(plain_graph):
     assert MACs(fraction=0.5).limit(g) == g.macs / 2
 
 
-def test_impossible_budget_names_the_smallest(plain_graph):
-    floor = Size(bytes=1).cost(plain_graph, smallest_policy(plain_graph))
+def test_impossible_budget_names_the_smallest(tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["plain"]().eval()
+    graph = analyse(model, EXAMPLE)
+    smallest = smallest_policy(graph)
+    assert [d.kept for d in smallest.groups.values()] == [1, 1, 10]  # the output layer keeps its 10 channels
+    # the floor the error names is the size of the file the smallest policy really writes
+    path = tmp_path / "smallest.zbit"
+    written = save_zbit(apply_policy(model, graph, smallest, EXAMPLE), graph, smallest, path)
+    floor = os.path.getsize(path)
+    assert written == floor == Size(bytes=1).cost(graph, smallest)
     with pytest.raises(BudgetError, match=f"smallest achievable is {floor:,}"):
-        Size(bytes=floor - 1).check_feasible(plain_graph, act_bits=8)
-    Size(bytes=floor).check_feasible(plain_graph, act_bits=8)
+        Size(bytes=floor - 1).check_feasible(graph, act_bits=8)
+    Size(bytes=floor).check_feasible(graph, act_bits=8)
 
 
 def test_size_needs_exactly_one_value():
@@ -64,5 +79,11 @@ def test_size_needs_exactly_one_value():
         BOPs(value=-1)
 
 
-def test_size_fraction_is_of_fp32_file(plain_graph):
-    assert Size(fraction=0.25).limit(plain_graph) == pytest.approx(plain_graph.fp32_bytes / 4)
+def test_size_fraction_is_of_fp32_file(tmp_path):
+    model = TINY_MODELS["plain"]()
+    graph = analyse(model, EXAMPLE)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "fp32.safetensors")
+    fp32_file = os.path.getsize(tmp_path / "fp32.safetensors")
+    assert Size(fraction=0.25).limit(graph) == fp32_file / 4
+    assert parse_budget("1/4").limit(graph) == fp32_file / 4
+    assert Size(fraction=0.25).reference(graph) == fp32_file

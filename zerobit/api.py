@@ -101,7 +101,7 @@ def _check_finite(qmodel: nn.Module) -> None:
 def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy = "uniform",
              *, train_data: TensorData, eval_data: TensorData, test_data: TensorData | None = None,
              finetune_config: FinetuneConfig | None = None, act_bits: int = 8, model_name: str = "",
-             progress: bool = True) -> CompressResult:
+             progress: bool = True, ignored_layers: list[str] | None = None) -> CompressResult:
     """Compress `model` to fit `budget`: choose per-channel bits (0 = removed), fine-tune, measure.
 
     Args:
@@ -114,6 +114,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
         finetune_config: the fine-tune budget shared by every strategy (default: FinetuneConfig()).
         act_bits: activation bits (8, or 32 for float activations).
         model_name: zoo name, stored in the file so `zerobit.load(path)` needs no model object.
+        progress: show progress bars.
+        ignored_layers: names of layers whose output channels are kept (only quantized), besides the output layer.
 
     Example:
         >>> # r = compress(model, torch.zeros(1, 1, 28, 28), Size(fraction=1/32), "sequential",
@@ -125,7 +127,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
     clock: dict[str, float] = {}
     t = time.perf_counter()
     model = model.eval()
-    graph = analyse(model, example_inputs)
+    graph = analyse(model, example_inputs, ignored_layers)
     graph.model_name = model_name
     budget.check_feasible(graph, act_bits)
     problem = Problem(model, graph, budget, example_inputs, train_data, eval_data, group_scores(model, graph),

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_models import EXAMPLE, TINY_MODELS
 
-from zerobit.export.container import ZbitFormatError, checksum, read_container
+from zerobit.export.container import ZbitFormatError, checksum, read_container, write_container
 from zerobit.export.runtime import load, save_zbit
 from zerobit.graph import analyse
 from zerobit.policy import GroupDecision, LayerDecision, Policy
@@ -52,21 +52,6 @@ def original(request, tmp_path_factory):
     return path.read_bytes(), out
 
 
-def raw_file(meta: dict, arrays: dict, header_edit=None) -> bytes:
-    """A safetensors file built by hand (so tests can write what zerobit never would)."""
-    header, offset, data = {"__metadata__": meta}, 0, b""
-    dtypes = {np.dtype("u1"): "U8", np.dtype("<i2"): "I16", np.dtype("<f2"): "F16", np.dtype("<f4"): "F32"}
-    for key, a in arrays.items():
-        b = np.ascontiguousarray(a).tobytes()
-        header[key] = {"dtype": dtypes[a.dtype], "shape": [a.size], "data_offsets": [offset, offset + len(b)]}
-        offset, data = offset + len(b), data + b
-    if header_edit:
-        header_edit(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data
-
-
 def resealed(data: bytes, tmp_path, edit_meta=None, edit_arrays=None) -> str:
     """The file with its metadata/tensors edited and the checksum recomputed, as a forger would."""
     src = tmp_path / "src.zbit"
@@ -78,7 +63,7 @@ def resealed(data: bytes, tmp_path, edit_meta=None, edit_arrays=None) -> str:
         edit_arrays(arrays)
     meta["crc32"] = f"{checksum(meta, arrays):08x}"
     out = tmp_path / "forged.zbit"
-    out.write_bytes(raw_file(meta, arrays))
+    out.write_bytes(write_container(meta, arrays))
     return out
 
 
@@ -146,7 +131,7 @@ def test_header_edits(tmp_path, original, field, value, which):
             header[key][field] = value
 
     path = tmp_path / "d.zbit"
-    path.write_bytes(raw_file(meta, arrays, edit))
+    path.write_bytes(write_container(meta, arrays, edit))
     assert outcome(path, out) in ("error", "same")
 
 
@@ -169,7 +154,7 @@ def test_metadata_edits(tmp_path, original, field, text, reseal):
         meta, arrays = read_container(src)
         edit(meta)
         path = tmp_path / "d.zbit"
-        path.write_bytes(raw_file(meta, arrays))
+        path.write_bytes(write_container(meta, arrays))
         assert outcome(path, out) in ("error", "same")
 
 

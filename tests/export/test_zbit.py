@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import EXAMPLE, TINY_MODELS
@@ -218,3 +219,18 @@ def test_model_code_reading_layer_attributes_runs_quantized_and_loaded(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(x), q(x))
     assert isinstance(loaded.conv, torch.nn.Conv2d) and loaded.conv.out_channels == 4
+
+
+@pytest.mark.parametrize("k", range(0, 18))
+def test_position_codes_of_every_width_round_trip(k):
+    """Per-channel weight counts around each power of two: count and index widths 1 to 18 bits, both codes."""
+    from zerobit.export.layout import decode_positions, encode_positions, position_bytes
+
+    rng = np.random.default_rng(k)
+    for per in {max(1, 2**k - 1), 2**k, 2**k + 1}:
+        channels = max(1, min(5, 300_000 // per))
+        for density in (0.002, 0.5):
+            mask = (rng.random((channels, per)) < density).astype(np.int64)
+            code = encode_positions(mask)
+            assert len(code) == position_bytes(channels, per, int(mask.sum()))
+            assert np.array_equal(decode_positions(code, channels, per, int(mask.sum())), mask)

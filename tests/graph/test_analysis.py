@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 import torch
+from safetensors.torch import save_file
 from tiny_models import EXAMPLE, TINY_MODELS
 from torch import nn
 
+from zerobit.budget import float_policy, macs
 from zerobit.graph import UntraceableModelError, analyse
 
 
@@ -31,17 +36,25 @@ def test_concat_and_flatten_inputs():
     assert g.layers["left.0"].fixed_in == 1  # the image channel
 
 
-def test_statistics_by_hand():
-    g = analyse(TINY_MODELS["plain"](), EXAMPLE)
+def test_statistics_by_hand(tmp_path):
+    model = TINY_MODELS["plain"]()
+    g = analyse(model, EXAMPLE)
     c1, c2, fc = g.layers["features.0.0"], g.layers["features.1.0"], g.layers["fc"]
     assert (c1.params, c1.macs) == (12 * 9, 12 * 9 * 64)
     assert (c2.params, c2.macs) == (16 * 12 * 9, 16 * 12 * 9 * 16)
     assert (fc.params, fc.macs) == (160, 160)
     assert c1.bn == "features.0.1" and fc.bn is None
     assert g.macs == c1.macs + c2.macs + fc.macs
-    state = TINY_MODELS["plain"]().state_dict()
-    assert g.fp32_bytes > 4 * sum(v.numel() for v in state.values())
-    assert "group" in g.summary()
+    # fp32_bytes is the size of the float32 safetensors file on disk, byte for byte
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "fp32.safetensors")
+    raw = (tmp_path / "fp32.safetensors").read_bytes()
+    assert g.fp32_bytes == len(raw)
+    header = struct.unpack("<Q", raw[:8])[0]
+    assert set(json.loads(raw[8:8 + header])) - {"__metadata__"} == set(state)
+    assert g.fp32_bytes == 8 + header + sum(v.numel() * v.element_size() for v in state.values())
+    rows = g.summary().splitlines()[1:]
+    assert [r.split()[:3] for r in rows] == [[n, str(grp.channels), str(grp.prunable)] for n, grp in g.groups.items()]
 
 
 def test_untraceable_model_is_refused_clearly():
@@ -67,3 +80,82 @@ def test_model_left_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     analyse(model, torch.randn(2, 1, 8, 8))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class Tokens(nn.Module):
+    """Linears on a (B, T, C) sequence: each runs once per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.mix = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(torch.relu(self.embed(x)))).mean(1))
+
+
+class ChannelsLast(nn.Module):
+    """A conv, then Linears on its (B, H, W, C) permutation: each runs once per pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, 1, 1, bias=False)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc2(torch.relu(self.fc1(x.permute(0, 2, 3, 1))))
+        return self.head((x + y.permute(0, 3, 1, 2)).mean(dim=(2, 3)))
+
+
+class Reused(nn.Module):
+    """One conv module called twice, at 8×8 and then at 4×4."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, 1, 1, bias=False)
+        self.block = nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.block(torch.relu(self.stem(x))))
+        x = torch.relu(self.block(self.pool(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def hooked_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs per sample measured on a real forward pass, every call of every Conv2d/Linear counted."""
+    total = 0
+
+    def hook(m, _inputs, out):
+        nonlocal total
+        per_sample = out.numel() // out.shape[0]
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            total += per_sample * (m.in_channels // m.groups) * kh * kw
+        else:
+            total += per_sample * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+@pytest.mark.parametrize("make,shape", [(Tokens, (2, 5, 8)), (ChannelsLast, (2, 1, 8, 8)), (Reused, (2, 1, 8, 8)),
+                                        (TINY_MODELS["layernorm"], (2, 1, 8, 8))])
+def test_macs_match_a_forward_pass(make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(shape)  # batch of 2: the count is per sample
+    g = analyse(model, x)
+    expected = hooked_macs(model, x)
+    assert macs(g, float_policy(g)) == g.macs == expected

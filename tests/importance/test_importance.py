@@ -42,11 +42,25 @@ def test_fisher_sums_coupled_copies_before_squaring():
     graph = analyse(model, EXAMPLE)
     data = TensorData(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))
     scores = fisher_scores(model, graph, data, batches=1, batch_size=16)
-    assert scores["stem.0"].shape == (8,) and bool((scores["stem.0"] >= 0).all())
-    # one shared mask for the three coupled layers: not the sum of three separately squared gradients
+    # by hand: a separate mask on the output (after BatchNorm) of each of the three coupled layers
+    bns = ["a1.2", "a2.2", "stem.1"]
+    assert sorted(graph.layers[n].bn for n in graph.groups["stem.0"].layers) == bns
+    masks = [torch.ones(16, 8, requires_grad=True) for _ in bns]
+    handles = [model.get_submodule(bn).register_forward_hook(lambda _m, _i, out, m=m: out * m[:, :, None, None])
+               for bn, m in zip(bns, masks, strict=True)]
+    try:
+        loss = F.cross_entropy(model(data.x), data.y, reduction="sum")
+        grads = torch.autograd.grad(loss, masks)
+    finally:
+        for h in handles:
+            h.remove()
+    shared = sum(grads).pow(2).sum(0)  # one mask for the group: the copies' gradients add, then square
+    separate = sum(g.pow(2) for g in grads).sum(0)
+    assert torch.allclose(scores["stem.0"], shared, rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(scores["stem.0"], separate, rtol=0.05)
+    # memory normalization divides by the activations the group's three 8×8 layers write per channel
     crit = Fisher(data, batches=1, normalize="memory")
-    normalized = crit(model, graph, "stem.0")
-    assert torch.allclose(normalized * 3 * 64, scores["stem.0"])
+    assert torch.allclose(crit(model, graph, "stem.0") * 3 * 64, scores["stem.0"])
     with pytest.raises(ValueError, match="normalize"):
         Fisher(data, normalize="flops")
 

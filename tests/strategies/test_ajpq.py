@@ -30,6 +30,20 @@ def problem_for(model, digits, budget):
                    progress=False)
 
 
+def scored_policies(monkeypatch) -> list:
+    """Every policy the search hands to its proxy (each episode's, then the re-ranked leaders), in order."""
+    import zerobit.strategies.ajpq as ajpq_module
+
+    seen, score = [], ajpq_module.proxy_scores
+
+    def recording(problem, reference, policy, *args, **kwargs):
+        seen.append(policy)
+        return score(problem, reference, policy, *args, **kwargs)
+
+    monkeypatch.setattr(ajpq_module, "proxy_scores", recording)
+    return seen
+
+
 def test_channel_controller_gives_important_channels_more_bits():
     scores = torch.arange(24, dtype=torch.float)  # channel 23 most important
     d = group_decision(scores, sparsity=0.25, level=2, space=ActionSpace(chunk=4), prunable=True)
@@ -69,13 +83,17 @@ def test_bfloat16_proxy_agrees_with_float32(trained_residual, digits):
         ProxyConfig(precision="float16")
 
 
-def test_agent_beats_random_policies_and_the_wall_always_holds(trained_residual, digits):
+def test_agent_beats_random_policies_and_the_wall_always_holds(trained_residual, digits, monkeypatch):
     prob = problem_for(trained_residual, digits, Size(fraction=1 / 5))
+    scored = scored_policies(monkeypatch)
     result = AJPQ(episodes=60, warmup=15, proxy=PROXY, seed=0).search(prob)
     rewards = np.array(result.info["rewards"])
     assert rewards[-15:].mean() > rewards[:15].mean() + 1.0  # learned episodes beat the random warm-up
     assert result.info["best_reward"] == rewards.max()
-    assert prob.fits(result.policy)
+    # the wall holds for every episode, not only for the answer, and the agent does run into it
+    assert len(scored) == 60 + len(result.info["rerank"]) and result.policy in scored
+    costs = [prob.cost(p) for p in scored]
+    assert max(costs) <= prob.limit and max(costs) > 0.9 * prob.limit
 
 
 def test_top_list_keeps_the_best_distinct_policies():
@@ -102,15 +120,22 @@ def test_final_rerank_returns_the_leader_of_the_larger_evaluation(trained_residu
 
 
 @pytest.mark.parametrize("space", [ActionSpace(prune=False), ActionSpace(quantize=False, fixed_bits=4)])
-def test_special_cases_respect_their_space_and_bops_wall(trained_residual, digits, space):
+def test_special_cases_respect_their_space_and_bops_wall(trained_residual, digits, space, monkeypatch):
     prob = problem_for(trained_residual, digits, BOPs(fraction=1 / 40))
+    scored = scored_policies(monkeypatch)
     result = AJPQ(episodes=12, warmup=6, space=space, proxy=PROXY).search(prob)
-    assert prob.fits(result.policy)
-    kept_bits = {b for d in result.policy.groups.values() for b in d.kept_bits()}
-    if not space.prune:
-        assert all(d.kept == d.channels for d in result.policy.groups.values())
+    assert len(scored) >= 12 and result.policy in scored
+    for policy in scored:  # every episode's policy, not only the answer
+        assert prob.fits(policy)
+        decisions = policy.groups.values()
+        if space.prune:  # pruning only: every kept channel at the fixed 4 bits
+            assert {b for d in decisions for b in d.kept_bits()} == {4}
+        else:  # quantization only: no channel removed
+            assert all(d.kept == d.channels for d in decisions)
+    if space.prune:
+        assert any(d.kept < d.channels for p in scored for d in p.groups.values())  # it does prune
     else:
-        assert kept_bits == {4}
+        assert len({b for p in scored for d in p.groups.values() for b in d.kept_bits()}) > 1  # it does choose bits
 
 
 def test_killed_search_resumes_where_it_stopped(tmp_path, trained_residual, digits):

@@ -7,7 +7,9 @@ from zerobit.budget import BOPs, MACs, Size, bops, macs
 from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import analyse
 from zerobit.importance import group_scores
+from zerobit.policy import uniform_policy
 from zerobit.strategies import Problem, Sequential, Uniform, get_strategy
+from zerobit.strategies.uniform import UNIFORM_BITS
 from zerobit.train.finetune import FinetuneConfig
 
 
@@ -17,18 +19,29 @@ def problem_for(model, digits, budget, epochs=0.0):
                    finetune=FinetuneConfig(epochs=epochs), progress=False)
 
 
-@pytest.mark.parametrize("fraction", [1 / 2, 1 / 4, 1 / 8])
+def test_loose_budget_keeps_every_channel_at_8_bits(trained_residual, digits):
+    prob = problem_for(trained_residual, digits, Size(fraction=1 / 2))
+    found = Uniform().search(prob)
+    assert found.info == {"keep": 1.0, "bits": 8}
+    assert all(d.bits == (8,) * d.channels for d in found.policy.groups.values())
+    assert estimate_bytes(prob.graph, found.policy) <= prob.limit
+
+
+@pytest.mark.parametrize("fraction", [1 / 6, 1 / 8, 1 / 12])
 def test_uniform_meets_size_budget_and_is_tight(trained_residual, digits, fraction):
     prob = problem_for(trained_residual, digits, Size(fraction=fraction))
     found = Uniform().search(prob)
-    size = estimate_bytes(prob.graph, found.policy)
-    assert size <= prob.limit
+    assert estimate_bytes(prob.graph, found.policy) <= prob.limit
     keep, bits = found.info["keep"], found.info["bits"]
-    if keep < 1.0:  # least pruning: one more channel per group would not fit
-        from zerobit.policy import uniform_policy
-
-        bigger = uniform_policy(prob.graph, prob.scores, min(1.0, keep + 0.2), bits)
-        assert estimate_bytes(prob.graph, bigger) > prob.limit
+    assert keep < 1.0  # these budgets force pruning
+    # least pruning: the next keep-ratio keeps one more channel per group, and that no longer fits
+    bigger = uniform_policy(prob.graph, prob.scores, keep + 1e-6, bits)
+    assert sum(d.kept for d in bigger.groups.values()) > sum(d.kept for d in found.policy.groups.values())
+    assert estimate_bytes(prob.graph, bigger) > prob.limit
+    # highest bits: every wider bit-width misses the budget even at the minimum keep-ratio
+    for wider in (b for b in UNIFORM_BITS if b > bits):
+        assert estimate_bytes(prob.graph, uniform_policy(prob.graph, prob.scores, Uniform().min_keep, wider)) > (
+            prob.limit)
 
 
 def test_tighter_budget_means_fewer_bits_or_channels(trained_plain, digits):
@@ -45,7 +58,9 @@ def test_uniform_meets_bops_and_macs(trained_residual, digits, budget_cls, cost)
     prob = problem_for(trained_residual, digits, budget_cls(fraction=1 / 20 if budget_cls is BOPs else 1 / 2))
     found = Uniform().search(prob)
     assert cost(prob.graph, found.policy) <= prob.limit
-    assert found.policy["stem.0"].kept < 8 or budget_cls is BOPs
+    assert found.policy["stem.0"].kept < 8 and found.info["bits"] == 8  # both budgets are met by pruning alone
+    bigger = uniform_policy(prob.graph, prob.scores, found.info["keep"] + 1e-6, 8)  # one more channel per group
+    assert bigger["stem.0"].kept == found.policy["stem.0"].kept + 1 and cost(prob.graph, bigger) > prob.limit
 
 
 def test_fixed_bits(trained_plain, digits):

@@ -47,7 +47,6 @@ def test_opq_allocation_follows_the_budget(trained_residual, digits):
         bits = sum(d.kept * d.kept_bits()[0] for d in found.policy.groups.values())
         density = np.mean([1 - found.policy.layer(n).sparsity for n in prob.graph.layers])
         stored.append(bits * density)
-        assert found.info["allocation_seconds"] < 5
     assert stored[0] > stored[1] > stored[2]
 
 
@@ -101,16 +100,19 @@ def test_admm_refuses_non_size_budgets(trained_residual, digits):
 
 
 def test_admm_removes_empty_channels_physically(trained_plain, digits, tmp_path):
-    prob = problem_for(trained_plain, digits, Size(fraction=1 / 6), epochs=1.0)
-    found = ADMM(iterations=2).search(prob)
-    removed = sum(d.channels - d.kept for d in found.policy.groups.values())
-    if removed:  # those channels are gone from the rebuilt model, not just zero
-        result = zb.compress(trained_plain, EXAMPLE, prob.budget, ADMM(iterations=2), train_data=digits.train,
-                             eval_data=digits.val, finetune_config=FinetuneConfig(epochs=1.0), progress=False)
-        zb.save(result, tmp_path / "m.zbit")
-        loaded = zb.load(tmp_path / "m.zbit", TINY_MODELS["plain"]())
-        kept = result.policy["features.0.0"].kept
-        assert loaded.get_submodule("features.0.0").weight.shape[0] == kept
+    # 1/10 of the fp32 file is tight enough that whole channels of both hidden groups lose every weight
+    result = zb.compress(trained_plain, EXAMPLE, Size(fraction=1 / 10), ADMM(iterations=2), train_data=digits.train,
+                         eval_data=digits.val, finetune_config=FinetuneConfig(epochs=1.0), progress=False)
+    kept = {name: d.kept for name, d in result.policy.groups.items()}
+    assert kept["features.0.0"] < 12 and kept["features.1.0"] < 16 and kept["fc"] == 10
+    path = tmp_path / "m.zbit"
+    assert zb.save(result, path) == os.path.getsize(path) == result.file_bytes
+    loaded = zb.load(path, TINY_MODELS["plain"]())
+    # gone from the rebuilt model, not just zero: producers lose outputs, consumers the matching inputs
+    assert loaded.get_submodule("features.0.0").weight.shape == (kept["features.0.0"], 1, 3, 3)
+    assert loaded.get_submodule("features.1.0").weight.shape == (kept["features.1.0"], kept["features.0.0"], 3, 3)
+    assert loaded.get_submodule("fc").weight.shape == (10, kept["features.1.0"])
+    assert torch.equal(predictions(loaded, digits.test), predictions(result.model, digits.test))
 
 
 class OneChannel(torch.nn.Module):
@@ -132,8 +134,12 @@ def test_layer_too_small_to_prune_keeps_its_channel(digits, strategy, tmp_path):
     model = OneChannel().eval()
     result = zb.compress(model, EXAMPLE, Size(fraction=1 / 4), strategy, train_data=digits.train,
                          eval_data=digits.val, finetune_config=FinetuneConfig(epochs=0.5), progress=False)
-    assert result.policy["conv"].kept == 1
-    assert zb.save(result, tmp_path / "m.zbit") <= Size(fraction=1 / 4).limit(result.graph)
+    assert result.policy["conv"].bits[0] > 0  # its one channel is kept, at some bit-width
+    path = tmp_path / "m.zbit"
+    zb.save(result, path)
+    assert os.path.getsize(path) == result.file_bytes <= Size(fraction=1 / 4).limit(result.graph)
+    loaded = zb.load(path, OneChannel())
+    assert torch.equal(predictions(loaded, digits.test), predictions(result.model, digits.test))
 
 
 def test_admm_below_its_minimum_is_refused(trained_residual, digits):

@@ -153,12 +153,37 @@ def _output_areas(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Mod
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QUANT_TYPES)]
     try:
-        with torch.no_grad():
-            model(example_inputs)
+        run_or_explain(model, example_inputs, "Pass an input the model accepts, e.g. one batch of your data.")
     finally:
         for h in handles:
             h.remove()
     return areas
+
+
+def run_or_explain(model: nn.Module, example_inputs: torch.Tensor, fix: str) -> None:
+    """Run `model` once (no grad); if it fails, raise UntraceableModelError naming the module that failed."""
+    names = {m: n for n, m in model.named_modules()}
+    running: list[str] = []  # modules entered and not yet left: the last one is where a failure happened
+
+    def enter(module: nn.Module, _args: object) -> None:
+        running.append(names[module] or "model")
+
+    def leave(_module: nn.Module, _args: object, _out: object) -> None:
+        running.pop()
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter),
+                                                     m.register_forward_hook(leave))]
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    except Exception as exc:
+        where = f" in module {running[-1]!r} ({type(model.get_submodule(running[-1])).__name__})" \
+            if running and running[-1] != "model" else ""
+        raise UntraceableModelError(f"the model fails on inputs of shape {tuple(example_inputs.shape)}{where}: "
+                                    f"{type(exc).__name__}: {exc}. {fix}") from exc
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _make_layer(name: str, module: nn.Module, area: int) -> Layer:
@@ -198,7 +223,8 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list
     Args:
         model: a trained network made of standard modules.
         example_inputs: one input batch, e.g. ``torch.zeros(1, 1, 28, 28)``.
-        ignored_layers: names of layers whose output channels are never pruned (default: the output layer).
+        ignored_layers: names of layers whose output channels are never pruned, besides the output layer
+            (their groups are only quantized).
 
     Example:
         >>> g = analyse(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
@@ -208,14 +234,13 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list
     """
     model = copy.deepcopy(model).eval()
     names = {m: n for n, m in model.named_modules()}
-    if ignored_layers is None:
-        ignored = _default_ignored(model, names)
-    else:
+    ignored = _default_ignored(model, names)
+    if ignored_layers:
         by_name = dict(model.named_modules())
         missing = [n for n in ignored_layers if n not in by_name]
         if missing:
             raise ValueError(f"ignored_layers names {missing} are not modules of the model")
-        ignored = [by_name[n] for n in ignored_layers]
+        ignored += [by_name[n] for n in ignored_layers if by_name[n] not in ignored]
     areas = _output_areas(model, example_inputs)
     dg = build_dependency_graph(model, example_inputs)
     layers: dict[str, Layer] = {}
@@ -256,14 +281,12 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
                 continue
             layer = layers[tname]
             if dg.is_out_channel_pruning_fn(dep.handler):
-                if layer.out_channels != channels or layer.out_group not in ("", name):
-                    # coupling Torch-Pruning reports but channels cannot follow, e.g. x * gate with a 1-channel
-                    # gate broadcast over x: both keep every channel, each its own group
+                if layer.out_channels != channels or layer.out_group not in ("", name) or \
+                        list(item.root_idxs) != list(idxs):
+                    # coupling Torch-Pruning reports but channels cannot follow one for one (x * gate with a
+                    # 1-channel gate broadcast over x; a channel shuffle): both keep every channel, own groups
                     prunable = False
                     continue
-                if list(item.root_idxs) != list(idxs):
-                    raise UntraceableModelError(f"layer {tname!r}: output channels are permuted against "
-                                                f"{name!r}; such coupling is not supported")
                 if tname not in members:
                     members.append(tname)
                     layer.out_group = name

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from zerobit.graph import ModelGraph, build_dependency_graph
+from zerobit.graph.analysis import run_or_explain
 from zerobit.policy import GroupDecision, Policy, kept_weights
 from zerobit.quant.codebook import kmeans_1d
 from zerobit.quant.modules import QuantLayer
@@ -59,7 +60,14 @@ def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example
         want_in = kept_in_features(graph, policy, name)
         if (out_ch, in_ch) != (want_out, want_in):
             raise RuntimeError(f"layer {name!r} was pruned to {out_ch}×{in_ch} channels but the policy asks "
-                               f"{want_out}×{want_in}; the model's coupling is not handled")
+                               f"{want_out}×{want_in}: zerobit does not follow this model's coupling here. Keep "
+                               f"this layer's channels with compress(..., ignored_layers=[{name!r}]) and report "
+                               "the model to zerobit's issue tracker.")
+    if any(d.kept < d.channels for d in policy.groups.values()):
+        pruned = [n for n, d in policy.groups.items() if d.kept < d.channels]
+        run_or_explain(model, example_inputs, f"The model's code does not allow removing channels of the groups "
+                       f"{pruned[:4]}, e.g. a reshape with fixed sizes; keep them with "
+                       f"compress(..., ignored_layers=[...]).")
     return model
 
 
