@@ -201,7 +201,8 @@ def test_one_byte_edit_of_act_bits_is_caught(tmp_path, original):
         load(path, TINY_MODELS["plain"]())
 
 
-@pytest.mark.parametrize("shape", ["1,1,2000,2000", "1,1,100000,100000", "1,-1,8,8", "1", "1,1,8,8,8,8,8,8"])
+@pytest.mark.parametrize("shape", ["1,1,2000,2000", "1,1,100000,100000", "1,-1,8,8", "1", "1,1,8,8,8,8,8,8",
+                                   "1,3,8,8", "1,1,5"])
 def test_input_shape_is_bounded_before_tracing(tmp_path, original, shape):
     def edit(meta):
         meta["input_shape"] = shape

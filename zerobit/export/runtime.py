@@ -28,7 +28,7 @@ from zerobit.export.zbit import (
     decode_policy,
     to_bytes,
 )
-from zerobit.graph import ModelGraph, UntraceableModelError, analyse
+from zerobit.graph import ModelGraph, analyse
 from zerobit.policy import FLOAT_BITS, Policy
 from zerobit.quant.apply import prune_structure, set_module
 from zerobit.quant.modules import ActQuant, attach_input_quant
@@ -264,10 +264,9 @@ def _graph_of(path: str | os.PathLike, model: nn.Module, zf: ZbitFile) -> ModelG
     """The model's graph, traced as it was when the file was written; a different model is refused."""
     try:
         graph = analyse(model, torch.zeros((1,) + zf.input_shape[1:]), ignored_layers=zf.header.ignored)
-    except UntraceableModelError:
-        raise
-    except ValueError as exc:
-        raise ZbitFormatError(f"{path} was written for a different model: {exc}") from exc
+    except ValueError as exc:  # the model ran when the file was written: its input shape or names do not fit
+        raise ZbitFormatError(f"{path} was written for a different model, or its input_shape "
+                              f"{zf.input_shape} is damaged: {exc}") from exc
     graph.model_name = zf.model_name
     mine = [(n, g.channels) for n, g in graph.groups.items()]
     if mine != zf.header.groups:
