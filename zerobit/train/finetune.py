@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -88,12 +89,16 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    scale = [1.0]  # halved after each divergence
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: scale[0] * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     if teacher is not None:
         teacher.eval()
     model.train()
     bar = tqdm(total=steps, desc="fine-tune", disable=not progress, leave=False)
     step, running = 0, None
+    good = _snapshot(model, opt)
+    history["restarts"] = []
     while step < steps:
         for x, y in batches:
             with torch.no_grad():
@@ -101,16 +106,30 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
             loss = distillation_loss(model(x), y, t_logits, config.distill, config.temperature)
             if penalty is not None:
                 loss = loss + penalty()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning diverged at step {step} (loss {loss.item()}); "
-                                         "lower FinetuneConfig.lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if torch.isfinite(loss):
+                loss.backward()
+            if not torch.isfinite(loss) or not _finite_grads(params):
+                _restore(model, opt, good)
+                scale[0] /= 2
+                for g in opt.param_groups:
+                    g["lr"] /= 2
+                history["restarts"].append(step)
+                if len(history["restarts"]) > MAX_RESTARTS:
+                    raise FloatingPointError(
+                        f"fine-tuning diverged {len(history['restarts'])} times (steps {history['restarts']}), "
+                        f"even at {scale[0] * 2:g}× the learning rate; lower FinetuneConfig.lr, check the data "
+                        "for extreme values, or choose a larger budget")
+                bar.write(f"fine-tune: non-finite loss or gradient at step {step}; restored the last good "
+                          f"weights, learning rate now {scale[0]:g}× the schedule")
+                continue
             opt.step()
             sched.step()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             history["loss"].append(loss.item())
             step += 1
+            if step % SNAPSHOT_EVERY == 0:
+                good = _snapshot(model, opt)
             bar.update(1)
             bar.set_postfix(loss=f"{running:.3f}")
             if step >= steps:
@@ -118,3 +137,24 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
     bar.close()
     model.eval()
     return history
+
+
+MAX_RESTARTS = 3
+SNAPSHOT_EVERY = 50  # steps between saved good states (a copy of the weights: cheap next to 50 steps)
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _restore(model: nn.Module, opt: torch.optim.Optimizer, good: tuple[dict, dict]) -> None:
+    model.load_state_dict(good[0])
+    lrs = [g["lr"] for g in opt.param_groups]
+    opt.load_state_dict(good[1])
+    for g, lr in zip(opt.param_groups, lrs, strict=True):  # the schedule's current rate, not the saved one
+        g["lr"] = lr
+
+
+def _finite_grads(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack([g.detach().abs().max() for g in grads])).all())
