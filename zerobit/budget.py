@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from zerobit.graph import ModelGraph
-from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
+from zerobit.policy import FLOAT_BITS, GroupDecision, Policy, repeat
 from zerobit.quant.apply import kept_per_channel
 
 
@@ -44,9 +44,9 @@ def float_policy(graph: ModelGraph) -> Policy:
 
 
 def smallest_policy(graph: ModelGraph, act_bits: int = 8, min_bits: int = 2) -> Policy:
-    """One channel per prunable group, every channel at `min_bits`: the cheapest policy there is."""
-    groups = {n: GroupDecision((min_bits,) * (1 if g.prunable else g.channels) + (0,) * (g.channels - 1 if
-                               g.prunable else 0)) for n, g in graph.groups.items()}
+    """One channel per prunable group (one per block of a tied group), every channel at `min_bits`."""
+    groups = {n: repeat(GroupDecision((min_bits,) * (1 if g.prunable else g.block) + (0,) * (g.block - 1 if
+                                      g.prunable else 0)), g.tie) for n, g in graph.groups.items()}
     return Policy(groups, act_bits)
 
 

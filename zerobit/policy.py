@@ -126,7 +126,11 @@ class Policy:
             if d.kept == 0:
                 raise ValueError(f"group {name!r}: every channel is removed; keep at least one")
             if not g.prunable and d.kept != d.channels:
-                raise ValueError(f"group {name!r} feeds the model output and cannot lose channels")
+                raise ValueError(f"group {name!r} cannot lose channels (it feeds the model output, or removing "
+                                 "its channels would not be exact)")
+            if g.tie > 1 and d.bits != d.bits[:g.block] * g.tie:
+                raise ValueError(f"group {name!r}: its channels are tied in {g.tie} blocks of {g.block} (a grouped "
+                                 "convolution reads or writes them): channel i of every block needs the same bits")
         for name, decision in self.layers.items():
             if name not in graph.layers:
                 raise ValueError(f"policy sets layer {name!r}, which the model does not have")
@@ -182,6 +186,16 @@ class Policy:
         return "\n".join(lines)
 
 
+def tied_scores(scores: torch.Tensor, tie: int) -> torch.Tensor:
+    """Scores of the channels that carry a tied group's decisions, each summed over its tied copies."""
+    return scores.view(tie, -1).sum(0) if tie > 1 else scores
+
+
+def repeat(decision: GroupDecision, tie: int) -> GroupDecision:
+    """A tied group's full decision from the decisions of its first block (see ChannelGroup.tie)."""
+    return GroupDecision(decision.bits * tie) if tie > 1 else decision
+
+
 def keep_top(scores: torch.Tensor, kept: int, bits: int) -> GroupDecision:
     """`bits` for the `kept` highest-scoring channels, 0 for the rest (ties broken by index)."""
     order = torch.argsort(scores, descending=True, stable=True)[:kept].tolist()
@@ -198,6 +212,6 @@ def uniform_policy(graph: ModelGraph, scores: Mapping[str, torch.Tensor], keep: 
     """
     groups = {}
     for name, g in graph.groups.items():
-        kept = g.channels if not g.prunable else max(1, min(g.channels, round(keep * g.channels)))
-        groups[name] = keep_top(scores[name], kept, bits)
+        kept = g.block if not g.prunable else max(1, min(g.block, round(keep * g.block)))
+        groups[name] = repeat(keep_top(tied_scores(scores[name], g.tie), kept, bits), g.tie)
     return Policy(groups, act_bits)

@@ -9,6 +9,7 @@ non-prunable: its channels can get fewer bits, never 0.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -60,12 +61,23 @@ class Layer:
 
 @dataclass
 class ChannelGroup:
-    """Output channels of several layers that must share one decision per channel."""
+    """Output channels of several layers that must share one decision per channel.
+
+    `tie` > 1 (next to a grouped convolution of `tie` groups): the channels form `tie` equal blocks, and channel i
+    of every block shares one decision, so each conv group loses the same channels. Decisions are then made on
+    the `block` first channels (scores summed over the tied copies) and repeated.
+    """
 
     name: str
     channels: int
     layers: list[str]
     prunable: bool = True
+    tie: int = 1
+
+    @property
+    def block(self) -> int:
+        """Channels that carry their own decision (the rest repeat them)."""
+        return self.channels // self.tie
 
 
 @dataclass
@@ -112,9 +124,9 @@ class ModelGraph:
 
     def summary(self) -> str:
         """A readable table of groups and the layers they couple."""
-        lines = [f"{'group':28} {'ch':>4} {'prunable':>8}  layers"]
+        lines = [f"{'group':28} {'ch':>4} {'prunable':>8} {'tie':>3}  layers"]
         for g in self.groups.values():
-            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8}  {', '.join(g.layers)}")
+            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8} {g.tie:>3}  {', '.join(g.layers)}")
         return "\n".join(lines)
 
 
@@ -305,23 +317,38 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
 
 
 def _freeze_unsafe(layers: dict[str, Layer], groups: dict[str, ChannelGroup]) -> None:
-    """Keep every channel (quantize only) where removing one would not be exact.
+    """Tie the channels around grouped convs; keep every channel (quantize only) where removal is not exact.
 
-    Grouped convs (other than depthwise) need the same number of channels removed in each of their groups,
-    which per-channel decisions do not guarantee: their input and output groups keep all channels. So do the
-    inputs of a layer whose coupled inputs add up to more than it has (a coupling that does not hold).
+    A grouped conv (other than depthwise) needs the same channels removed from each of its groups: its output
+    group and its input group are tied (see ChannelGroup.tie). An input that is not one plain group (a
+    concatenation, a flatten) cannot be tied, and keeps every channel. So do the inputs of a layer whose coupled
+    inputs add up to more than it has (a coupling that does not hold).
     """
     for layer in layers.values():
         if layer.kind == "depthwise":
             continue
         coupled = sum(groups[g].channels * per for g, per in layer.in_sources)
-        if layer.groups > 1 or coupled > layer.in_features:
+        if layer.groups > 1:
+            one_source = len(layer.in_sources) == 1 and layer.in_sources[0][1] == 1 and coupled == layer.in_features
+            for g, _per in layer.in_sources:
+                if one_source:
+                    _tie(groups[g], layer.groups)
+                else:
+                    groups[g].prunable = False
+            _tie(groups[layer.out_group], layer.groups)
+        elif coupled > layer.in_features:
             for g, _per in layer.in_sources:
                 groups[g].prunable = False
-        if layer.groups > 1:
-            groups[layer.out_group].prunable = False
         if coupled > layer.in_features:
             layer.in_sources = []
+
+
+def _tie(group: ChannelGroup, blocks: int) -> None:
+    tie = math.lcm(group.tie, blocks)
+    if group.channels % tie or group.channels == tie:  # no whole blocks, or one channel per block: keep all
+        group.prunable = False
+    else:
+        group.tie = tie
 
 
 def _find_pruned_dims(model: nn.Module, example_inputs: torch.Tensor, groups: dict[str, ChannelGroup],
@@ -336,13 +363,14 @@ def _find_pruned_dims(model: nn.Module, example_inputs: torch.Tensor, groups: di
     modules = dict(probe.named_modules())
     shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
     for name, group in groups.items():
-        if not group.prunable or group.channels < 2:
+        if not group.prunable or group.block < 2:
             continue
         root = modules[name]
-        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, [0]).prune()
+        one_class = list(range(0, group.channels, group.block))  # channel 0 of every tied block
+        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, one_class).prune()
         now = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
         for key, shape in now.items():
             for dim, (before, after) in enumerate(zip(shapes[key], shape, strict=True)):
                 if after != before:
-                    extra[key].pruned_dims.append((dim, name, before - after))
+                    extra[key].pruned_dims.append((dim, name, (before - after) // group.tie))
         shapes = now

@@ -10,7 +10,7 @@ from torch import nn
 
 from zerobit.graph import ModelGraph, build_dependency_graph
 from zerobit.graph.analysis import run_or_explain
-from zerobit.policy import GroupDecision, Policy, kept_weights
+from zerobit.policy import GroupDecision, Policy, kept_weights, tied_scores
 from zerobit.quant.codebook import kmeans_1d
 from zerobit.quant.modules import QuantLayer
 
@@ -123,8 +123,8 @@ def drop_empty_channels(model: nn.Module, graph: ModelGraph, policy: Policy,
     groups = dict(policy.groups)
     for name, group in graph.groups.items():
         rows = [masked.get_submodule(n).weight.detach().flatten(1).abs().sum(1) for n in group.layers]
-        alive = (torch.stack(rows).sum(0) > 0).tolist()
-        bits = tuple(b if alive[i] else 0 for i, b in enumerate(policy[name].bits))
+        alive = (tied_scores(torch.stack(rows).sum(0), group.tie) > 0).tolist()  # per tied class
+        bits = tuple(b if alive[i % group.block] else 0 for i, b in enumerate(policy[name].bits))
         if group.prunable and 0 < sum(b > 0 for b in bits) < policy[name].kept:
             groups[name] = GroupDecision(bits)
     if groups == dict(policy.groups):

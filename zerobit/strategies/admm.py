@@ -24,7 +24,7 @@ import torch
 
 from zerobit.budget import BudgetError, Size
 from zerobit.export.layout import layer_layouts
-from zerobit.policy import GroupDecision, LayerDecision, Policy
+from zerobit.policy import GroupDecision, LayerDecision, Policy, tied_scores
 from zerobit.quant.apply import magnitude_mask
 from zerobit.quant.codebook import codebook_error, kmeans_1d, nearest
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
@@ -217,9 +217,9 @@ class ADMM(Strategy):
             for n in grp.layers:
                 w = model.get_submodule(n).weight
                 alive += magnitude_mask(w, 1 - density[n]).flatten(1).sum(1)
-            empty = set(torch.nonzero(alive == 0).flatten().tolist())
-            if len(empty) < grp.channels:
-                removed[g] = empty
+            empty = torch.nonzero(tied_scores(alive, grp.tie) == 0).flatten().tolist()  # whole tied classes
+            if len(empty) < grp.block:
+                removed[g] = {c + k * grp.block for c in empty for k in range(grp.tie)}
         policy = self._policy(problem, bits, density, removed)
         for _ in range(200):
             if problem.fits(policy):

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from zerobit.policy import GroupDecision, Policy
+from zerobit.policy import GroupDecision, Policy, repeat, tied_scores
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.strategies.ddpg import DDPG, DDPGConfig
 from zerobit.strategies.proxy import ProxyConfig, ProxyReference, proxy_reference, proxy_reward, proxy_scores
@@ -78,7 +78,8 @@ class _Episode:
 
     def _decision(self, name: str, sparsity: float, level: int) -> GroupDecision:
         g = self.problem.graph.groups[name]
-        return group_decision(self.problem.scores[name], sparsity, level, self.space, g.prunable)
+        return repeat(group_decision(tied_scores(self.problem.scores[name], g.tie), sparsity, level, self.space,
+                                     g.prunable), g.tie)
 
     def policy(self, extra: dict[str, GroupDecision] | None = None) -> Policy:
         groups = self.minimum | self.decisions | (extra or {})
