@@ -229,18 +229,13 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         model = _zoo_model(path, zf)
     with torch.inference_mode(False), torch.enable_grad():  # tracing needs autograd
         graph = _graph_of(path, model, zf)
-        policy = zf.full_policy(graph)
         try:
+            policy = zf.full_policy(graph)
             policy.validate(graph)
-        except ValueError as exc:
-            raise ZbitFormatError(f"{path} is damaged: its policy is impossible ({exc})") from exc
-        check_blobs(zf, graph, policy)
-        try:
+            check_blobs(zf, graph, policy)
             loaded = rebuild(model, zf, graph, policy)
-        except ZbitFormatError:
-            raise
-        except (ValueError, RuntimeError, IndexError) as exc:
-            raise ZbitFormatError(f"{path} could not be decoded: {exc}") from exc
+        except (ValueError, RuntimeError, IndexError) as exc:  # ZbitFormatError is a ValueError
+            raise ZbitFormatError(f"{path} is damaged: {exc}") from exc
     zf.policy = policy
     return loaded
 
