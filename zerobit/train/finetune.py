@@ -89,16 +89,15 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    scale = [1.0]  # halved after each divergence
+    bar = tqdm(total=steps, desc="fine-tune", disable=not progress, leave=False)
+    guard = _DivergenceGuard(model, opt, bar)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: scale[0] * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: guard.scale * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     if teacher is not None:
         teacher.eval()
     model.train()
-    bar = tqdm(total=steps, desc="fine-tune", disable=not progress, leave=False)
     step, running = 0, None
-    good = _snapshot(model, opt)
-    history["restarts"] = []
+    history["restarts"] = guard.restarts
     while step < steps:
         for x, y in batches:
             with torch.no_grad():
@@ -110,26 +109,14 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
             if torch.isfinite(loss):
                 loss.backward()
             if not torch.isfinite(loss) or not _finite_grads(params):
-                _restore(model, opt, good)
-                scale[0] /= 2
-                for g in opt.param_groups:
-                    g["lr"] /= 2
-                history["restarts"].append(step)
-                if len(history["restarts"]) > MAX_RESTARTS:
-                    raise FloatingPointError(
-                        f"fine-tuning diverged {len(history['restarts'])} times (steps {history['restarts']}), "
-                        f"even at {scale[0] * 2:g}× the learning rate; lower FinetuneConfig.lr, check the data "
-                        "for extreme values, or choose a larger budget")
-                bar.write(f"fine-tune: non-finite loss or gradient at step {step}; restored the last good "
-                          f"weights, learning rate now {scale[0]:g}× the schedule")
+                guard.recover(step)
                 continue
             opt.step()
             sched.step()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             history["loss"].append(loss.item())
             step += 1
-            if step % SNAPSHOT_EVERY == 0:
-                good = _snapshot(model, opt)
+            guard.passed(step)
             bar.update(1)
             bar.set_postfix(loss=f"{running:.3f}")
             if step >= steps:
@@ -139,20 +126,43 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
     return history
 
 
-MAX_RESTARTS = 3
-SNAPSHOT_EVERY = 50  # steps between saved good states (a copy of the weights: cheap next to 50 steps)
+class _DivergenceGuard:
+    """Keeps the last good weights; on a non-finite step brings them back at half the learning rate."""
+
+    MAX_RESTARTS = 3
+    EVERY = 50  # steps between saved good states (a copy of the weights: cheap next to 50 steps)
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, bar: tqdm) -> None:
+        self.model, self.opt, self.bar = model, opt, bar
+        self.scale = 1.0  # of the scheduled learning rate
+        self.restarts: list[int] = []
+        self.good = self._snapshot()
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict())
+
+    def passed(self, step: int) -> None:
+        if step % self.EVERY == 0:
+            self.good = self._snapshot()
+
+    def recover(self, step: int) -> None:
+        self.restarts.append(step)
+        if len(self.restarts) > self.MAX_RESTARTS:
+            raise FloatingPointError(
+                f"fine-tuning diverged {len(self.restarts)} times (steps {self.restarts}), even at {self.scale:g}× "
+                "the learning rate; lower FinetuneConfig.lr, check the data for extreme values, or choose a "
+                "larger budget")
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        self.model.load_state_dict(self.good[0])
+        self.opt.load_state_dict(self.good[1])
+        self.scale /= 2
+        for g, lr in zip(self.opt.param_groups, lrs, strict=True):  # the schedule's current rate, halved
+            g["lr"] = lr / 2
+        self.bar.write(f"fine-tune: non-finite loss or gradient at step {step}; restored the last good weights, "
+                       f"learning rate now {self.scale:g}× the schedule")
 
 
-def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-
-
-def _restore(model: nn.Module, opt: torch.optim.Optimizer, good: tuple[dict, dict]) -> None:
-    model.load_state_dict(good[0])
-    lrs = [g["lr"] for g in opt.param_groups]
-    opt.load_state_dict(good[1])
-    for g, lr in zip(opt.param_groups, lrs, strict=True):  # the schedule's current rate, not the saved one
-        g["lr"] = lr
+MAX_RESTARTS = _DivergenceGuard.MAX_RESTARTS
 
 
 def _finite_grads(params: list[torch.Tensor]) -> bool:
