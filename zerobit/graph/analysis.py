@@ -96,10 +96,7 @@ class ExtraTensor:
         dims = list(self.shape)
         for dim, group, per in self.pruned_dims if removed else ():
             dims[dim] -= removed.get(group, 0) * per
-        n = 1
-        for d in dims:
-            n *= d
-        return n
+        return math.prod(dims)
 
 
 @dataclass
@@ -203,7 +200,7 @@ def _make_layer(name: str, module: nn.Module, area: int) -> Layer:
         return Layer(name, "linear", module.in_features, module.out_features, 1, 1, area,
                      has_bias=module.bias is not None)
     # depthwise: one input channel per output channel, so it shares its input's channel decisions; other grouped
-    # convs are kind "conv" with groups > 1, quantized per channel but never pruned (see _freeze_unsafe)
+    # convs are kind "conv" with groups > 1, whose input and output channels are tied (see _tie_or_freeze)
     depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
     kind = "depthwise" if depthwise else "conv"
     kh, kw = module.kernel_size
@@ -312,11 +309,11 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
                 elif (name, per) not in layer.in_sources:
                     layer.in_sources.append((name, per))
         groups[name] = ChannelGroup(name, channels, members, prunable)
-    _freeze_unsafe(layers, groups)
+    _tie_or_freeze(layers, groups)
     return groups
 
 
-def _freeze_unsafe(layers: dict[str, Layer], groups: dict[str, ChannelGroup]) -> None:
+def _tie_or_freeze(layers: dict[str, Layer], groups: dict[str, ChannelGroup]) -> None:
     """Tie the channels around grouped convs; keep every channel (quantize only) where removal is not exact.
 
     A grouped conv (other than depthwise) needs the same channels removed from each of its groups: its output
