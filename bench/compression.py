@@ -1,10 +1,12 @@
 """Compression vs accuracy on ResNet-20 / Fashion-MNIST: every strategy at the same budgets and fine-tune budget.
 
 Each (budget, strategy) run writes the .zbit file for real; `file_bytes` is the size on disk and `accuracy` the
-test accuracy of the model decoded from that file's contents. Results merge into bench/results/compression.json
-and the table in BENCHMARKS.md is regenerated from it.
+test accuracy of the model decoded from that file's contents. The strategy `peer` is the established-tools
+baseline (bench/peer.py: Torch-Pruning + float fine-tune + onnxruntime static QDQ, sized by its .onnx file).
+Results merge into bench/results/compression.json by (model, budget, strategy, epochs, device), and the tables in
+BENCHMARKS.md are regenerated from it.
 
-    python bench/compression.py --strategies uniform,sequential --budgets 1/16,1/32,1/64,1/128 --epochs 1
+    python bench/compression.py --strategies uniform,peer --budgets 1/16,1/32,1/64,1/128 --epochs 3 --device cpu
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import write_benchmarks_md  # noqa: E402
 from zerobit.cli import parse_options, run_compress  # noqa: E402
+from zerobit.device import resolve  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 
@@ -36,7 +39,12 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="strategy option")
     ap.add_argument("--label", default="", help="name of the row's strategy column (default: the strategy)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = str(resolve(args.device))
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for budget in args.budgets.split(","):
         for strategy in args.strategies.split(","):
@@ -44,30 +52,57 @@ def main() -> int:
             torch.manual_seed(args.seed)
             start = time.perf_counter()
             out = Path(args.out) / f"{strategy}_{budget.replace('/', 'over').replace('=', '_')}"
-            try:
-                s = run_compress(args.model, "fashion-mnist", budget, strategy, args.epochs, str(out),
-                                 seed=args.seed, progress=False, options=parse_options(args.option))
-            except ValueError as exc:  # e.g. a budget no policy meets
-                row = {"model": args.model, "budget": budget, "strategy": label, "error": str(exc)}
-                print(f"{budget:>8} {strategy:>11}  refused: {exc}")
+            if strategy == "peer":
+                from bench.peer import run_peer  # onnx + onnxruntime: pip install -e ".[bench]"
+
+                row = run_peer(budget, args.epochs, args.seed, device, out)
             else:
-                s.pop("_result")
-                info = {k: v for k, v in s["info"].items() if k != "rewards"}
-                row = {"model": args.model, "budget": budget, "strategy": label, "epochs": args.epochs,
-                       "file_bytes": s["file_bytes"], "fp32_bytes": s["fp32_bytes"],
-                       "budget_limit": s["budget_limit"], "budget_unit": s["budget_unit"],
-                       "accuracy": s["accuracy"], "baseline_accuracy": s["baseline_accuracy"], "bops": s["bops"],
-                       "macs": s["macs"], "fp32_bops": s["fp32_bops"], "fp32_macs": s["fp32_macs"],
-                       "seconds": time.perf_counter() - start, "seconds_by_stage": s["seconds_by_stage"],
-                       "info": info}
+                row = _zerobit_row(args, budget, strategy, label, device, out)
+            row |= {"device": device, "device_name": device_name(device), "threads": torch.get_num_threads(),
+                    "seed": args.seed, "epochs": args.epochs, "seconds": time.perf_counter() - start}
+            label = row["strategy"]
+            if "error" in row:
+                print(f"{budget:>8} {label:>11}  refused: {row['error']}", flush=True)
+            else:
                 print(f"{budget:>8} {label:>11}  {row['file_bytes']:>9,} B  acc {100 * row['accuracy']:.2f}%  "
                       f"({row['seconds']:.0f} s)", flush=True)
-            rows = [r for r in rows if (r["model"], r["budget"], r["strategy"]) != (args.model, budget, label)]
+            rows = [r for r in rows if row_key(r) != row_key(row)]
             rows.append(row)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(rows, indent=1))
             write_benchmarks_md(rows, ROOT / "BENCHMARKS.md")
     return 0
+
+
+def _zerobit_row(args: argparse.Namespace, budget: str, strategy: str, label: str, device: str, out: Path) -> dict:
+    row = {"model": args.model, "budget": budget, "strategy": label}
+    try:
+        s = run_compress(args.model, "fashion-mnist", budget, strategy, args.epochs, str(out), seed=args.seed,
+                         progress=False, options=parse_options(args.option), device=device)
+    except ValueError as exc:  # e.g. a budget no policy meets
+        return row | {"error": str(exc)}
+    s.pop("_result")
+    info = {k: v for k, v in s["info"].items() if k != "rewards"}
+    return row | {k: s[k] for k in ("file_bytes", "fp32_bytes", "budget_limit", "budget_unit", "accuracy",
+                                    "baseline_accuracy", "bops", "macs", "fp32_bops", "fp32_macs",
+                                    "seconds_by_stage")} | {"info": info}
+
+
+def row_key(row: dict) -> tuple:
+    """Rows of the same model, budget, strategy, fine-tune epochs and device replace each other."""
+    strategy = "peer" if row["strategy"].startswith("peer") else row["strategy"]
+    return row["model"], row["budget"], strategy, row.get("epochs"), row.get("device", "cpu")
+
+
+def device_name(device: str) -> str:
+    """What the device is, in words (GPU model, or CPU model and thread count)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch import nn
 
 from zerobit.budget import BOPs, Budget, BudgetError, MACs, Size, bops, float_policy, macs
 from zerobit.data.loaders import Batches, TensorData
+from zerobit.device import DeviceLike, model_device, resolve
 from zerobit.export.runtime import save_zbit
 from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import ModelGraph, analyse
@@ -58,6 +59,7 @@ class CompressResult:
             "baseline_accuracy": self.baseline_accuracy, "bops": bops(g, p), "fp32_bops": bops(g, ref),
             "macs": macs(g, p), "fp32_macs": macs(g, ref), "seconds": sum(self.seconds.values()),
             "seconds_by_stage": self.seconds, "info": self.info, "model": g.model_name,
+            "device": str(model_device(self.model)),
         }
 
     def summary(self) -> str:
@@ -101,7 +103,8 @@ def _check_finite(qmodel: nn.Module) -> None:
 def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy = "uniform",
              *, train_data: TensorData, eval_data: TensorData, test_data: TensorData | None = None,
              finetune_config: FinetuneConfig | None = None, act_bits: int = 8, model_name: str = "",
-             progress: bool = True, ignored_layers: list[str] | None = None) -> CompressResult:
+             progress: bool = True, ignored_layers: list[str] | None = None,
+             device: DeviceLike = "auto") -> CompressResult:
     """Compress `model` to fit `budget`: choose per-channel bits (0 = removed), fine-tune, measure.
 
     Args:
@@ -116,6 +119,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
         model_name: zoo name, stored in the file so `zerobit.load(path)` needs no model object.
         progress: show progress bars.
         ignored_layers: names of layers whose output channels are kept (only quantized), besides the output layer.
+        device: where everything runs — "auto" (CUDA when available), "cpu", "cuda", "cuda:N" or a torch.device.
+            The data may stay on the CPU (batches move one at a time). `model` is put back on its own device and
+            in its own train/eval mode afterwards; the compressed model stays on `device`.
 
     Example:
         >>> # r = compress(model, torch.zeros(1, 1, 28, 28), Size(fraction=1/32), "sequential",
@@ -123,10 +129,22 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
         >>> # r.save("small.zbit")
     """
     _check_inputs(model, example_inputs, budget, train_data)
-    finetune_config = finetune_config or FinetuneConfig()
+    dev = resolve(device)
+    home, was_training = model_device(model), model.training
+    try:
+        return _compress(model.to(dev).eval(), example_inputs.to(dev), budget, strategy, train_data, eval_data,
+                         test_data, finetune_config or FinetuneConfig(), act_bits, model_name, progress,
+                         ignored_layers)
+    finally:
+        model.to(home).train(was_training)
+
+
+def _compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy,
+              train_data: TensorData, eval_data: TensorData, test_data: TensorData | None,
+              finetune_config: FinetuneConfig, act_bits: int, model_name: str, progress: bool,
+              ignored_layers: list[str] | None) -> CompressResult:
     clock: dict[str, float] = {}
     t = time.perf_counter()
-    model = model.eval()
     graph = analyse(model, example_inputs, ignored_layers)
     graph.model_name = model_name
     budget.check_feasible(graph, act_bits)

@@ -17,11 +17,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from zerobit.train.train import TrainRecipe, train_zoo_model
 
     try:  # the recipe recorded on the committed card, so `zerobit train --model NAME` reproduces it
-        base = {k: v for k, v in zoo.card(args.model)["recipe"].items() if k in TrainRecipe.__dataclass_fields__}
+        recorded = zoo.card(args.model)["recipe"]
     except (FileNotFoundError, KeyError, ValueError):
-        base = {}
+        recorded = {}
+    base = {k: v for k, v in recorded.items() if k in TrainRecipe.__dataclass_fields__}
+    if recorded.get("bf16"):  # cards written before precision was a setting
+        base["precision"] = "auto"
     recipe = TrainRecipe(**(base | ({"epochs": args.epochs} if args.epochs else {}) | {"seed": args.seed}))
-    card = train_zoo_model(args.model, recipe, out_dir=args.out, progress=not args.quiet)
+    card = train_zoo_model(args.model, recipe, out_dir=args.out, progress=not args.quiet, device=args.device)
     print(json.dumps({k: card[k] for k in ("model", "test_accuracy", "seconds") if k in card}))
     return 0
 
@@ -49,8 +52,12 @@ def parse_options(items: list[str]) -> dict:
 
 
 def run_compress(model_name: str, data: str, budget: str, strategy: str, finetune_epochs: float, out: str,
-                 act_bits: int = 8, seed: int = 0, progress: bool = True, options: dict | None = None) -> dict:
-    """Compress a zoo model and write DIR/model.zbit, DIR/policy.json and DIR/result.json; returns the result."""
+                 act_bits: int = 8, seed: int = 0, progress: bool = True, options: dict | None = None,
+                 device: str = "auto", finetune: dict | None = None) -> dict:
+    """Compress a zoo model and write DIR/model.zbit, DIR/policy.json and DIR/result.json; returns the result.
+
+    `finetune` sets other FinetuneConfig fields (e.g. {"lr": 0.02}).
+    """
     from zerobit import FinetuneConfig, compress, parse_budget, zoo
     from zerobit.data import get_splits
     from zerobit.strategies import get_strategy
@@ -61,8 +68,8 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
     model = zoo.load_pretrained(model_name)
     result = compress(model, zoo.example_input(model_name), parse_budget(budget), strat,
                       train_data=splits.train, eval_data=splits.val, test_data=splits.test,
-                      finetune_config=FinetuneConfig(epochs=finetune_epochs, seed=seed), act_bits=act_bits,
-                      model_name=model_name, progress=progress)
+                      finetune_config=FinetuneConfig(**({"epochs": finetune_epochs, "seed": seed} | (finetune or {}))),
+                      act_bits=act_bits, model_name=model_name, progress=progress, device=device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = result.save(out_dir / "model.zbit")
@@ -77,7 +84,7 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     summary = run_compress(args.model, args.data, args.budget, args.strategy, args.finetune_epochs, args.out,
-                           args.act_bits, args.seed, not args.quiet, parse_options(args.option))
+                           args.act_bits, args.seed, not args.quiet, parse_options(args.option), args.device)
     result = summary.pop("_result")
     print(result.policy)
     print(result.summary())
@@ -91,18 +98,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from zerobit.data import get_splits
     from zerobit.train.evaluate import accuracy
 
-    model = load(args.file)
+    model = load(args.file, device=args.device)
     acc = accuracy(model, get_splits(args.data).test)
-    out = {"file": args.file, "file_bytes": os.path.getsize(args.file), "accuracy": acc, "data": args.data}
+    out = {"file": args.file, "file_bytes": os.path.getsize(args.file), "accuracy": acc, "data": args.data,
+           "device": args.device}
     print(json.dumps(out) if args.json else f"{args.file}: {out['file_bytes']:,} bytes, test accuracy {acc:.2%}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from zerobit.device import resolve
+
     start = time.perf_counter()
     print(f"zerobit demo: compress the pretrained ResNet-20 to {args.budget} of its fp32 file "
-          f"({args.strategy}, {args.finetune_epochs:g} fine-tune epochs) on Fashion-MNIST\n")
-    summary = run_compress("resnet20", "fashion-mnist", args.budget, args.strategy, args.finetune_epochs, args.out)
+          f"({args.strategy}, {args.finetune_epochs:g} fine-tune epochs, on {resolve(args.device)}) on "
+          "Fashion-MNIST\n")
+    summary = run_compress("resnet20", "fashion-mnist", args.budget, args.strategy, args.finetune_epochs, args.out,
+                           device=args.device)
     result = summary.pop("_result")
     print(result.policy, "\n")
     print(result.summary())
@@ -145,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--finetune-epochs", type=float, default=0.5)
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=_cmd_demo)
+    for command in (t, c, e, d):
+        command.add_argument("--device", default="auto",
+                             help="where to compute: auto (CUDA when available), cpu, cuda, cuda:N")
     return p
 
 

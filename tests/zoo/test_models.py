@@ -11,7 +11,7 @@ from zerobit import zoo
 from zerobit.data import Splits, fashion_mnist_splits
 from zerobit.data import fashion_mnist as fm
 from zerobit.train.evaluate import accuracy, predictions
-from zerobit.train.train import TrainRecipe, lr_factor, train
+from zerobit.train.train import TrainRecipe, loop_spec, train
 
 NAMES = zoo.names()
 
@@ -101,7 +101,7 @@ def test_few_training_steps_reduce_loss(splits: Splits) -> None:
 
 
 def test_lr_schedule_warmup_and_decay() -> None:
-    f = lr_factor(TrainRecipe(epochs=4, warmup_epochs=1), steps_per_epoch=100)
+    f = loop_spec(TrainRecipe(epochs=4, warmup_epochs=1), steps_per_epoch=100).lr_factor
     assert f(0) == pytest.approx(0.1) and f(100) == pytest.approx(1.0)
     assert f(50) < f(100) and f(399) < 0.01
     with pytest.raises(ValueError, match="schedule"):

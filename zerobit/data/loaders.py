@@ -121,7 +121,19 @@ def random_crop_flip(x: Tensor, gen: torch.Generator, pad: int = 2, fill: float 
         cols = torch.where(flip.view(n, 1, 1), cols.flip(2), cols)
     batch = torch.arange(n).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (N, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    return plain_strides(out.permute(0, 3, 1, 2))
+
+
+def plain_strides(x: Tensor) -> Tensor:
+    """`x` with the row-major strides of its shape.
+
+    A (N, 1, H, W) tensor permuted from (N, H, W, 1) counts as contiguous yet carries channels-last strides;
+    torch 2.13's CPU convolutions then take a channels-last path, and the backward pass of a heavily pruned
+    ResNet-20 on one thread corrupted memory (segmentation fault) on such batches.
+    """
+    if x.stride() == torch.empty(x.shape, device="meta").stride():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 class Batches:
@@ -180,6 +192,5 @@ class Batches:
                 x, y = self.data.x[idx], self.data.y[idx]
             if self.augment:
                 x = random_crop_flip(x, gen, pad=2, fill=fill, hflip=self.hflip)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else plain_strides(x)
             yield x, y

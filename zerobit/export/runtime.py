@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, replace
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from zerobit.device import DeviceLike, model_device, resolve
 from zerobit.export.container import (
     MAX_SAMPLE_ELEMENTS,
     Header,
@@ -36,11 +38,14 @@ from zerobit.quant.pack import packed_bytes, unpack
 
 
 def save_zbit(qmodel: nn.Module, graph: ModelGraph, policy: Policy, path: str | os.PathLike) -> int:
-    """Write the .zbit file of a fake-quant model; returns the bytes written.
+    """Write the .zbit file of a fake-quant model (on any device; what is written is computed on the CPU);
+    returns the bytes written.
 
     Example:
         >>> # n = save_zbit(result.model, result.graph, result.policy, "small.zbit")
     """
+    if model_device(qmodel).type != "cpu":
+        qmodel = copy.deepcopy(qmodel).cpu()
     data = to_bytes(qmodel, graph, policy)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
@@ -204,8 +209,8 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy) -
     return pruned.eval()
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None,
-         example_inputs: torch.Tensor | None = None) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, example_inputs: torch.Tensor | None = None,
+         device: DeviceLike = "cpu") -> nn.Module:
     """Rebuild the compressed model stored in `path` as a plain nn.Module (eval mode).
 
     Works inside ``torch.no_grad()`` and ``torch.inference_mode()``. Every part of the file is checked against
@@ -216,6 +221,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         model: the original (uncompressed) model object; optional for zoo models, whose name the file holds.
         example_inputs: an input like the one compressed with; needed only when one sample has more than
             2^18 elements (a file's metadata alone is not trusted to size the tracing).
+        device: where the rebuilt model lives ("cpu", "cuda", "cuda:N", "auto"); the file is decoded on the CPU.
 
     Example:
         >>> # small = zerobit.load("small.zbit")          # zoo model
@@ -225,8 +231,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     if example_inputs is not None and tuple(example_inputs.shape[1:]) != zf.input_shape[1:]:
         raise ZbitFormatError(f"{path} was written for inputs of shape {zf.input_shape[1:]} per sample, "
                               f"example_inputs has {tuple(example_inputs.shape[1:])}")
+    device = resolve(device)
     if model is None:
         model = _zoo_model(path, zf)
+    elif model_device(model).type != "cpu":  # decoded on the CPU; the caller's model stays where it is
+        model = copy.deepcopy(model).cpu()
     with torch.inference_mode(False), torch.enable_grad():  # tracing needs autograd
         graph = _graph_of(path, model, zf)
         try:
@@ -237,7 +246,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         except (ValueError, RuntimeError, IndexError) as exc:  # ZbitFormatError is a ValueError
             raise ZbitFormatError(f"{path} is damaged: {exc}") from exc
     zf.policy = policy
-    return loaded
+    return loaded.to(device)
 
 
 def _zoo_model(path: str | os.PathLike, zf: ZbitFile) -> nn.Module:

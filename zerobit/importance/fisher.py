@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zerobit.data.loaders import Batches, TensorData
+from zerobit.device import model_device, move
 from zerobit.graph import ModelGraph
 
 NORMALIZERS = (None, "memory", "macs")
@@ -40,13 +41,15 @@ def fisher_scores(model: nn.Module, graph: ModelGraph, data: TensorData, batches
                 return out * m.view(m.shape[0], m.shape[1], *([1] * (out.dim() - 2)))
 
             handles.append(module.register_forward_hook(hook))
-    totals = {g: torch.zeros(grp.channels) for g, grp in graph.groups.items()}
+    device = model_device(model)
+    totals = {g: torch.zeros(grp.channels, device=device) for g, grp in graph.groups.items()}
     try:
-        for i, (x, y) in enumerate(Batches(data, batch_size, shuffle=True, seed=0)):
+        for i, batch in enumerate(Batches(data, batch_size, shuffle=True, seed=0)):
             if i >= batches:
                 break
+            x, y = move(batch, device)
             for g, grp in graph.groups.items():
-                masks[g] = torch.ones(x.shape[0], grp.channels, requires_grad=True)  # one mask per sample
+                masks[g] = torch.ones(x.shape[0], grp.channels, requires_grad=True, device=device)  # per sample
             loss = F.cross_entropy(model(x), y, reduction="sum")
             grads = torch.autograd.grad(loss, [masks[g] for g in graph.groups])
             for g, grad in zip(graph.groups, grads, strict=True):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zerobit.device import model_device
 from zerobit.graph import ModelGraph
 
 
@@ -23,7 +24,7 @@ class Magnitude:
     p: int = 1
 
     def __call__(self, model: nn.Module, graph: ModelGraph, group: str) -> torch.Tensor:
-        total = torch.zeros(graph.groups[group].channels)
+        total = torch.zeros(graph.groups[group].channels, device=model_device(model))
         for name in graph.groups[group].layers:
             layer = graph.layers[name]
             w = model.get_submodule(name).weight.detach().flatten(1).abs()
@@ -36,6 +37,6 @@ class Magnitude:
 
 
 def group_scores(model: nn.Module, graph: ModelGraph, criterion=None) -> dict[str, torch.Tensor]:
-    """One score per channel for every group (default criterion: L1 magnitude)."""
+    """One score per channel for every group (default criterion: L1 magnitude), on the CPU wherever the model is."""
     criterion = criterion or Magnitude()
-    return {name: criterion(model, graph, name).float() for name in graph.groups}
+    return {name: criterion(model, graph, name).float().cpu() for name in graph.groups}

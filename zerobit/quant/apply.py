@@ -85,7 +85,7 @@ def wrap_layers(model: nn.Module, graph: ModelGraph, policy: Policy) -> nn.Modul
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """0/1 mask keeping the largest-magnitude weights, exactly `kept_weights(numel, sparsity)` of them."""
     keep = kept_weights(weight.numel(), sparsity)
-    mask = torch.zeros(weight.numel())
+    mask = torch.zeros(weight.numel(), device=weight.device)
     mask[torch.topk(weight.detach().abs().flatten(), keep, sorted=False).indices] = 1.0
     return mask.view_as(weight)
 

@@ -14,14 +14,15 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30) -> torch.Tenso
     """
     values = values.detach().flatten().float()
     if values.numel() == 0:
-        return torch.zeros(k)
+        return torch.zeros(k, device=values.device)
     if values.numel() > 50_000:  # a fixed subsample keeps large layers fast
-        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:50_000]]
-    centroids = torch.quantile(values, torch.linspace(0, 1, k + 2)[1:-1])
+        pick = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:50_000]
+        values = values[pick.to(values.device)]
+    centroids = torch.quantile(values, torch.linspace(0, 1, k + 2, device=values.device)[1:-1])
     for _ in range(iterations):
         assign = nearest(values, centroids)
-        sums = torch.zeros(k).index_add_(0, assign, values)
-        counts = torch.zeros(k).index_add_(0, assign, torch.ones_like(values))
+        sums = torch.zeros(k, device=values.device).index_add_(0, assign, values)
+        counts = torch.zeros(k, device=values.device).index_add_(0, assign, torch.ones_like(values))
         updated = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
         if torch.allclose(updated, centroids):
             break

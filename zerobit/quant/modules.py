@@ -14,11 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from zerobit.quant.codebook import nearest
-from zerobit.quant.uniform import FLOAT_BITS, best_clip, codes, fake_quant, fake_quant_activation, scales
+from zerobit.quant.uniform import (
+    FLOAT_BITS,
+    best_clip,
+    codes,
+    fake_quant,
+    fake_quant_activation,
+    learned_quant,
+    learned_quant_activation,
+    scales,
+)
 
 
 class ActQuant(nn.Module):
-    """Per-tensor activation quantizer; `scale` is calibrated once, `signed` from the data's sign."""
+    """Per-tensor activation quantizer; `scale` is calibrated once (then fixed, or learned after `learn_scale`),
+    `signed` from the data's sign."""
 
     def __init__(self, bits: int, scale: float = 1.0, signed: bool = True) -> None:
         super().__init__()
@@ -26,10 +36,20 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("signed", torch.tensor(bool(signed)))
 
+    def learn_scale(self) -> None:
+        """Make the step a parameter trained with the weights (LSQ); its state-dict entry stays `scale`."""
+        if isinstance(self.scale, nn.Parameter) or self.bits >= FLOAT_BITS:
+            return
+        value = self.scale.detach().clone()
+        del self.scale
+        self.scale = nn.Parameter(value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= FLOAT_BITS:
             return x
-        return fake_quant_activation(x, self.bits, self.scale, bool(self.signed))
+        if isinstance(self.scale, nn.Parameter) and torch.is_grad_enabled():
+            return learned_quant_activation(x, self.bits, self.scale, bool(self.signed))
+        return fake_quant_activation(x, self.bits, self.scale.detach(), bool(self.signed))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scale={float(self.scale):.4g}, signed={bool(self.signed)}"
@@ -66,12 +86,13 @@ class QuantLayer(nn.Module):
             raise ValueError(f"{len(bits)} bit-widths for a layer with {layer.weight.shape[0]} output channels")
         self.layer = layer
         self.bn = bn
-        self.act = ActQuant(act_bits)
-        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
+        self.act = ActQuant(act_bits).to(layer.weight.device)
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64, device=layer.weight.device))
         self.register_buffer("clip", best_clip(layer.weight, self.bits))
         self.register_buffer("mask", None)  # 1 = weight kept (unstructured sparsity)
         self.register_buffer("fixed_scale", None)  # frozen per-channel steps
         self.register_buffer("book", None)  # sorted codebook centroids
+        self.step: nn.Parameter | None = None  # learned per-channel steps (after `learn_steps`)
 
     def __getattr__(self, name: str) -> object:
         """Attributes of the wrapped layer (stride, out_channels, …) stay readable, for model code that reads them."""
@@ -91,6 +112,19 @@ class QuantLayer(nn.Module):
         """Fix the per-channel step sizes at their current values (OPQ fine-tunes with frozen steps)."""
         self.fixed_scale = scales(self.masked_weight(), self.bits, self.clip).detach().clone()
 
+    def learn_steps(self) -> None:
+        """Train the per-channel steps with the weights (LSQ), starting from the current ones (codebook layers
+        keep their centroids)."""
+        if self.book is None and self.step is None:
+            self.step = nn.Parameter(self._current_scale().detach().clone())
+
+    def _current_scale(self) -> torch.Tensor:
+        if self.step is not None:
+            return self.step.detach().clamp_min(1e-12)
+        if self.fixed_scale is not None:
+            return self.fixed_scale
+        return scales(self.masked_weight(), self.bits, self.clip)
+
     def set_codebook(self, centroids: torch.Tensor | None) -> None:
         """Quantize weights to the nearest of these centroids (sorted) instead of a uniform grid."""
         self.book = None if centroids is None else torch.sort(centroids.detach().float()).values
@@ -101,6 +135,9 @@ class QuantLayer(nn.Module):
 
     def _quantized_weight(self) -> torch.Tensor:
         w = self.masked_weight()
+        if self.step is not None:
+            wq = learned_quant(w, self.bits, self.step)
+            return wq if self.mask is None else wq * self.mask
         if self.book is None:
             wq = fake_quant(w, self.bits, self.clip, self.fixed_scale)
         else:
@@ -110,9 +147,12 @@ class QuantLayer(nn.Module):
         return w + (wq - w).detach()
 
     def set_bits(self, bits: list[int]) -> None:
-        """Change the bit-width of each channel (and re-pick the clip ratios)."""
-        self.bits.copy_(torch.tensor(bits, dtype=torch.int64))
+        """Change the bit-width of each channel (and re-pick the clip ratios and learned steps)."""
+        self.bits.copy_(torch.tensor(bits, dtype=torch.int64, device=self.bits.device))
         self.clip.copy_(best_clip(self.layer.weight, self.bits))
+        if self.step is not None:
+            with torch.no_grad():
+                self.step.copy_(scales(self.masked_weight(), self.bits, self.clip))
 
     def _linear_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.layer, nn.Linear):
@@ -141,7 +181,7 @@ class QuantLayer(nn.Module):
         """Per-channel multiplier and shift of the BatchNorm (running statistics) and layer bias."""
         w, bias = self.layer.weight, self.layer.bias
         if self.bn is None:
-            return torch.ones(w.shape[0]), bias
+            return torch.ones(w.shape[0], device=w.device), bias
         bn = self.bn
         mult = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * mult
@@ -164,7 +204,7 @@ class QuantLayer(nn.Module):
             if self.mask is not None:
                 weight = weight * self.mask
             return DeployTensors(idx.float(), scale16, bias16, weight.contiguous(), book16)
-        s = self.fixed_scale if self.fixed_scale is not None else scales(w, self.bits, self.clip)
+        s = self._current_scale()
         c = codes(w, self.bits, s)
         scale16 = (s * mult).to(torch.float16)
         quantized = c * scale16.float().view(shape)
@@ -177,7 +217,7 @@ class QuantLayer(nn.Module):
         d = self.deploy()
         parts = {"weights": d.weight, "scales": d.scale, "bias": d.bias, "codebook": d.book}
         bad = [part for part, t in parts.items() if t is not None and not bool(torch.isfinite(t).all())]
-        if self.act.bits < FLOAT_BITS and not 0 < float(self.act.scale) < float("inf"):
+        if self.act.bits < FLOAT_BITS and not 0 < float(self.act.scale.detach()) < float("inf"):
             bad.append("input scale")
         return bad
 

@@ -55,13 +55,45 @@ def fake_quant(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor | None = 
     return w + (wq - w).detach()
 
 
+def _scale_grad(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """`x` in the forward pass; its gradient multiplied by `factor` in the backward pass."""
+    return (x - x * factor).detach() + x * factor
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def learned_quant(w: torch.Tensor, bits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize `w` per output channel with learnable steps (LSQ, Esser et al. 2020).
+
+    Rounding passes gradients straight through; the steps get LSQ's gradient, scaled by 1/sqrt(n·Q) (n weights
+    per channel, Q the largest code) so they learn at the pace of the weights. 0-bit channels give zeros, 32-bit
+    channels their float weights.
+    """
+    q = _per_channel(qmax(bits), w)
+    grad_factor = 1.0 / torch.sqrt(q * w[0].numel())
+    s = _per_channel(_scale_grad(step.clamp_min(1e-12), grad_factor.flatten()), w)
+    wq = _round_ste(torch.clamp(w / s, -q, q)) * s * _per_channel((bits > 0).float(), w)
+    is_float = _per_channel(bits == FLOAT_BITS, w)
+    return torch.where(is_float, w, wq)
+
+
+def learned_quant_activation(x: torch.Tensor, bits: int, step: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Per-tensor activation quantization with a learnable step (LSQ); see `learned_quant`."""
+    hi = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    lo = -hi if signed else 0
+    s = _scale_grad(step.clamp_min(1e-12), 1.0 / (x[0].numel() * hi) ** 0.5)
+    return _round_ste(torch.clamp(x / s, lo, hi)) * s
+
+
 def best_clip(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Per-channel clip ratio from CLIP_GRID that minimises the squared quantization error."""
-    best_err = torch.full((w.shape[0],), float("inf"))
-    best = torch.ones(w.shape[0])
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best = torch.ones(w.shape[0], device=w.device)
     w = w.detach()
     for ratio in CLIP_GRID:
-        clip = torch.full((w.shape[0],), ratio)
+        clip = torch.full((w.shape[0],), ratio, device=w.device)
         s = scales(w, bits, clip)
         err = (codes(w, bits, s) * _per_channel(s, w) - w).pow(2).flatten(1).sum(1)
         better = err < best_err

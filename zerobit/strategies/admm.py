@@ -102,7 +102,8 @@ class ADMM(Strategy):
         per_weight = {n: layer_bits[n] + position[n] for n in graph.layers}
         books = sum(_book_bits(b) for b in layer_bits.values())
         scores = torch.cat([(target[n] ** 2).flatten() / per_weight[n] for n in graph.layers])
-        costs = torch.cat([torch.full((target[n].numel(),), per_weight[n]) for n in graph.layers])
+        costs = torch.cat([torch.full((target[n].numel(),), per_weight[n], device=target[n].device)
+                           for n in graph.layers])
         order = torch.argsort(scores, descending=True)
         keep = int((torch.cumsum(costs[order], 0) <= payload - books).sum())
         kept = torch.zeros_like(scores)
@@ -216,7 +217,7 @@ class ADMM(Strategy):
             alive = torch.zeros(grp.channels)
             for n in grp.layers:
                 w = model.get_submodule(n).weight
-                alive += magnitude_mask(w, 1 - density[n]).flatten(1).sum(1)
+                alive += magnitude_mask(w, 1 - density[n]).flatten(1).sum(1).cpu()
             empty = torch.nonzero(tied_scores(alive, grp.tie) == 0).flatten().tolist()  # whole tied classes
             if len(empty) < grp.block:
                 removed[g] = {c + k * grp.block for c in empty for k in range(grp.tie)}

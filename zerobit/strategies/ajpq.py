@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from zerobit.device import model_device
 from zerobit.policy import GroupDecision, Policy, repeat, tied_scores
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.strategies.ddpg import DDPG, DDPGConfig
@@ -191,10 +192,10 @@ class AJPQ(Strategy):
             bar.set_postfix(best=f"{state['best_reward']:.2f}", budget=f"{problem.cost(policy) / problem.limit:.0%}")
         bar.close()
         best, final = self._rerank(problem, state, reference)
+        dtype = self.proxy.dtype(model_device(problem.model))
         return SearchResult(best, info={"episodes": state["episode"], "best_reward": state["best_reward"],
                                         "rewards": state["rewards"], "reference_accuracy": reference.accuracy,
-                                        "proxy_dtype": str(self.proxy.dtype()).removeprefix("torch."),
-                                        "rerank": final})
+                                        "proxy_dtype": str(dtype).removeprefix("torch."), "rerank": final})
 
     def _episode(self, problem: Problem, agent: DDPG, feats: np.ndarray,
                  warm: bool) -> tuple[Policy, list[np.ndarray], list[np.ndarray]]:

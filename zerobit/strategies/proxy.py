@@ -3,16 +3,16 @@
 A candidate is applied for real (0-bit channels removed, so small policies evaluate fast), its BatchNorm
 statistics are re-estimated on a few training batches, optionally a few QAT steps follow, and it is scored on a
 fixed slice of the validation split: top-1 accuracy and the KL divergence from the uncompressed model's outputs.
-On a CPU with native bfloat16 (AMX or AVX512-BF16) all of this runs under bfloat16 autocast by default: ~1.6×
-faster on ResNet-20 search policies, scores within 0.4 points of float32 (BENCHMARKS.md); the fake-quantized
-weights and 8-bit activation codes are exact in bfloat16, only products and sums round more coarsely.
+Where the device runs bfloat16 natively (CUDA, CPUs with AMX; see zerobit.device) all of this runs under bfloat16
+autocast by default: ~1.6× faster on ResNet-20 search policies with AMX, scores within 0.4 points of float32
+(BENCHMARKS.md); the fake-quantized weights and 8-bit activation codes are exact in bfloat16, only products and
+sums round more coarsely. (On CPUs with AVX512-BF16 but no AMX, bfloat16 measured ~10× slower: float32 there.)
 `bench/ajpq_proxy.py` measures how well each setting ranks policies by their accuracy after a real fine-tune.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zerobit.data.loaders import Batches
+from zerobit.device import PRECISIONS, autocast, autocast_dtype, model_device
 from zerobit.policy import GroupDecision, Policy
 from zerobit.quant.apply import apply_policy, quant_layers, wrap_layers
 from zerobit.strategies.base import Problem
@@ -28,7 +29,6 @@ from zerobit.train.evaluate import logits
 from zerobit.train.finetune import FinetuneConfig, finetune
 
 METRICS = ("accuracy", "kl")
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ProxyConfig:
         lr: learning rate of those steps.
         samples: validation images scored (always the same ones).
         metric: "accuracy" → reward 0.1·(acc − reference acc) in % points; "kl" → reward −KL(reference ‖ candidate).
-        precision: "float32", "bfloat16" (autocast) or "auto" = bfloat16 where the CPU runs it natively.
+        precision: "float32", "bfloat16" (autocast) or "auto" = bfloat16 where the device runs it natively.
     """
 
     recovery_batches: int = 10
@@ -59,23 +59,9 @@ class ProxyConfig:
             raise ValueError(f"invalid ProxyConfig {self}: metric must be one of {METRICS}, precision one of "
                              f"{PRECISIONS}, samples ≥ 1, recovery_batches and finetune_steps ≥ 0")
 
-    def dtype(self) -> torch.dtype:
-        """The autocast dtype this config scores in ("auto" resolved for this CPU)."""
-        if self.precision == "auto":
-            return torch.bfloat16 if native_bfloat16() else torch.float32
-        return torch.bfloat16 if self.precision == "bfloat16" else torch.float32
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype() == torch.bfloat16)
-
-
-@functools.cache
-def native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AMX tiles or AVX512-BF16); elsewhere it is emulated, slower."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # a torch without these probes: stay in float32
-        return False
+    def dtype(self, device: torch.device) -> torch.dtype:
+        """The autocast dtype this config scores in on `device` ("auto" resolved by zerobit.device)."""
+        return autocast_dtype(device, self.precision)
 
 
 @dataclass
@@ -111,13 +97,14 @@ def _recover_and_score(problem: Problem, model: nn.Module, ranges: dict[str, dic
     for name, q in quant_layers(model).items():
         q.act.load_state_dict(ranges[name])
     batches = Batches(problem.train_data, config.batch_size, shuffle=True, seed=seed)
-    with config.autocast():
+    with autocast(model_device(model), config.precision):
         recalibrate_batchnorm(model, batches, config.recovery_batches)
         if config.finetune_steps:
-            ft = FinetuneConfig(lr=config.lr, batch_size=config.batch_size, distill=0.0, seed=seed, augment=False)
+            ft = FinetuneConfig(lr=config.lr, batch_size=config.batch_size, distill=0.0, seed=seed, augment=False,
+                                precision=config.precision)
             finetune(model, problem.train_data, ft, progress=False, steps=config.finetune_steps)
         val = problem.val_data.subset(config.samples)
-        return logits(model.eval(), val.x, 500).float(), val.y
+        return logits(model.eval(), val.x, 500).float().cpu(), val.y
 
 
 def proxy_scores(problem: Problem, reference: ProxyReference, policy: Policy, config: ProxyConfig,

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from zerobit.device import model_device, move
 from zerobit.quant.modules import ActQuant
 from zerobit.quant.uniform import FLOAT_BITS
 
@@ -28,12 +29,12 @@ def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int 
         sample = x.abs().flatten()
         if sample.numel() > 200_000:
             pick = torch.randint(sample.numel(), (200_000,), generator=torch.Generator().manual_seed(0))
-            sample = sample[pick]  # with replacement: a permutation of millions cost ~70 ms per call
+            sample = sample[pick.to(sample.device)]  # with replacement: a permutation of millions cost ~70 ms per call
         stats[module].append(torch.quantile(sample.float(), percentile))
         signed[module] = signed[module] or bool((x < 0).any())
 
     handles = [q.register_forward_pre_hook(hook) for q in quants]
-    was_training = model.training
+    was_training, device = model.training, model_device(model)
     model.eval()
     saved_bits = {q: q.bits for q in quants}
     for q in quants:
@@ -42,7 +43,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int 
         for i, (x, _y) in enumerate(batches):
             if i >= max_batches:
                 break
-            model(x)
+            model(move(x, device))
     finally:
         for h in handles:
             h.remove()
@@ -64,7 +65,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int 
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns or max_batches <= 0:
         return
-    was_training = model.training
+    was_training, device = model.training, model_device(model)
     momenta = {bn: bn.momentum for bn in bns}
     for bn in bns:
         bn.reset_running_stats()
@@ -74,7 +75,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int 
         for i, (x, _y) in enumerate(batches):
             if i >= max_batches:
                 break
-            model(x)
+            model(move(x, device))
     finally:
         for bn in bns:
             bn.momentum = momenta[bn]

@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from zerobit.device import model_device, move
+
 
 class LabelledData(Protocol):
     """Anything with images ``x`` (N, C, H, W) and labels ``y`` (N,), e.g. ``TensorData``."""
@@ -34,18 +36,19 @@ def predictions(model: nn.Module, data: LabelledData, batch_size: int = 1000) ->
     """
     if len(data.x) == 0:
         return torch.empty(0, dtype=torch.int64)
-    return logits(model, data.x, batch_size).argmax(dim=1)
+    return logits(model, data.x, batch_size).argmax(dim=1).cpu()
 
 
 @torch.no_grad()
 def logits(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """The model's outputs for every example, in eval mode, batch by batch; its previous mode is restored."""
+    """The model's outputs for every example, in eval mode, batch by batch on the model's device (the outputs stay
+    there); its previous mode is restored."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = model.training
+    was_training, device = model.training, model_device(model)
     model.eval()
     try:
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(move(x[i:i + batch_size], device)) for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
 

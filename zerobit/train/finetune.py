@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from zerobit.data.loaders import Batches, TensorData
+from zerobit.device import PRECISIONS
+from zerobit.quant.modules import ActQuant, QuantLayer
+from zerobit.train.loop import MAX_RESTARTS, LoopSpec, fit
+
+__all__ = ["MAX_RESTARTS", "QUANTIZERS", "FinetuneConfig", "distillation_loss", "finetune"]
+QUANTIZERS = ("mse", "lsq")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,13 @@ class FinetuneConfig:
         temperature: softmax temperature of the distillation term.
         seed: makes runs repeatable.
         augment: random crop + flip on training batches.
+        clip_norm: the gradient's global norm is clipped to this (0 = off); a safety net against the rare huge
+            step of low-bit QAT, above the norms of a healthy run.
+        precision: "float32", "bfloat16" (autocast for forward/backward; weights, scales and the stored model
+            stay float32) or "auto" = bfloat16 where the device runs it natively (CUDA, CPUs with AMX).
+        quantizer: how quantization steps are set while training: "mse" = per channel from max|w| times the clip
+            ratio that minimised the squared error at apply time, activations fixed at calibration; "lsq" = the
+            steps (per output channel for weights, per tensor for activations) start there and are learned.
     """
 
     epochs: float = 1.0
@@ -38,11 +48,15 @@ class FinetuneConfig:
     temperature: float = 2.0
     seed: int = 0
     augment: bool = True
+    clip_norm: float = 10.0
+    precision: str = "auto"
+    quantizer: str = "mse"
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.distill <= 1:
+        if (self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.distill <= 1
+                or self.clip_norm < 0 or self.precision not in PRECISIONS or self.quantizer not in QUANTIZERS):
             raise ValueError(f"invalid FinetuneConfig {self}: need epochs ≥ 0, lr > 0, batch_size ≥ 1, "
-                             "0 ≤ distill ≤ 1")
+                             f"0 ≤ distill ≤ 1, clip_norm ≥ 0, precision in {PRECISIONS}, quantizer in {QUANTIZERS}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,13 +77,13 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
 def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | None = None,
              teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None,
              penalty: Callable[[], torch.Tensor] | None = None, steps: int | None = None) -> dict:
-    """Fine-tune `model` in place (QAT when its layers are QuantLayers); returns the loss history.
+    """Fine-tune `model` in place (QAT when its layers are QuantLayers) on its device; returns the loss history.
 
     Args:
-        model: the (fake-quant) model to train.
-        train_data: training split (never the validation or test split).
-        config: optimiser and distillation settings.
-        teacher: the uncompressed model; its softened outputs are distilled into `model`.
+        model: the (fake-quant) model to train; it trains where its parameters are (CPU or CUDA).
+        train_data: training split (never the validation or test split); batches move to the model's device.
+        config: optimiser, precision and distillation settings.
+        teacher: the uncompressed model (on the same device); its softened outputs are distilled into `model`.
         progress: show a progress bar.
         epochs: overrides `config.epochs` (e.g. what is left of a shared fine-tune budget).
         penalty: an extra loss term added at every step (e.g. ADMM's proximal pull).
@@ -81,90 +95,25 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
     config = config or FinetuneConfig()
     epochs = config.epochs if epochs is None else epochs
     batches = Batches(train_data, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed,
-                      drop_last=True)
+                      drop_last=len(train_data) >= config.batch_size)
     steps = int(round(epochs * len(batches))) if steps is None else steps
-    history: dict = {"loss": [], "steps": steps}
-    if steps == 0:
-        return history
+    spec = LoopSpec(steps=steps, lr=config.lr, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                    precision=config.precision)
     torch.manual_seed(config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    bar = tqdm(total=steps, desc="fine-tune", disable=not progress, leave=False)
-    guard = _DivergenceGuard(model, opt, bar)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: guard.scale * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     if teacher is not None:
         teacher.eval()
-    model.train()
-    step, running = 0, None
-    history["restarts"] = guard.restarts
-    while step < steps:
-        for x, y in batches:
-            with torch.no_grad():
-                t_logits = teacher(x) if teacher is not None else None
-            loss = distillation_loss(model(x), y, t_logits, config.distill, config.temperature)
-            if penalty is not None:
-                loss = loss + penalty()
-            opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-            if not torch.isfinite(loss) or not _finite_grads(params):
-                guard.recover(step)
-                continue
-            opt.step()
-            sched.step()
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            history["loss"].append(loss.item())
-            step += 1
-            guard.passed(step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}")
-            if step >= steps:
-                break
-    bar.close()
-    model.eval()
-    return history
+    if config.quantizer == "lsq" and steps > 0:
+        for m in model.modules():
+            if isinstance(m, QuantLayer):
+                m.learn_steps()
+            elif isinstance(m, ActQuant):
+                m.learn_scale()
 
+    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = teacher(x) if teacher is not None and config.distill > 0 else None
+        loss = distillation_loss(m(x).float(), y, None if t_logits is None else t_logits.float(), config.distill,
+                                 config.temperature)
+        return loss if penalty is None else loss + penalty()
 
-class _DivergenceGuard:
-    """Keeps the last good weights; on a non-finite step brings them back at half the learning rate."""
-
-    MAX_RESTARTS = 3
-    EVERY = 50  # steps between saved good states (a copy of the weights: cheap next to 50 steps)
-
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, bar: tqdm) -> None:
-        self.model, self.opt, self.bar = model, opt, bar
-        self.scale = 1.0  # of the scheduled learning rate
-        self.restarts: list[int] = []
-        self.good = self._snapshot()
-
-    def _snapshot(self) -> tuple[dict, dict]:
-        return copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict())
-
-    def passed(self, step: int) -> None:
-        if step % self.EVERY == 0:
-            self.good = self._snapshot()
-
-    def recover(self, step: int) -> None:
-        self.restarts.append(step)
-        if len(self.restarts) > self.MAX_RESTARTS:
-            raise FloatingPointError(
-                f"fine-tuning diverged {len(self.restarts)} times (steps {self.restarts}), even at {self.scale:g}× "
-                "the learning rate; lower FinetuneConfig.lr, check the data for extreme values, or choose a "
-                "larger budget")
-        lrs = [g["lr"] for g in self.opt.param_groups]
-        self.model.load_state_dict(self.good[0])
-        self.opt.load_state_dict(self.good[1])
-        self.scale /= 2
-        for g, lr in zip(self.opt.param_groups, lrs, strict=True):  # the schedule's current rate, halved
-            g["lr"] = lr / 2
-        self.bar.write(f"fine-tune: non-finite loss or gradient at step {step}; restored the last good weights, "
-                       f"learning rate now {self.scale:g}× the schedule")
-
-
-MAX_RESTARTS = _DivergenceGuard.MAX_RESTARTS
-
-
-def _finite_grads(params: list[torch.Tensor]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack([g.detach().abs().max() for g in grads])).all())
+    return fit(model, batches, spec, loss_fn, progress=progress, desc="fine-tune")

@@ -1,0 +1,200 @@
+"""The one training loop: zoo training from scratch and quantization-aware fine-tuning both run here.
+
+Every step: move the batch to the model's device, forward under the configured precision, backward, clip the
+gradient norm, step SGD and the learning-rate schedule. A step whose loss or gradient is not finite never reaches
+the weights: the last good state (saved every `_Guard.EVERY` steps) comes back at half the learning rate, the
+progress bar says so, and after `MAX_RESTARTS` such restarts the loop stops with a FloatingPointError.
+
+Example:
+    >>> from zerobit.data import Batches, get_splits
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    >>> spec = LoopSpec(steps=20, lr=0.05)
+    >>> hist = fit(model, Batches(get_splits("digits").train, 32, shuffle=True), spec,
+    ...            lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y), progress=False)
+    >>> len(hist["loss"])
+    20
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from zerobit.device import autocast, model_device, move
+
+SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Optimiser and schedule of one run of `fit`.
+
+    Attributes:
+        steps: optimiser steps in all.
+        lr: peak SGD learning rate.
+        momentum, nesterov: SGD momentum.
+        weight_decay: L2 penalty on weights of 2 or more dimensions (not on BatchNorm parameters, biases or
+            learned step sizes).
+        warmup_steps: linear warm-up from lr/10.
+        schedule: decay after warm-up: "cosine" (to 0), "linear" (to 0) or "constant".
+        clip_norm: the gradient's global norm is clipped to this (0 = no clipping).
+        precision: "float32", "bfloat16" (autocast) or "auto" (bfloat16 where the device runs it natively).
+        steps_per_epoch: length of one pass over the data (for `on_epoch`); 0 = never call it.
+    """
+
+    steps: int
+    lr: float
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    clip_norm: float = 0.0
+    precision: str = "float32"
+    steps_per_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0 or self.clip_norm < 0 or self.schedule not in SCHEDULES:
+            raise ValueError(f"invalid LoopSpec {self}: need steps ≥ 0, lr > 0, clip_norm ≥ 0 and a schedule "
+                             f"from {SCHEDULES}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of `lr` at `step` (linear warm-up, then the decay)."""
+        warmup = min(self.warmup_steps, max(self.steps - 1, 0))
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        progress = min(step - warmup, self.steps - warmup) / max(1, self.steps - warmup)
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+
+def make_optimizer(params: Iterable[nn.Parameter], spec: LoopSpec) -> torch.optim.SGD:
+    """SGD with weight decay on ≥2-D weights only."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": spec.weight_decay},
+              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=spec.lr, momentum=spec.momentum,
+                           nesterov=spec.nesterov)
+
+
+def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, progress: bool = True,
+        desc: str = "train", on_epoch: Callable[[int, float], str] | None = None) -> dict:
+    """Train `model` in place for `spec.steps` steps over `batches` (re-iterated as often as needed).
+
+    Args:
+        loss_fn: ``(model, x, y) -> loss`` (called under the autocast of `spec.precision`).
+        on_epoch: called with (epoch, mean loss) after every `spec.steps_per_epoch` steps; the text it
+            returns is shown on the progress bar.
+
+    Returns:
+        History: ``loss`` per step, ``steps``, ``restarts`` (steps where a non-finite step was undone),
+        ``clipped`` (steps whose gradient norm was clipped) and ``grad_norm`` (the largest seen).
+    """
+    history: dict = {"loss": [], "steps": spec.steps, "restarts": [], "clipped": 0, "grad_norm": 0.0}
+    if spec.steps == 0:
+        return history
+    device = model_device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, spec)
+    bar = tqdm(total=spec.steps, desc=desc, disable=not progress, leave=False, mininterval=1.0)
+    guard = _Guard(model, opt, bar, history["restarts"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: guard.scale * spec.lr_factor(s))
+    model.train()
+    step, running, epoch_loss = 0, None, []
+    try:
+        while step < spec.steps:
+            for batch in batches:
+                x, y = move(batch, device)
+                with autocast(device, spec.precision):
+                    loss = loss_fn(model, x, y)
+                opt.zero_grad(set_to_none=True)
+                norm = _backward_and_clip(loss, params, spec.clip_norm)
+                if norm is None:
+                    guard.recover(step)
+                    continue
+                history["clipped"] += int(spec.clip_norm > 0 and norm > spec.clip_norm)
+                history["grad_norm"] = max(history["grad_norm"], norm)
+                opt.step()
+                sched.step()
+                value = loss.item()
+                running = value if running is None else 0.95 * running + 0.05 * value
+                history["loss"].append(value)
+                epoch_loss.append(value)
+                step += 1
+                guard.passed(step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}", refresh=False)
+                if on_epoch is not None and spec.steps_per_epoch and step % spec.steps_per_epoch == 0:
+                    text = on_epoch(step // spec.steps_per_epoch, sum(epoch_loss) / len(epoch_loss))
+                    epoch_loss = []
+                    if progress and text:
+                        bar.write(text)
+                    model.train()
+                if step >= spec.steps:
+                    break
+    finally:
+        bar.close()
+    model.eval()
+    return history
+
+
+def _backward_and_clip(loss: torch.Tensor, params: list[nn.Parameter], clip_norm: float) -> float | None:
+    """Backpropagate and clip; the gradient's norm, or None when the loss or gradient is not finite."""
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    max_norm = clip_norm if clip_norm > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return norm if math.isfinite(norm) else None
+
+
+class _Guard:
+    """Keeps the last good weights; on a non-finite step brings them back at half the learning rate."""
+
+    MAX_RESTARTS = 3
+    EVERY = 50  # steps between saved good states (a copy of the weights: cheap next to 50 steps)
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, bar: tqdm, restarts: list[int]) -> None:
+        self.model, self.opt, self.bar = model, opt, bar
+        self.scale = 1.0  # of the scheduled learning rate
+        self.restarts = restarts
+        self.good = self._snapshot()
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict())
+
+    def passed(self, step: int) -> None:
+        if step % self.EVERY == 0:
+            self.good = self._snapshot()
+
+    def recover(self, step: int) -> None:
+        self.restarts.append(step)
+        if len(self.restarts) > self.MAX_RESTARTS:
+            raise FloatingPointError(
+                f"training diverged {len(self.restarts)} times (steps {self.restarts}), even at {self.scale:g}× "
+                "the learning rate; lower the learning rate, check the data for extreme values, or choose a "
+                "larger budget")
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        self.model.load_state_dict(self.good[0])
+        self.opt.load_state_dict(self.good[1])
+        self.scale /= 2
+        for g, lr in zip(self.opt.param_groups, lrs, strict=True):  # the schedule's current rate, halved
+            g["lr"] = lr / 2
+        self.bar.write(f"non-finite loss or gradient at step {step}; restored the last good weights, "
+                       f"learning rate now {self.scale:g}× the schedule")
+
+
+MAX_RESTARTS = _Guard.MAX_RESTARTS
