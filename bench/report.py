@@ -10,19 +10,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 HEADER = """# Benchmarks
 
-Measured on this project's reference machine (2 CPU cores, no GPU) by the scripts in `bench/`; raw numbers in
-`bench/results/*.json`. Regenerate with `make bench`.
+Measured by the scripts in `bench/`; raw numbers in `bench/results/*.json`. Every row names its device, its
+fine-tune epochs and its seed. Regenerate with `make bench` (CPU) or the commands in each section.
 
-## Compression vs accuracy (ResNet-20, Fashion-MNIST)
+"""
 
-Every row wrote its `.zbit` file: *file bytes* is its size on disk, *accuracy* the test-set accuracy (10,000
-images) of the model decoded from it, Δ against the fp32 model in the same run. Same fine-tune budget for every
-strategy (epochs column, including what a strategy spends inside its search: sequential and ADMM train half of it
+COMPRESSION_ABOUT = """## Compression vs accuracy (ResNet-20, Fashion-MNIST)
+
+Every row wrote its file for real: *file bytes* is its size on disk, *accuracy* the test-set accuracy (10,000
+images) of the model decoded from it, Δ against the fp32 model in the same run. Within a table every strategy gets
+the same fine-tune budget (including what a strategy spends inside its search: sequential and ADMM train half of it
 before their final policy); searches score on the validation split held out of training. *search s* is the time
-to choose the policy (for AJPQ: all its episodes and the final re-rank), *total s* the whole run. The `ajpq` rows
-ran with the defaults (1,000 validation images per episode, bfloat16 autocast on this CPU, re-rank of the 5
-leaders); the `ajpq, 500 images` rows with `--option proxy.samples=500`, in float32 (before the autocast).
-
+to choose the policy, *total s* the whole run. The *peer* rows are what established tools give under the same
+budget and epochs: Torch-Pruning uniform L2 channel pruning, the same float fine-tune (zerobit's loop, the same
+distillation), then onnxruntime static QDQ (uint8 activations, int8 or int4 per-channel weights), sized by the
+`.onnx` file after a lossless clean-up and evaluated in onnxruntime; its best weight format per budget is shown.
+`python bench/compression.py --strategies uniform,admm,sequential,opq,peer --budgets 1/16,1/32,1/64,1/128 --epochs 3`.
 """
 
 
@@ -34,6 +37,50 @@ def _budget_key(budget: str) -> tuple[str, float]:
         return kind, 0.0
 
 
+def _protocol(row: dict) -> tuple[str, float]:
+    return row.get("device", "cpu"), float(row.get("epochs") or 0)
+
+
+def compression_sections(rows: list[dict]) -> str:
+    """One table per (device, epochs), the longest fine-tunes first; a short summary of the best per budget."""
+    text = COMPRESSION_ABOUT
+    for device, epochs in sorted({_protocol(r) for r in rows}, key=lambda p: (-p[1], p[0])):
+        group = [r for r in rows if _protocol(r) == (device, epochs)]
+        names = sorted({r["device_name"] for r in group if r.get("device_name")})
+        where = f"{device} ({'; '.join(names)})" if names else f"{device} (2 CPU cores, the reference machine)"
+        seeds = sorted({r.get("seed", 0) for r in group})
+        ok = [r for r in group if "error" not in r]
+        history = (" — history: every row got this short budget because 2 CPU cores fit nothing more (ajpq rows: "
+                   "1,000 validation images per episode, bfloat16 autocast, re-rank of the 5 leaders; *500 images*: "
+                   "`--option proxy.samples=500`, float32)") if epochs < 1 else ""
+        text += f"\n### {epochs:g} fine-tune epochs on {where}, seed {', '.join(map(str, seeds))}{history}\n\n"
+        if ok:
+            r0 = ok[0]
+            text += (f"fp32 model: {r0['fp32_bytes']:,} bytes, {100 * r0['baseline_accuracy']:.2f}% test accuracy"
+                     + (f", {r0['fp32_macs'] / 1e6:.2f} M MACs" if "fp32_macs" in r0 else "") + ".\n\n")
+        text += _best_lines(group) + compression_table(group)
+    return text
+
+
+def _best_lines(rows: list[dict]) -> str:
+    lines = []
+    for budget in sorted({r["budget"] for r in rows}, key=_budget_key):
+        ok = [r for r in rows if r["budget"] == budget and "error" not in r]
+        ours = [r for r in ok if not r["strategy"].startswith("peer")]
+        peer = [r for r in ok if r["strategy"].startswith("peer")]
+        refused_peer = [r for r in rows if r["budget"] == budget and r["strategy"].startswith("peer") and "error" in r]
+        if not ours:
+            continue
+        best = max(ours, key=lambda r: r["accuracy"])
+        line = f"- {budget}: best zerobit {100 * best['accuracy']:.2f}% ({best['strategy']})"
+        if peer:
+            line += f", peer {100 * max(r['accuracy'] for r in peer):.2f}%"
+        elif refused_peer:
+            line += ", peer cannot reach it"
+        lines.append(line)
+    return ("\n".join(lines) + "\n\n") if lines else ""
+
+
 def compression_table(rows: list[dict]) -> str:
     lines = ["| budget | strategy | file bytes | ratio | test acc % | Δ vs fp32 | BOPs | MACs | epochs | search s | "
              "total s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -43,11 +90,43 @@ def compression_table(rows: list[dict]) -> str:
             continue
         episodes = r.get("info", {}).get("episodes")
         name = f"{r['strategy']} ({episodes} episodes)" if episodes else r["strategy"]
+        bops = f"{r['bops'] / 1e6:,.1f} M" if "bops" in r else ""
+        mac = f"{r['macs'] / 1e6:,.2f} M" if "macs" in r else ""
         lines.append(
             f"| {r['budget']} | {name} | {r['file_bytes']:,} | {r['fp32_bytes'] / r['file_bytes']:.1f}× | "
             f"{100 * r['accuracy']:.2f} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} | "
-            f"{r['bops'] / 1e6:,.1f} M | {r['macs'] / 1e6:,.2f} M | {r['epochs']:g} | "
-            f"{r['seconds_by_stage'].get('search', 0):.1f} | {r['seconds']:.0f} |")
+            f"{bops} | {mac} | {r['epochs']:g} | "
+            f"{r.get('seconds_by_stage', {}).get('search', 0):.1f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def quantizer_section(rows: list[dict]) -> str:
+    lines = ["\n## Quantizers: MSE-clipped max scaling vs learned step sizes (LSQ)\n\nThe same policy per budget "
+             "(searched once), the same fine-tune (epochs, seed, distillation); only how the steps are set differs: "
+             "*mse* = max|w|·clip per channel (clip chosen by squared error when the policy is applied), "
+             "activation steps fixed at calibration; *lsq* = both start there and are learned with the weights. "
+             "`python bench/quantizers.py --budgets 1/32,1/64,1/128 --epochs 1`.\n",
+             "| budget | weight bits | strategy | quantizer | file bytes | test acc % | epochs | device | seed |",
+             "|---|---|---|---|---:|---:|---:|---|---:|"]
+    for r in sorted(rows, key=lambda r: (_budget_key(r["budget"]), r["epochs"], r["quantizer"])):
+        lines.append(f"| {r['budget']} | {r['bits']} | {r['strategy']} | {r['quantizer']} | {r['file_bytes']:,} | "
+                     f"{100 * r['accuracy']:.2f} | {r['epochs']:g} | {r.get('device_name', r['device'])} | "
+                     f"{r['seed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def throughput_section(results: list[dict]) -> str:
+    lines = ["\n## QAT throughput (`bench/qat_throughput.py`)\n\nImages/s of the real fine-tune loop on ResNet-20 "
+             "pruned by the uniform policy; the same pruned model trained in float is the reference. The variants "
+             "take turns, the median of the rounds counts. *unfolded teacher* is the uncompressed model as given "
+             "(what the loop used before the teacher was folded).\n"]
+    for res in results:
+        lines += [f"\n{res['device_name']} ({res['device']}), budget {res['budget']}, batch {res['batch_size']}, "
+                  f"{res['steps']} steps × {res['rounds']} rounds:\n", "| step | images/s | × float step | "
+                  "× float step with distillation |", "|---|---:|---:|---:|"]
+        for name, rate in res["images_per_s"].items():
+            lines.append(f"| {name} | {rate:,.0f} | {res['ratio vs float'][name]:.2f} | "
+                         f"{res['ratio vs float + distillation'][name]:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,10 +197,10 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     if rows is None:
         stored = RESULTS / "compression.json"
         rows = json.loads(stored.read_text()) if stored.exists() else []
-    ok = [r for r in rows if "error" not in r]
-    ref = (f"fp32 model: {ok[0]['fp32_bytes']:,} bytes, {100 * ok[0]['baseline_accuracy']:.2f}% test accuracy, "
-           f"{ok[0]['fp32_macs'] / 1e6:.2f} M MACs.\n\n" if ok else "")
-    text = HEADER + ref + compression_table(rows)
+    text = HEADER + compression_sections(rows)
+    for name, section in (("quantizers.json", quantizer_section), ("qat_throughput.json", throughput_section)):
+        if (RESULTS / name).exists():
+            text += section(json.loads((RESULTS / name).read_text()))
     for proxy in sorted(RESULTS.glob("ajpq_proxy*.json")):  # one rank study per budget
         text += proxy_section(json.loads(proxy.read_text()))
     runs = RESULTS / "ajpq_runs.json"

@@ -18,7 +18,7 @@ from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import ModelGraph, analyse
 from zerobit.importance import group_scores
 from zerobit.policy import Policy
-from zerobit.quant.apply import apply_policy, quant_layers
+from zerobit.quant.apply import apply_policy, inference_copy, quant_layers
 from zerobit.strategies import Problem, Strategy, get_strategy
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
 from zerobit.train.evaluate import accuracy
@@ -167,7 +167,7 @@ def _compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, st
     if found.model is None:
         recalibrate_batchnorm(qmodel, calib)
     calibrate_activations(qmodel, calib)
-    finetune(qmodel, train_data, finetune_config, teacher=model, progress=progress,
+    finetune(qmodel, train_data, finetune_config, teacher=inference_copy(model, graph), progress=progress,
              epochs=max(0.0, finetune_config.epochs - found.finetune_epochs_used))
     clock["finetune"] = time.perf_counter() - t
     _check_finite(qmodel.eval())

@@ -7,7 +7,9 @@ from dataclasses import replace
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from zerobit.device import model_device
 from zerobit.graph import ModelGraph, build_dependency_graph
 from zerobit.graph.analysis import run_or_explain
 from zerobit.policy import GroupDecision, Policy, kept_weights, tied_scores
@@ -80,6 +82,20 @@ def wrap_layers(model: nn.Module, graph: ModelGraph, policy: Policy) -> nn.Modul
         if layer.bn:
             set_module(model, layer.bn, nn.Identity())
     return model
+
+
+def inference_copy(model: nn.Module, graph: ModelGraph) -> nn.Module:
+    """A frozen eval-mode copy of `model` with each BatchNorm folded into its layer (same outputs, fewer passes
+    over memory); on the CPU in channels-last memory format, which its convolutions run faster. For teachers."""
+    fast = copy.deepcopy(model).eval()
+    for name, layer in graph.layers.items():
+        module = fast.get_submodule(name)
+        if layer.bn and isinstance(module, nn.Conv2d):
+            set_module(fast, name, fuse_conv_bn_eval(module, fast.get_submodule(layer.bn)))
+            set_module(fast, layer.bn, nn.Identity())
+    if model_device(fast).type == "cpu":
+        fast = fast.to(memory_format=torch.channels_last)
+    return fast.requires_grad_(False)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
