@@ -4,7 +4,9 @@ For each budget the policy is searched once (it does not depend on the quantizer
 quantizer from the same start, seed and epochs; every row writes its .zbit file and reports the test accuracy of
 the model decoded from it. Results → bench/results/quantizers.json and a table in BENCHMARKS.md.
 
-    python bench/quantizers.py --strategy uniform --budgets 1/32,1/64,1/128 --epochs 1 --device cpu
+    python bench/quantizers.py --cases 1/12@4,1/16@3,1/32@2 --epochs 1 --device cpu
+
+A case BUDGET@BITS is the uniform policy at that budget with every kept channel at BITS bits.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ RESULTS = ROOT / "bench" / "results" / "quantizers.json"
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--strategy", default="uniform")
-    ap.add_argument("--budgets", default="1/32,1/64,1/128")
+    ap.add_argument("--cases", default="1/12@4,1/16@3,1/32@2", help="BUDGET@BITS of the uniform policy, ...")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -43,20 +44,23 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = str(resolve(args.device))
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    for budget in args.budgets.split(","):
+    for case in args.cases.split(","):
+        budget, _, bits = case.partition("@")
+        strategy = f"uniform, {bits} bits"
         for quantizer in QUANTIZERS:
             start = time.perf_counter()
             out = Path(args.out) / f"{quantizer}_{budget.replace('/', 'over')}"
-            s = run_compress("resnet20", "fashion-mnist", budget, args.strategy, args.epochs, str(out),
-                             seed=args.seed, progress=False, device=device, finetune={"quantizer": quantizer})
+            s = run_compress("resnet20", "fashion-mnist", budget, "uniform", args.epochs, str(out), seed=args.seed,
+                             progress=False, options={"bits": int(bits)}, device=device,
+                             finetune={"quantizer": quantizer})
             s.pop("_result")
-            row = {"budget": budget, "strategy": args.strategy, "quantizer": quantizer, "epochs": args.epochs,
+            row = {"budget": budget, "strategy": strategy, "quantizer": quantizer, "epochs": args.epochs,
                    "seed": args.seed, "device": device, "device_name": device_name(device),
                    "file_bytes": s["file_bytes"], "accuracy": s["accuracy"], "bits": _bits(out),
                    "seconds": time.perf_counter() - start}
             print(f"{budget:>6} {quantizer:>4} {row['file_bytes']:>8,} B  {row['bits']:>10}  "
                   f"acc {100 * row['accuracy']:.2f}%  ({row['seconds']:.0f} s)", flush=True)
-            key = (budget, args.strategy, quantizer, args.epochs, device)
+            key = (budget, strategy, quantizer, args.epochs, device)
             rows = [r for r in rows if (r["budget"], r["strategy"], r["quantizer"], r["epochs"], r["device"]) != key]
             rows.append(row)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
