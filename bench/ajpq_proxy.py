@@ -26,6 +26,7 @@ from bench.report import write_benchmarks_md  # noqa: E402
 from zerobit import FinetuneConfig, parse_budget, zoo  # noqa: E402
 from zerobit.data import get_splits  # noqa: E402
 from zerobit.data.loaders import Batches  # noqa: E402
+from zerobit.device import resolve  # noqa: E402
 from zerobit.graph import analyse  # noqa: E402
 from zerobit.importance import group_scores  # noqa: E402
 from zerobit.quant.apply import apply_policy  # noqa: E402
@@ -136,6 +137,7 @@ def main() -> int:
     ap.add_argument("--budget", default="1/32")
     ap.add_argument("--epochs", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     ap.add_argument("--rescore", action="store_true", help="re-score the stored policies; keep their accuracies")
     ap.add_argument("--only", default="", help="score only the proxies whose name contains this text")
     ap.add_argument("--out", default=str(RESULTS), help="results file (read back by --rescore)")
@@ -145,8 +147,8 @@ def main() -> int:
     if stored:
         args.budget, args.epochs, args.policies = stored["budget"], stored["epochs"], len(stored["policies"])
     splits = get_splits("fashion-mnist")
-    model = zoo.load_pretrained("resnet20")
-    x = zoo.example_input("resnet20")
+    model = zoo.load_pretrained("resnet20").to(resolve(args.device))
+    x = zoo.example_input("resnet20").to(resolve(args.device))
     graph = analyse(model, x)
     problem = Problem(model, graph, parse_budget(args.budget), x, splits.train, splits.val,
                       group_scores(model, graph), progress=False)

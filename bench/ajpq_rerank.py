@@ -27,6 +27,7 @@ from bench.report import write_benchmarks_md  # noqa: E402
 from zerobit import parse_budget, zoo  # noqa: E402
 from zerobit.cli import parse_options  # noqa: E402
 from zerobit.data import get_splits  # noqa: E402
+from zerobit.device import resolve  # noqa: E402
 from zerobit.graph import analyse  # noqa: E402
 from zerobit.importance import group_scores  # noqa: E402
 from zerobit.policy import Policy  # noqa: E402
@@ -45,11 +46,13 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--epochs", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="AJPQ option")
     ap.add_argument("--checkpoint", default=str(ROOT / "runs" / "ajpq_rerank.state"))
     args = ap.parse_args()
     splits = get_splits("fashion-mnist")
-    model, x = zoo.load_pretrained("resnet20"), zoo.example_input("resnet20")
+    device = resolve(args.device)
+    model, x = zoo.load_pretrained("resnet20").to(device), zoo.example_input("resnet20").to(device)
     graph = analyse(model, x)
     problem = Problem(model, graph, parse_budget(args.budget), x, splits.train, splits.val,
                       group_scores(model, graph), progress=True)
