@@ -34,15 +34,20 @@ test: data
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Long (about two hours on 2 cores): every strategy on ResNet-20, then AJPQ's proxy study; results → BENCHMARKS.md
+# Long (many hours on 2 cores; minutes on a GPU with DEVICE=cuda): the 3-epoch compression table with the peer,
+# the quantizer comparison, the QAT throughput ratio, then AJPQ's proxy study; results → BENCHMARKS.md
+DEVICE ?= auto
+EPOCHS ?= 3
 bench: data
-	$(PY) bench/compression.py --strategies uniform,sequential,opq,admm --budgets 1/16,1/32,1/64,1/128 --epochs 0.25
-	$(PY) bench/compression.py --strategies uniform,sequential,opq --budgets bops=1/64 --epochs 0.25
-	$(PY) bench/compression.py --strategies ajpq --budgets 1/32,1/64,bops=1/64 --epochs 0.25 --option episodes=300
-	$(PY) bench/ajpq_proxy.py --policies 10 --budget 1/32 --epochs 0.5
-	$(PY) bench/ajpq_proxy.py --policies 10 --budget 1/64 --epochs 0.5 --only bfloat16 --out bench/results/ajpq_proxy_1over64.json
+	$(PY) bench/compression.py --strategies uniform,sequential,opq,admm,peer --budgets 1/16,1/32,1/64,1/128 --epochs $(EPOCHS) --device $(DEVICE)
+	$(PY) bench/compression.py --strategies uniform,sequential,opq --budgets bops=1/64 --epochs $(EPOCHS) --device $(DEVICE)
+	$(PY) bench/compression.py --strategies ajpq --budgets 1/32,1/64,bops=1/64 --epochs $(EPOCHS) --option episodes=300 --device $(DEVICE)
+	$(PY) bench/quantizers.py --cases 1/12@4,1/16@3,1/32@2 --epochs 1 --device $(DEVICE)
+	$(PY) bench/qat_throughput.py --device $(DEVICE)
+	$(PY) bench/ajpq_proxy.py --policies 10 --budget 1/32 --epochs 0.5 --device $(DEVICE)
+	$(PY) bench/ajpq_proxy.py --policies 10 --budget 1/64 --epochs 0.5 --only bfloat16 --out bench/results/ajpq_proxy_1over64.json --device $(DEVICE)
 	rm -f runs/ajpq_rerank.state
-	$(PY) bench/ajpq_rerank.py --budget 1/32 --top 6 --epochs 0.25
+	$(PY) bench/ajpq_rerank.py --budget 1/32 --top 6 --epochs 0.25 --device $(DEVICE)
 
 lint: setup
 	$(VENV)/bin/ruff check zerobit tests bench
