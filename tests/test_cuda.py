@@ -1,6 +1,7 @@
 """On a CUDA GPU: every registered strategy compresses, saves and loads back to the same predictions.
 
-Skipped where torch sees no GPU (CI never has one); run it on a GPU machine: `pytest tests/test_cuda.py`.
+The CUDA cases are skipped where torch sees no GPU (CI never has one); run them on a GPU machine:
+`pytest tests/test_cuda.py`. The same cases run on the CPU everywhere.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from zerobit.device import model_device
 from zerobit.strategies import STRATEGIES, get_strategy
 from zerobit.train.evaluate import predictions
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU"))]
 
 OPTIONS = {"ajpq": {"episodes": 4, "warmup": 2, "rerank": 2, "proxy.samples": 100, "proxy.recovery_batches": 1},
            "admm": {"iterations": 2}}
@@ -26,16 +28,17 @@ def teacher(digits):
     return train_tiny("residual", digits)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("quantizer", ["mse", "lsq"])
-def test_compress_save_load_on_the_gpu(strategy, quantizer, teacher, digits, tmp_path):
+def test_compress_save_load_on_the_device(device, strategy, quantizer, teacher, digits, tmp_path):
     r = compress(teacher, digits.train.x[:1], Size(fraction=1 / 5), get_strategy(strategy, **OPTIONS.get(strategy, {})),
                  train_data=digits.train, eval_data=digits.val,
-                 finetune_config=FinetuneConfig(epochs=0.5, quantizer=quantizer), progress=False, device="cuda")
-    assert model_device(r.model).type == "cuda" and model_device(teacher).type == "cpu"
+                 finetune_config=FinetuneConfig(epochs=0.5, quantizer=quantizer), progress=False, device=device)
+    assert model_device(r.model).type == device and model_device(teacher).type == "cpu"
     path = tmp_path / "m.zbit"
     assert r.save(path) == path.stat().st_size == r.file_bytes
-    back = zerobit.load(path, teacher, device="cuda")
-    assert model_device(back).type == "cuda"
+    back = zerobit.load(path, teacher, device=device)
+    assert model_device(back).type == device
     assert torch.equal(predictions(back, digits.test), predictions(r.model, digits.test))
     assert r.accuracy > 0.3  # far above chance (10%) on digits

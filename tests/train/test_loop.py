@@ -69,12 +69,13 @@ def test_lsq_fine_tune_learns_steps_and_the_file_holds_them(teacher, digits, tmp
     r = compress(teacher, digits.train.x[:1], Size(fraction=1 / 10), "uniform", train_data=digits.train,
                  eval_data=digits.val, finetune_config=FinetuneConfig(epochs=1, quantizer="lsq"), progress=False)
     layers = quant_layers(r.model)
-    assert all(q.step is not None for q in layers.values())
+    assert all(q.log_step is not None for q in layers.values())
     start = {n: q.layer.weight.detach().abs().flatten(1).amax(1) * q.clip / (2.0 ** (q.bits - 1) - 1)
              for n, q in layers.items()}
-    moved = [n for n, q in layers.items() if not torch.allclose(q.step.detach(), start[n], rtol=1e-3)]
+    moved = [n for n, q in layers.items() if not torch.allclose(q.log_step.detach().exp(), start[n], rtol=1e-3)]
     assert moved, "no learned step moved from its start"
-    assert any(isinstance(q.act.scale, torch.nn.Parameter) for q in layers.values())
+    learned = [q.act for q in layers.values() if getattr(q.act, "log_scale", None) is not None]
+    assert learned and all(torch.allclose(a.scale, a.log_scale.detach().exp()) for a in learned)  # file = learned
     path = tmp_path / "lsq.zbit"
     assert r.save(path) == path.stat().st_size == r.file_bytes
     back = zerobit.load(path, teacher)
@@ -86,7 +87,7 @@ def test_eval_mode_of_an_lsq_layer_is_what_training_quantizes():
     q = QuantLayer(torch.nn.Conv2d(3, 4, 3), None, [2, 3, 4, 0], act_bits=32)
     q.learn_steps()
     with torch.no_grad():
-        q.step.mul_(torch.tensor([0.7, 1.3, 1.0, 1.0]))
+        q.log_step.add_(torch.tensor([0.7, 1.3, 1.0, 1.0]).log())
     q.train()
     trained = q._quantized_weight().detach()
     assert torch.allclose(q.deploy().weight, trained, atol=1e-3 * float(trained.abs().max()))  # float16 scales
@@ -96,6 +97,6 @@ def test_eval_mode_of_an_lsq_layer_is_what_training_quantizes():
 def test_a_second_fine_tune_keeps_the_learned_steps(teacher, digits):
     r = compress(teacher, digits.train.x[:1], Size(fraction=1 / 10), "uniform", train_data=digits.train,
                  eval_data=digits.val, finetune_config=FinetuneConfig(epochs=0.3, quantizer="lsq"), progress=False)
-    steps = {n: q.step.detach().clone() for n, q in quant_layers(r.model).items()}
+    steps = {n: q.log_step.detach().clone() for n, q in quant_layers(r.model).items()}
     finetune(r.model, digits.train, FinetuneConfig(quantizer="lsq", lr=1e-9), progress=False, steps=2)
-    assert all(torch.allclose(q.step, steps[n], atol=1e-6) for n, q in quant_layers(r.model).items())
+    assert all(torch.allclose(q.log_step, steps[n], atol=1e-6) for n, q in quant_layers(r.model).items())

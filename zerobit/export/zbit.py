@@ -188,7 +188,7 @@ def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> d
         q = layers[lay.name]
         for key, arrays in _layer_blobs(q, lay).items():
             parts[key].extend(arrays)
-        act.append(float(q.act.scale.detach()) * (-1.0 if bool(q.act.signed) else 1.0))
+        act.append(float(q.act.scale) * (-1.0 if bool(q.act.signed) else 1.0))
     blobs = {k: torch.from_numpy(np.concatenate(v).astype(BLOB_DTYPES[k]) if v else np.zeros(0, BLOB_DTYPES[k]))
              for k, v in parts.items()}
     blobs["bits"] = torch.from_numpy(_bits_blob(policy))

@@ -37,19 +37,23 @@ class ActQuant(nn.Module):
         self.register_buffer("signed", torch.tensor(bool(signed)))
 
     def learn_scale(self) -> None:
-        """Make the step a parameter trained with the weights (LSQ); its state-dict entry stays `scale`."""
-        if isinstance(self.scale, nn.Parameter) or self.bits >= FLOAT_BITS:
-            return
-        value = self.scale.detach().clone()
-        del self.scale
-        self.scale = nn.Parameter(value)
+        """Train the step with the weights (LSQ), as its logarithm `log_scale` (updates are relative, the step
+        stays positive); `scale` follows it (`sync`) and stays what files store."""
+        if self.bits < FLOAT_BITS and getattr(self, "log_scale", None) is None:
+            self.log_scale = nn.Parameter(self.scale.detach().clamp_min(1e-12).log())
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Set `scale` from the learned `log_scale` (after each optimiser step)."""
+        if getattr(self, "log_scale", None) is not None:
+            self.scale.copy_(self.log_scale.exp())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= FLOAT_BITS:
             return x
-        if isinstance(self.scale, nn.Parameter) and torch.is_grad_enabled():
-            return learned_quant_activation(x, self.bits, self.scale, bool(self.signed))
-        return fake_quant_activation(x, self.bits, self.scale.detach(), bool(self.signed))
+        if getattr(self, "log_scale", None) is not None and torch.is_grad_enabled():
+            return learned_quant_activation(x, self.bits, self.log_scale.exp(), bool(self.signed))
+        return fake_quant_activation(x, self.bits, self.scale, bool(self.signed))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scale={float(self.scale):.4g}, signed={bool(self.signed)}"
@@ -92,7 +96,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("mask", None)  # 1 = weight kept (unstructured sparsity)
         self.register_buffer("fixed_scale", None)  # frozen per-channel steps
         self.register_buffer("book", None)  # sorted codebook centroids
-        self.step: nn.Parameter | None = None  # learned per-channel steps (after `learn_steps`)
+        self.log_step: nn.Parameter | None = None  # log of the learned per-channel steps (after `learn_steps`)
 
     def __getattr__(self, name: str) -> object:
         """Attributes of the wrapped layer (stride, out_channels, …) stay readable, for model code that reads them."""
@@ -113,14 +117,14 @@ class QuantLayer(nn.Module):
         self.fixed_scale = scales(self.masked_weight(), self.bits, self.clip).detach().clone()
 
     def learn_steps(self) -> None:
-        """Train the per-channel steps with the weights (LSQ), starting from the current ones (codebook layers
-        keep their centroids)."""
-        if self.book is None and self.step is None:
-            self.step = nn.Parameter(self._current_scale().detach().clone())
+        """Train the per-channel steps with the weights (LSQ, as logarithms: relative updates, always positive),
+        starting from the current ones (codebook layers keep their centroids)."""
+        if self.book is None and self.log_step is None:
+            self.log_step = nn.Parameter(self._current_scale().detach().clamp_min(1e-12).log())
 
     def _current_scale(self) -> torch.Tensor:
-        if self.step is not None:
-            return self.step.detach().clamp_min(1e-12)
+        if self.log_step is not None:
+            return self.log_step.detach().exp()
         if self.fixed_scale is not None:
             return self.fixed_scale
         return scales(self.masked_weight(), self.bits, self.clip)
@@ -135,8 +139,8 @@ class QuantLayer(nn.Module):
 
     def _quantized_weight(self) -> torch.Tensor:
         w = self.masked_weight()
-        if self.step is not None:
-            wq = learned_quant(w, self.bits, self.step)
+        if self.log_step is not None:
+            wq = learned_quant(w, self.bits, self.log_step.exp())
             return wq if self.mask is None else wq * self.mask
         if self.book is None:
             wq = fake_quant(w, self.bits, self.clip, self.fixed_scale)
@@ -150,9 +154,9 @@ class QuantLayer(nn.Module):
         """Change the bit-width of each channel (and re-pick the clip ratios and learned steps)."""
         self.bits.copy_(torch.tensor(bits, dtype=torch.int64, device=self.bits.device))
         self.clip.copy_(best_clip(self.layer.weight, self.bits))
-        if self.step is not None:
+        if self.log_step is not None:
             with torch.no_grad():
-                self.step.copy_(scales(self.masked_weight(), self.bits, self.clip))
+                self.log_step.copy_(scales(self.masked_weight(), self.bits, self.clip).log())
 
     def _linear_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.layer, nn.Linear):
@@ -217,7 +221,7 @@ class QuantLayer(nn.Module):
         d = self.deploy()
         parts = {"weights": d.weight, "scales": d.scale, "bias": d.bias, "codebook": d.book}
         bad = [part for part, t in parts.items() if t is not None and not bool(torch.isfinite(t).all())]
-        if self.act.bits < FLOAT_BITS and not 0 < float(self.act.scale.detach()) < float("inf"):
+        if self.act.bits < FLOAT_BITS and not 0 < float(self.act.scale) < float("inf"):
             bad.append("input scale")
         return bad
 

@@ -102,12 +102,7 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
     torch.manual_seed(config.seed)
     if teacher is not None:
         teacher.eval()
-    if config.quantizer == "lsq" and steps > 0:
-        for m in model.modules():
-            if isinstance(m, QuantLayer):
-                m.learn_steps()
-            elif isinstance(m, ActQuant):
-                m.learn_scale()
+    sync = _learn_steps(model) if config.quantizer == "lsq" and steps > 0 else None
 
     def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -116,4 +111,22 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
                                  config.temperature)
         return loss if penalty is None else loss + penalty()
 
-    return fit(model, batches, spec, loss_fn, progress=progress, desc="fine-tune")
+    return fit(model, batches, spec, loss_fn, progress=progress, desc="fine-tune", after_step=sync)
+
+
+def _learn_steps(model: nn.Module) -> Callable[[], None]:
+    """Make every quantization step of `model` learnable (LSQ); returns what keeps the stored activation steps
+    equal to the learned ones after each optimiser step."""
+    acts = []
+    for m in model.modules():
+        if isinstance(m, QuantLayer):
+            m.learn_steps()
+        elif isinstance(m, ActQuant):
+            m.learn_scale()
+            acts.append(m)
+
+    def sync() -> None:
+        for m in acts:
+            m.sync()
+
+    return sync

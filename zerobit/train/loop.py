@@ -88,13 +88,15 @@ def make_optimizer(params: Iterable[nn.Parameter], spec: LoopSpec) -> torch.opti
 
 
 def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, progress: bool = True,
-        desc: str = "train", on_epoch: Callable[[int, float], str] | None = None) -> dict:
+        desc: str = "train", on_epoch: Callable[[int, float], str] | None = None,
+        after_step: Callable[[], None] | None = None) -> dict:
     """Train `model` in place for `spec.steps` steps over `batches` (re-iterated as often as needed).
 
     Args:
         loss_fn: ``(model, x, y) -> loss`` (called under the autocast of `spec.precision`).
         on_epoch: called with (epoch, mean loss) after every `spec.steps_per_epoch` steps; the text it
             returns is shown on the progress bar.
+        after_step: called after every optimiser step (e.g. to keep parameters in their valid range).
 
     Returns:
         History: ``loss`` per step, ``steps``, ``restarts`` (steps where a non-finite step was undone),
@@ -125,6 +127,8 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
                 history["clipped"] += int(spec.clip_norm > 0 and norm > spec.clip_norm)
                 history["grad_norm"] = max(history["grad_norm"], norm)
                 opt.step()
+                if after_step is not None:
+                    after_step()
                 sched.step()
                 value = loss.item()
                 running = value if running is None else 0.95 * running + 0.05 * value
