@@ -12,9 +12,11 @@ BENCHMARKS.md are regenerated from it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +47,6 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = str(resolve(args.device))
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for budget in args.budgets.split(","):
         for strategy in args.strategies.split(","):
             label = args.label or strategy
@@ -66,12 +67,24 @@ def main() -> int:
             else:
                 print(f"{budget:>8} {label:>11}  {row['file_bytes']:>9,} B  acc {100 * row['accuracy']:.2f}%  "
                       f"({row['seconds']:.0f} s)", flush=True)
-            rows = [r for r in rows if row_key(r) != row_key(row)]
-            rows.append(row)
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(rows, indent=1))
-            write_benchmarks_md(rows, ROOT / "BENCHMARKS.md")
+            write_benchmarks_md(merge_row(RESULTS, row, row_key), ROOT / "BENCHMARKS.md")
     return 0
+
+
+def merge_row(path: Path, row: dict, key: Callable[[dict], tuple]) -> list[dict]:
+    """Add `row` to the JSON list in `path`, replacing the row with the same key; returns all rows.
+
+    Read, replaced and written under a lock, so benchmark runs in parallel processes never drop each other's rows.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.exists() else []
+        rows = [r for r in rows if key(r) != key(row)] + [row]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(path)
+    return rows
 
 
 def _zerobit_row(args: argparse.Namespace, budget: str, strategy: str, label: str, device: str, out: Path) -> dict:

@@ -11,7 +11,6 @@ Results → bench/results/qat_throughput.json and a table in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.compression import device_name  # noqa: E402
+from bench.compression import device_name, merge_row  # noqa: E402
 from bench.report import write_benchmarks_md  # noqa: E402
 from zerobit import zoo  # noqa: E402
 from zerobit.budget import parse_budget  # noqa: E402
@@ -90,10 +89,7 @@ def main() -> int:
               "ratio vs float + distillation": {n: rate["float + distillation"] / r for n, r in rate.items()}}
     for name, r in rate.items():
         print(f"{name:38} {r:8.0f} img/s   {rate['float'] / r:.2f}× the float step", flush=True)
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    rows = [r for r in rows if (r["device"], r["budget"]) != (result["device"], result["budget"])] + [result]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=1))
+    merge_row(RESULTS, result, lambda r: (r["device"], r["budget"]))
     write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
     return 0
 

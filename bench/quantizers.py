@@ -12,7 +12,6 @@ A case BUDGET@BITS is the uniform policy at that budget with every kept channel 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.compression import device_name  # noqa: E402
+from bench.compression import device_name, merge_row  # noqa: E402
 from bench.report import write_benchmarks_md  # noqa: E402
 from zerobit.cli import run_compress  # noqa: E402
 from zerobit.device import resolve  # noqa: E402
@@ -43,7 +42,6 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = str(resolve(args.device))
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for case in args.cases.split(","):
         budget, _, bits = case.partition("@")
         strategy = f"uniform, {bits} bits"
@@ -60,11 +58,7 @@ def main() -> int:
                    "seconds": time.perf_counter() - start}
             print(f"{budget:>6} {quantizer:>4} {row['file_bytes']:>8,} B  {row['bits']:>10}  "
                   f"acc {100 * row['accuracy']:.2f}%  ({row['seconds']:.0f} s)", flush=True)
-            key = (budget, strategy, quantizer, args.epochs, device)
-            rows = [r for r in rows if (r["budget"], r["strategy"], r["quantizer"], r["epochs"], r["device"]) != key]
-            rows.append(row)
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(rows, indent=1))
+            merge_row(RESULTS, row, lambda r: (r["budget"], r["strategy"], r["quantizer"], r["epochs"], r["device"]))
             write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
     return 0
 
