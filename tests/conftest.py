@@ -20,20 +20,15 @@ def digits():
 
 
 def train_tiny(name: str, splits, epochs: int = 15, seed: int = 0) -> torch.nn.Module:
-    """A tiny model trained on digits for a few seconds (full-batch-ish SGD)."""
+    """A tiny model trained on digits for a few seconds (SGD at a constant rate, zerobit's training loop)."""
     from zerobit.data.loaders import Batches
+    from zerobit.train.loop import LoopSpec, fit
 
     torch.manual_seed(seed)
     model = TINY_MODELS[name]()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     batches = Batches(splits.train, 64, shuffle=True, seed=seed)
-    model.train()
-    for _ in range(epochs):
-        for x, y in batches:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    spec = LoopSpec(steps=epochs * len(batches), lr=0.1, momentum=0.9, nesterov=False, schedule="constant")
+    fit(model, batches, spec, lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y), progress=False)
     return model.eval()
 
 
