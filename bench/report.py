@@ -26,6 +26,8 @@ budget and epochs: Torch-Pruning uniform L2 channel pruning, the same float fine
 distillation), then onnxruntime static QDQ (uint8 activations, int8 or int4 per-channel weights), sized by the
 `.onnx` file after a lossless clean-up and evaluated in onnxruntime; its best weight format per budget is shown.
 `python bench/compression.py --strategies uniform,admm,sequential,opq,peer --budgets 1/16,1/32,1/64,1/128 --epochs 3`.
+Seconds depend on what else ran: the 3-epoch CPU rows ran two processes at a time on the 2 cores, one thread
+each.
 """
 
 
@@ -105,7 +107,8 @@ def quantizer_section(rows: list[dict]) -> str:
              "(searched once), the same fine-tune (epochs, seed, distillation); only how the steps are set differs: "
              "*mse* = max|w|·clip per channel (clip chosen by squared error when the policy is applied), "
              "activation steps fixed at calibration; *lsq* = both start there and are learned with the weights. "
-             "`python bench/quantizers.py --budgets 1/32,1/64,1/128 --epochs 1`.\n",
+             "`python bench/quantizers.py --cases 1/32@2,1/16@3 --epochs 0.5` (BUDGET@BITS: the uniform policy at "
+             "that budget with its kept channels at BITS bits).\n",
              "| budget | weight bits | strategy | quantizer | file bytes | test acc % | epochs | device | seed |",
              "|---|---|---|---|---:|---:|---:|---|---:|"]
     for r in sorted(rows, key=lambda r: (_budget_key(r["budget"]), r["epochs"], r["quantizer"])):
