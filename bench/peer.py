@@ -16,18 +16,11 @@ strategy `peer` of the compression benchmark, in the same run as zerobit's strat
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import io
-import itertools
-import logging
-import string
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +35,7 @@ from zerobit import zoo  # noqa: E402
 from zerobit.budget import Size, parse_budget  # noqa: E402
 from zerobit.data import get_splits  # noqa: E402
 from zerobit.data.loaders import TensorData  # noqa: E402
+from zerobit.export.onnx import clean, export_float, quiet  # noqa: E402
 from zerobit.graph import analyse  # noqa: E402
 from zerobit.train.evaluate import accuracy  # noqa: E402
 from zerobit.train.finetune import FinetuneConfig, finetune  # noqa: E402
@@ -64,26 +58,6 @@ def prune(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
     return pruned.eval()
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's progress prints and the quantizer's 'consider pre-processing' log lines."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
-
-
-def export_float(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """One self-contained opset-21 ONNX file with a dynamic batch dimension (BatchNorms folded by the exporter)."""
-    with _quiet():
-        torch.onnx.export(model.cpu().eval(), (example,), str(path), dynamo=True, external_data=False,
-                          input_names=["x"], output_names=["y"], opset_version=21,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-
-
 def quantize(float_path: Path, out_path: Path, fmt: str, images: np.ndarray) -> None:
     """onnxruntime static QDQ: per-channel `fmt` weights, uint8 activations calibrated (min/max) on `images`."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -96,50 +70,9 @@ def quantize(float_path: Path, out_path: Path, fmt: str, images: np.ndarray) -> 
             return next(self.batches, None)
 
     weight_type = {"int8": QuantType.QInt8, "int4": QuantType.QInt4}[fmt]
-    with _quiet():
+    with quiet():
         quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=weight_type)
-
-
-def clean(model):
-    """A lossless smaller copy of an ONNX model: the same nodes and tensors, without doc strings, metadata,
-    producer fields or inner shape hints, every value renamed to one or two letters and nodes left unnamed.
-
-    Tensors kept in typed fields are stored raw instead (same values): varint-coded zero points would make the
-    file's size depend on their values, and the size search assumes it depends on shapes alone.
-    """
-    from onnx import numpy_helper
-
-    out = copy.deepcopy(model)
-    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string", "metadata_props"):
-        out.ClearField(field)
-    graph = out.graph
-    graph.name = "g"
-    short = ("".join(c) for n in itertools.count(1) for c in itertools.product(string.ascii_letters, repeat=n))
-    renamed: dict[str, str] = {"": ""}  # "" (an omitted optional input) stays ""
-
-    def rename(name: str) -> str:
-        if name not in renamed:
-            renamed[name] = next(short)
-        return renamed[name]
-
-    for proto in itertools.chain([graph], graph.input, graph.initializer, graph.node, graph.output):
-        for field in ("doc_string", "metadata_props"):
-            if field in proto.DESCRIPTOR.fields_by_name:
-                proto.ClearField(field)
-    graph.ClearField("value_info")
-    for tensor in graph.initializer:
-        if not tensor.raw_data and tensor.data_location == tensor.DEFAULT:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-    for value in itertools.chain(graph.input, graph.initializer):
-        value.name = rename(value.name)
-    for node in graph.node:
-        node.ClearField("name")
-        node.input[:] = [rename(n) for n in node.input]
-        node.output[:] = [rename(n) for n in node.output]
-    for value in graph.output:
-        value.name = rename(value.name)
-    return out
 
 
 def build_file(model: nn.Module, example: torch.Tensor, fmt: str, images: np.ndarray, path: Path,

@@ -195,6 +195,42 @@ def fuzz_section(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def deploy_section(result: dict) -> str:
+    """onnxruntime latency of fp32, zerobit's files and the peer's, per batch; the latency table's error; and the
+    Latency-vs-MACs budget comparison."""
+    lines = ["## Deployment: onnxruntime latency, ONNX bytes and parity (ResNet-20)", "",
+             f"CPU: {result['cpu']}, onnxruntime on {result['threads']} thread(s); zerobit's models fine-tuned "
+             f"{result['epochs']:g} epochs (seed {result['seed']}), exported by `export_onnx` (mode fast); the peer's "
+             "files are Torch-Pruning + onnxruntime static QDQ at the same byte budget. *ms* is the median of "
+             "interleaved calls (every repetition calls every file once, in turn); *×* is fp32's time over the "
+             "row's; *parity* the share of the 10,000 test images on which onnxruntime and the .zbit model agree; "
+             "*table* the latency table's prediction error. `python bench/deploy.py --stage build` then "
+             "`python bench/deploy.py --stage measure --latency-budget`.", ""]
+    for batch in sorted({r["batch"] for r in result["rows"]}):
+        lines += [f"**batch {batch}**", "",
+                  "| file | ms | × fp32 | .onnx bytes | .zbit bytes | accuracy % | parity % | max Δ logit | table |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in result["rows"] if r["batch"] == batch):
+            acc = f"{100 * r['accuracy']:.2f}" if "accuracy" in r else ""
+            par = f"{100 * r['onnx_agreement']:.2f}" if "onnx_agreement" in r else ""
+            diff = f"{r['onnx_max_abs_diff']:.3f}" if "onnx_max_abs_diff" in r else ""
+            err = f"{100 * r['table_error']:+.0f}%" if "table_error" in r else ""
+            zbit = f"{r['zbit_bytes']:,}" if "zbit_bytes" in r else ""
+            lines.append(f"| {r['name']} | {r['ms']:.3f} | {r['speedup']:.2f} | {r['onnx_bytes']:,} | {zbit} | {acc} "
+                         f"| {par} | {diff} | {err} |")
+        lines.append("")
+    if result.get("latency_budget"):
+        lines += ["**Latency budget vs MACs budget** (batch 64, uniform, same fine-tune): the MACs fraction was "
+                  "bisected until the policy's measured latency matched the Latency run's.", "",
+                  "| budget | accuracy % | measured ms | predicted ms | MACs |", "|---|---|---|---|---|"]
+        for r in result["latency_budget"]:
+            pred = f"{r['predicted_ms']:.3f}" if "predicted_ms" in r else ""
+            lines.append(f"| {r['budget']} | {100 * r['accuracy']:.2f} | {r['measured_ms']:.3f} | {pred} | "
+                         f"{r['macs']:,} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -212,6 +248,9 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     rerank = RESULTS / "ajpq_rerank.json"
     if rerank.exists():
         text += rerank_section(json.loads(rerank.read_text()))
+    deploy = RESULTS / "deploy.json"
+    if deploy.exists():
+        text += deploy_section(json.loads(deploy.read_text()))
     fuzz = RESULTS / "fuzz_zbit.json"
     if fuzz.exists():
         text += fuzz_section(json.loads(fuzz.read_text()))

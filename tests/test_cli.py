@@ -53,3 +53,19 @@ def test_corrupt_file_exits_with_clear_message(tmp_path, capsys):
     assert main(["eval", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.zbit is corrupt" in err and err.count("\n") == 1
+
+
+def test_export_writes_an_onnx_file_onnxruntime_agrees_with(compressed, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    out = compressed / "model.onnx"
+    assert main(["export", str(compressed / "model.zbit"), "--format", "onnx", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out.stat().st_size:,} bytes" in printed
+    agreement = float(printed.split("test images: ")[1].split("%")[0])
+    assert agreement >= 97.0, printed  # a 7-step fine-tune: small output margins, still the same predictions
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert not any(p.key for p in onnx.load(str(out)).metadata_props)
+    assert main(["export", str(compressed / "model.zbit"), "--format", "tflite", "--out", str(out)]) == 2
+    assert "unknown format" in capsys.readouterr().err

@@ -5,6 +5,7 @@ Example:
     >>> # result = zb.compress(model, example_inputs=x, budget=zb.Size(kilobytes=40), strategy="sequential",
     >>> #                      train_data=splits.train, eval_data=splits.val, test_data=splits.test)
     >>> # zb.save(result, "small.zbit"); small = zb.load("small.zbit", model)
+    >>> # zb.export_onnx(result, "small.onnx")   # onnxruntime-ready: pruned widths, int8/int4 QDQ
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import os
 
 from zerobit.api import CompressResult, compress
-from zerobit.budget import BOPs, BudgetError, MACs, Size, parse_budget
+from zerobit.budget import BOPs, BudgetError, Latency, MACs, Size, parse_budget
+from zerobit.export.onnx import OnnxReport, export_onnx
 from zerobit.export.runtime import load, read_zbit
 from zerobit.export.zbit import ZbitFormatError
 from zerobit.graph import UntraceableModelError, analyse
@@ -28,6 +30,7 @@ def save(result: CompressResult, path: str | os.PathLike) -> int:
     return result.save(path)
 
 
-__all__ = ["BOPs", "BudgetError", "CompressResult", "FinetuneConfig", "GroupDecision", "MACs", "Policy",
-           "STRATEGIES", "Sequential", "Size", "Uniform", "UntraceableModelError", "ZbitFormatError", "analyse",
-           "compress", "load", "parse_budget", "read_zbit", "register_strategy", "save"]
+__all__ = ["BOPs", "BudgetError", "CompressResult", "FinetuneConfig", "GroupDecision", "Latency", "MACs",
+           "OnnxReport", "Policy", "STRATEGIES", "Sequential", "Size", "Uniform", "UntraceableModelError",
+           "ZbitFormatError", "analyse", "compress", "export_onnx", "load", "parse_budget", "read_zbit",
+           "register_strategy", "save"]

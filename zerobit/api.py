@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerobit.budget import BOPs, Budget, BudgetError, MACs, Size, bops, float_policy, macs
+from zerobit.budget import BOPs, Budget, BudgetError, Latency, MACs, Size, bops, float_policy, macs
 from zerobit.data.loaders import Batches, TensorData
 from zerobit.device import DeviceLike, model_device, resolve
 from zerobit.export.runtime import save_zbit
@@ -20,6 +21,7 @@ from zerobit.importance import group_scores
 from zerobit.policy import Policy
 from zerobit.quant.apply import apply_policy, inference_copy, quant_layers
 from zerobit.strategies import Problem, Strategy, get_strategy
+from zerobit.strategies.base import SearchResult
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
 from zerobit.train.evaluate import accuracy
 from zerobit.train.finetune import FinetuneConfig, finetune
@@ -42,6 +44,8 @@ class CompressResult:
     baseline_accuracy: float
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    original: nn.Module | None = field(default=None, repr=False)  # the model compressed (for export_onnx)
+    train_data: TensorData | None = field(default=None, repr=False)  # calibration inputs for export_onnx
 
     @property
     def file_bytes(self) -> int:
@@ -72,6 +76,9 @@ class CompressResult:
             ratio = f"{before / after:.1f}×" if name != "accuracy %" and after else f"{after - before:+.2f}"
             fmt = "{:>14.2f}" if name == "accuracy %" else "{:>14,.0f}"
             lines.append(f"{name:12} {fmt.format(before)} {fmt.format(after)} {ratio:>8}")
+        if "latency_ms" in self.info:
+            lines.append(f"latency: {self.info['latency_ms']:.3f} ms measured in onnxruntime (predicted "
+                         f"{self.info['latency_predicted_ms']:.3f}; budget {self.budget.limit(self.graph):.3f} ms)")
         return "\n".join(lines)
 
     def save(self, path: str | os.PathLike) -> int:
@@ -82,8 +89,8 @@ class CompressResult:
 def _check_inputs(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, data: TensorData) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(budget, (Size, BOPs, MACs)):
-        raise TypeError(f"budget must be zerobit.Size, BOPs or MACs, got {type(budget).__name__}")
+    if not isinstance(budget, (Size, BOPs, MACs, Latency)):
+        raise TypeError(f"budget must be zerobit.Size, BOPs, MACs or Latency, got {type(budget).__name__}")
     if not torch.isfinite(example_inputs).all() or not torch.isfinite(data.x).all():
         raise ValueError("inputs contain NaN or infinity")
     bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
@@ -100,6 +107,35 @@ def _check_finite(qmodel: nn.Module) -> None:
                                  "diverged: lower FinetuneConfig.lr, or check the model's BatchNorm statistics.")
 
 
+LATENCY_TRIES = 3
+
+
+def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> SearchResult:
+    """Measure the searched policy's real latency; while it is over the budget, search again under a budget
+    tightened by the measured/predicted ratio (at most LATENCY_TRIES measurements)."""
+    from zerobit.export.latency import measure_policy
+
+    budget, limit = problem.budget, problem.limit
+    for attempt in range(1, LATENCY_TRIES + 1):
+        measured = measure_policy(problem.model, problem.graph, found.policy, problem.example_inputs,
+                                  problem.train_data, budget.batch, budget.threads)
+        predicted = problem.budget.cost(problem.graph, found.policy)
+        found.info |= {"latency_ms": measured, "latency_predicted_ms": predicted, "latency_tries": attempt}
+        if measured <= limit:
+            return found
+        if attempt == LATENCY_TRIES:
+            break
+        tighter = dataclasses.replace(budget, ms=problem.limit * min(limit / measured, 0.98), fraction=None)
+        if problem.progress:
+            print(f"latency: measured {measured:.3f} ms > budget {limit:.3f} ms (predicted {predicted:.3f}); "
+                  f"searching again under {tighter.ms:.3f} ms predicted")
+        tighter.check_feasible(problem.graph, problem.act_bits)
+        problem = dataclasses.replace(problem, budget=tighter)
+        found = strat.search(problem)
+    raise BudgetError(f"the policy found takes {measured:.3f} ms measured, over the {limit:.3f} ms budget after "
+                      f"{LATENCY_TRIES} searches; raise the budget or use more threads")
+
+
 def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy = "uniform",
              *, train_data: TensorData, eval_data: TensorData, test_data: TensorData | None = None,
              finetune_config: FinetuneConfig | None = None, act_bits: int = 8, model_name: str = "",
@@ -110,7 +146,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
     Args:
         model: a trained model (left unchanged; it is the distillation teacher).
         example_inputs: one input batch for tracing, e.g. ``torch.zeros(1, 1, 28, 28)``.
-        budget: ``Size(...)`` (bytes of the .zbit file), ``BOPs(...)`` or ``MACs(...)``.
+        budget: ``Size(...)`` (bytes of the .zbit file), ``BOPs(...)``, ``MACs(...)`` or ``Latency(...)``
+            (milliseconds of the exported ONNX model in onnxruntime on this machine, measured; see README).
         strategy: a registered name ("uniform", "sequential", …) or a configured Strategy.
         train_data: fine-tuning data. eval_data: held-out validation split that searches score on.
         test_data: where the reported accuracies are measured (default: eval_data).
@@ -132,9 +169,11 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
     dev = resolve(device)
     home, was_training = model_device(model), model.training
     try:
-        return _compress(model.to(dev).eval(), example_inputs.to(dev), budget, strategy, train_data, eval_data,
-                         test_data, finetune_config or FinetuneConfig(), act_bits, model_name, progress,
-                         ignored_layers)
+        result = _compress(model.to(dev).eval(), example_inputs.to(dev), budget, strategy, train_data, eval_data,
+                           test_data, finetune_config or FinetuneConfig(), act_bits, model_name, progress,
+                           ignored_layers)
+        result.original, result.train_data = model, train_data
+        return result
     finally:
         model.to(home).train(was_training)
 
@@ -147,6 +186,8 @@ def _compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, st
     t = time.perf_counter()
     graph = analyse(model, example_inputs, ignored_layers)
     graph.model_name = model_name
+    if isinstance(budget, Latency):  # a fraction of fp32's latency is measured, not predicted
+        budget = budget.measured_against(model, example_inputs, train_data)
     budget.check_feasible(graph, act_bits)
     problem = Problem(model, graph, budget, example_inputs, train_data, eval_data, group_scores(model, graph),
                       act_bits, finetune_config, progress)
@@ -156,6 +197,8 @@ def _compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, st
     t = time.perf_counter()
     strat = get_strategy(strategy)
     found = strat.search(problem)
+    if isinstance(budget, Latency):
+        found = _meet_latency(problem, strat, found)
     clock["search"] = time.perf_counter() - t
     if not problem.fits(found.policy):
         raise BudgetError(f"strategy {strat.name!r} returned a policy over budget "

@@ -142,7 +142,85 @@ class MACs(_Counted):
         return macs(graph, policy)
 
 
+_TABLES: dict[tuple, object] = {}  # (batch, threads, cache folder) → LatencyTable, shared by Latency budgets
+
+
+@dataclass(frozen=True)
+class Latency(Budget):
+    """Milliseconds of one onnxruntime call of the exported model on this machine (fraction = of the fp32
+    model's), predicted from a per-layer table measured once per machine (zerobit.export.latency).
+
+    Example:
+        >>> Latency(ms=2.5, batch=64).unit
+        'ms'
+    """
+
+    ms: float | None = None
+    fraction: float | None = None
+    batch: int = 1
+    runtime: str = "onnxruntime"
+    threads: int = 1
+    unit = "ms"
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.ms, self.fraction) if v is not None]
+        if len(given) != 1 or given[0] <= 0:
+            raise ValueError("Latency needs exactly one positive value: ms= or fraction=")
+        if self.runtime != "onnxruntime":
+            raise ValueError(f"Latency runtime {self.runtime!r} is not supported; use 'onnxruntime'")
+        if self.batch < 1 or self.threads < 0:
+            raise ValueError("Latency needs batch ≥ 1 and threads ≥ 0 (0 = onnxruntime's default)")
+
+    def table(self):
+        from zerobit.export.latency import LatencyTable, cache_dir
+
+        key = (self.batch, self.threads, str(cache_dir()))
+        if key not in _TABLES:
+            _TABLES[key] = LatencyTable(self.batch, self.threads)
+        return _TABLES[key]
+
+    def cost(self, graph: ModelGraph, policy: Policy) -> float:
+        return self.table().predict(graph, policy)
+
+    def measured_against(self, model, example, data) -> Latency:
+        """This budget in milliseconds: a fraction becomes that fraction of the fp32 model's measured latency."""
+        if self.fraction is None:
+            return self
+        from zerobit.export.latency import measure_float
+
+        fp32 = measure_float(model, example, data, self.batch, self.threads)
+        return Latency(ms=self.fraction * fp32, batch=self.batch, runtime=self.runtime, threads=self.threads)
+
+    def limit(self, graph: ModelGraph) -> float:
+        return float(self.ms) if self.ms is not None else self.fraction * self.reference(graph)
+
+    def check_feasible(self, graph: ModelGraph, act_bits: int) -> None:
+        """Refuse a latency below the fastest policy (one channel per group, in the fastest weight format)."""
+        floor = min(self.cost(graph, smallest_policy(graph, act_bits, bits)) for bits in (2, 6, 8))
+        if floor > self.limit(graph):
+            raise BudgetError(f"budget {self} = {self.limit(graph):.3f} ms cannot be met: the fastest policy "
+                              f"(one channel per group) takes {floor:.3f} ms at batch {self.batch} on "
+                              f"{self.threads or 'all'} thread(s) of this machine")
+
+
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def _latency(text: str) -> Latency:
+    """'2.5ms', '1/4', '2.5ms,batch=64,threads=2' → Latency."""
+    first, *options = [part.strip() for part in text.split(",")]
+    settings = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("batch", "threads") or not value.isdigit():
+            raise ValueError(f"latency option {option!r}: use batch=N or threads=N")
+        settings[key] = int(value)
+    if first.lower().endswith("ms"):
+        return Latency(ms=float(first[:-2]), **settings)
+    value, fraction = _number(first)
+    if fraction is None:
+        raise ValueError(f"latency {first!r}: write milliseconds like 2.5ms, or a fraction of fp32's like 1/4")
+    return Latency(fraction=fraction, **settings)
 
 
 def _number(text: str) -> tuple[float | None, float | None]:
@@ -160,7 +238,8 @@ def _number(text: str) -> tuple[float | None, float | None]:
 def parse_budget(text: str) -> Budget:
     """Read a budget from the command line.
 
-    Forms: '1/32' (of fp32 file bytes), '40KB', '40000B', 'bops=1/64', 'bops=2e8', 'macs=1/4', 'macs=5M'.
+    Forms: '1/32' (of fp32 file bytes), '40KB', '40000B', 'bops=1/64', 'bops=2e8', 'macs=1/4', 'macs=5M',
+    'latency=2.5ms', 'latency=1/4' (of fp32's), 'latency=2.5ms,batch=64,threads=2'.
 
     Example:
         >>> parse_budget("40KB")
@@ -168,11 +247,14 @@ def parse_budget(text: str) -> Budget:
     """
     t = text.strip()
     kind, _, rest = t.partition("=")
+    if rest and kind.lower() == "latency":
+        return _latency(rest)
     if rest:
         value, fraction = _number(rest)
         cls = {"bops": BOPs, "macs": MACs}.get(kind.lower())
         if cls is None:
-            raise ValueError(f"unknown budget kind {kind!r}: use bops=…, macs=… or a size like 40KB or 1/32")
+            raise ValueError(f"unknown budget kind {kind!r}: use bops=…, macs=…, latency=… or a size like 40KB or "
+                             "1/32")
         return cls(value=value, fraction=fraction)
     up = t.upper()
     if up.endswith("KB"):

@@ -1,4 +1,4 @@
-"""Command line: zerobit train | compress | eval | demo."""
+"""Command line: zerobit train | compress | eval | export | demo."""
 
 from __future__ import annotations
 
@@ -106,6 +106,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from zerobit.data import get_splits
+    from zerobit.export.onnx import export_onnx, parity
+    from zerobit.export.runtime import load
+
+    if args.format != "onnx":
+        raise ValueError(f"unknown format {args.format!r}: zerobit exports onnx")
+    splits = get_splits(args.data) if args.data else None
+    calibration = splits.train.subset(512) if splits is not None else None
+    report = export_onnx(args.file, args.out, calibration_data=calibration, mode=args.mode, int4=not args.no_int4)
+    print(report.summary())
+    for layer, kind in report.layers.items():
+        if not kind.startswith(("int", "uint")):
+            print(f"  {layer}: {kind}")
+    if splits is not None and not args.no_check:
+        found = parity(args.out, load(args.file), splits.test)
+        print(f"onnxruntime vs the .zbit model on {found['samples']:,} test images: {found['agreement']:.2%} same "
+              f"prediction, largest output difference {found['max_abs_diff']:.4f}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zerobit.device import resolve
 
@@ -136,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a zoo model under a budget")
     c.add_argument("--model", default="resnet20")
     c.add_argument("--data", default="fashion-mnist")
-    c.add_argument("--budget", required=True, help="1/32 (of fp32 file), 40KB, 40000B, bops=1/64, macs=1/4")
+    c.add_argument("--budget", required=True, help="1/32 (of fp32 file), 40KB, 40000B, bops=1/64, macs=1/4, "
+                   "latency=2.5ms (onnxruntime, batch 1, 1 thread), latency=1/4,batch=64,threads=2")
     c.add_argument("--strategy", default="uniform", help="uniform, sequential, opq, admm, ajpq")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy setting, repeatable (e.g. --option episodes=300 --option checkpoint=s.state)")
@@ -151,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="fashion-mnist")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_eval)
+    x = sub.add_parser("export", help="write a .zbit file as a deployable ONNX file (onnxruntime)")
+    x.add_argument("file", help="a .zbit file of a zoo model")
+    x.add_argument("--format", default="onnx")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--mode", default="fast", choices=["fast", "exact"],
+                   help="fast: integer kernels (a few more tensors quantized, calibrated on --data); exact: the "
+                        ".zbit model's numbers only")
+    x.add_argument("--no-int4", action="store_true", help="store ≤4-bit layers as int8 (faster in onnxruntime)")
+    x.add_argument("--data", default="fashion-mnist", help="calibration and parity data ('' for none)")
+    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs .zbit parity check")
+    x.set_defaults(func=_cmd_export)
     d = sub.add_parser("demo", help="compress the pretrained ResNet-20 and print a before/after table")
     d.add_argument("--budget", default="1/32")
     d.add_argument("--strategy", default="sequential")

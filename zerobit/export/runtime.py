@@ -154,8 +154,31 @@ def _single_width_codes(lay: LayerLayout, cur: dict[str, _Cursor]) -> tuple[torc
     return codes, mask
 
 
-def _layer_weight(lay: LayerLayout, cur: dict[str, _Cursor]) -> torch.Tensor:
-    """Dequantized (C, per) weight of one layer, decoded exactly as QuantLayer.deploy computes it."""
+@dataclass
+class LayerCodes:
+    """One layer as the file stores it: integer codes, float16 scales, and what decodes them."""
+
+    codes: torch.Tensor  # (C, per) integer-valued float32; a codebook layer's centroid indices
+    scale16: torch.Tensor  # (C,) float16; 0 for float channels (a codebook layer: the folded BatchNorm multiplier)
+    bits: torch.Tensor  # (C,) bits of each kept channel (32 = float)
+    mask: torch.Tensor | None = None  # (C, per) bool, unstructured sparsity
+    book16: torch.Tensor | None = None  # (2^b,) float16 centroids of a codebook layer
+    floats: torch.Tensor | None = None  # (channels at 32 bits, per) float32 weights
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized (C, per) weight, exactly as QuantLayer.deploy computes it."""
+        scale = self.scale16.float().view(-1, 1)
+        if self.book16 is not None:
+            weight = self.book16.float()[self.codes.long()] * scale
+            return weight * self.mask if self.mask is not None else weight
+        weight = self.codes * scale
+        if self.floats is not None:
+            weight[self.bits == FLOAT_BITS] = self.floats
+        return weight
+
+
+def _layer_codes(lay: LayerLayout, cur: dict[str, _Cursor]) -> LayerCodes:
+    """Read one layer's codes, scales and float channels from the file's blobs."""
     bits, per = torch.tensor(lay.kept_bits), lay.weights_per_channel
     mask = None
     if lay.single_width:
@@ -172,27 +195,30 @@ def _layer_weight(lay: LayerLayout, cur: dict[str, _Cursor]) -> torch.Tensor:
     scale16 = torch.zeros(len(bits), dtype=torch.float16)
     scale16[quantized] = cur["scales"].take(int(quantized.sum()))
     if lay.codebook:
-        book16 = cur["books"].take(lay.book_entries)
-        weight = book16.float()[codes.long()] * scale16.float().view(-1, 1)
-        return weight * mask if mask is not None else weight
-    weight = codes * scale16.float().view(-1, 1)
+        return LayerCodes(codes, scale16, bits, mask, cur["books"].take(lay.book_entries))
+    floats = None
     if bool((~quantized).any()):
-        weight[~quantized] = cur["floats"].take(int((~quantized).sum()) * per).view(-1, per)
-    return weight
+        floats = cur["floats"].take(int((~quantized).sum()) * per).view(-1, per)
+    return LayerCodes(codes, scale16, bits, mask, None, floats)
 
 
-def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy) -> nn.Module:
+def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
+            layer_codes: dict[str, LayerCodes] | None = None) -> nn.Module:
     """Prune a fresh copy of `model` by the file's policy and load the file's weights into it.
 
     Layers keep their own class (a Conv2d stays a Conv2d, so model code reading its attributes still works);
-    activation quantizers are attached as `input_quant` submodules run by a forward pre-hook.
+    activation quantizers are attached as `input_quant` submodules run by a forward pre-hook. When
+    `layer_codes` is a dict, it receives every layer's codes as stored (for exporters).
     """
     example = torch.zeros((1,) + zf.input_shape[1:])
     pruned = prune_structure(model, graph, policy, example)
     cur = {k: _Cursor(zf.blobs.get(k)) for k in ("codes", "scales", "floats", "biases", "act", "pos", "books")}
     for lay in layer_layouts(graph, policy):
         module = pruned.get_submodule(lay.name)
-        weight = _layer_weight(lay, cur)
+        stored = _layer_codes(lay, cur)
+        if layer_codes is not None:
+            layer_codes[lay.name] = stored
+        weight = stored.weight()
         module.weight = nn.Parameter(weight.view_as(module.weight).contiguous())
         if lay.has_bias:
             module.bias = nn.Parameter(cur["biases"].take(len(lay.kept_bits)).float())
@@ -227,11 +253,17 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, example_inputs
         >>> # small = zerobit.load("small.zbit")          # zoo model
         >>> # small = zerobit.load("mine.zbit", MyNet())  # your own architecture, weights come from the file
     """
+    target = resolve(device)  # a bad name fails before any work
+    return decode(path, model, example_inputs)[0].to(target)
+
+
+def decode(path: str | os.PathLike, model: nn.Module | None = None, example_inputs: torch.Tensor | None = None,
+           layer_codes: dict[str, LayerCodes] | None = None) -> tuple[nn.Module, ZbitFile, ModelGraph]:
+    """`load` on the CPU, also returning the parsed file and the model's graph (`layer_codes` as in `rebuild`)."""
     zf = read_zbit(path, None if example_inputs is not None else MAX_SAMPLE_ELEMENTS)
     if example_inputs is not None and tuple(example_inputs.shape[1:]) != zf.input_shape[1:]:
         raise ZbitFormatError(f"{path} was written for inputs of shape {zf.input_shape[1:]} per sample, "
                               f"example_inputs has {tuple(example_inputs.shape[1:])}")
-    device = resolve(device)
     if model is None:
         model = _zoo_model(path, zf)
     elif model_device(model).type != "cpu":  # decoded on the CPU; the caller's model stays where it is
@@ -242,11 +274,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, example_inputs
             policy = zf.full_policy(graph)
             policy.validate(graph)
             check_blobs(zf, graph, policy)
-            loaded = rebuild(model, zf, graph, policy)
+            loaded = rebuild(model, zf, graph, policy, layer_codes)
         except (ValueError, RuntimeError, IndexError) as exc:  # ZbitFormatError is a ValueError
             raise ZbitFormatError(f"{path} is damaged: {exc}") from exc
     zf.policy = policy
-    return loaded.to(device)
+    return loaded, zf, graph
 
 
 def _zoo_model(path: str | os.PathLike, zf: ZbitFile) -> nn.Module:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zerobit.budget import BOPs, BudgetError, MACs
+from zerobit.budget import BOPs, BudgetError, Latency, MACs
 from zerobit.data.loaders import Batches
 from zerobit.export.layout import LayerLayout
 from zerobit.policy import GroupDecision, LayerDecision, Policy
@@ -147,9 +147,9 @@ class OPQ(Strategy):
 
     def search(self, problem: Problem) -> SearchResult:
         start = time.perf_counter()
-        if isinstance(problem.budget, MACs):
-            raise BudgetError("OPQ zeroes single weights, which does not reduce MACs; use a Size or BOPs budget, "
-                              "or a channel-pruning strategy (uniform, sequential)")
+        if isinstance(problem.budget, (MACs, Latency)):
+            raise BudgetError("OPQ zeroes single weights, which reduces neither MACs nor latency; use a Size or "
+                              "BOPs budget, or a channel-pruning strategy (uniform, sequential, ajpq)")
         sparsities = tuple(p for p in OPQ_SPARSITY if p <= self.max_sparsity)
         costs = self._layer_costs(problem, sparsities)
         cheapest = self.allocate(problem, 1e9, costs, sparsities)

@@ -1,0 +1,207 @@
+"""Deployment on onnxruntime (CPU): latency, file bytes and parity of every strategy's ONNX file beside fp32 and the
+peer, the latency table's error, and a Latency budget against a MACs budget of the same measured latency.
+
+Stage "build" compresses (fine-tune `--epochs`) and writes each run's .zbit and .onnx under --out; stage "measure"
+times every file in one process, interleaved (each repetition calls every file once, in turn), median per file,
+at each batch size — run it on a quiet machine. Results: bench/results/deploy.json and BENCHMARKS.md.
+
+    python bench/deploy.py --stage build --strategies uniform,sequential,opq,admm --budgets 1/16,1/32,1/64,1/128
+    python bench/deploy.py --stage measure --batches 1,64 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_benchmarks_md  # noqa: E402
+from zerobit import zoo  # noqa: E402
+from zerobit.budget import Latency, MACs, float_policy, parse_budget  # noqa: E402
+from zerobit.cli import run_compress  # noqa: E402
+from zerobit.data import get_splits  # noqa: E402
+from zerobit.export.latency import LatencyTable, cpu_name, measure_policy  # noqa: E402
+from zerobit.export.onnx import export_float, export_onnx, onnx_session, parity  # noqa: E402
+from zerobit.export.runtime import decode, load  # noqa: E402
+from zerobit.graph import analyse  # noqa: E402
+from zerobit.strategies import Problem, get_strategy  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "deploy.json"
+
+
+def build(args: argparse.Namespace, splits) -> None:
+    """Compress, write .zbit and .onnx files (fast mode), record bytes, accuracy and parity."""
+    out = Path(args.out)
+    for budget in args.budgets.split(","):
+        for strategy in args.strategies.split(","):
+            run = out / f"{strategy}_{budget.replace('/', 'over')}"
+            if (run / "row.json").exists():
+                continue
+            torch.manual_seed(args.seed)
+            try:
+                s = run_compress(args.model, "fashion-mnist", budget, strategy, args.epochs, str(run), seed=args.seed,
+                                 progress=False, device="cpu")
+            except ValueError as exc:
+                print(f"{budget:>6} {strategy:>10}  refused: {exc}", flush=True)
+                continue
+            s.pop("_result")
+            report = export_onnx(run / "model.zbit", run / "model.onnx", calibration_data=splits.train.subset(512))
+            found = parity(run / "model.onnx", load(run / "model.zbit"), splits.test)
+            row = {"model": args.model, "budget": budget, "strategy": strategy, "epochs": args.epochs,
+                   "seed": args.seed, "zbit_bytes": report.zbit_bytes, "onnx_bytes": report.onnx_bytes,
+                   "accuracy": s["accuracy"], "onnx_agreement": found["agreement"],
+                   "onnx_max_abs_diff": found["max_abs_diff"], "macs": s["macs"], "fp32_macs": s["fp32_macs"],
+                   "formats": sorted(set(report.layers.values()))}
+            (run / "row.json").write_text(json.dumps(row, indent=1))
+            print(f"{budget:>6} {strategy:>10}  .zbit {row['zbit_bytes']:>7,} B  .onnx {row['onnx_bytes']:>7,} B  "
+                  f"acc {100 * row['accuracy']:.2f}%  parity {100 * found['agreement']:.2f}%", flush=True)
+
+
+def peer_files(args: argparse.Namespace, splits, model, example) -> dict[str, Path]:
+    """The peer's ONNX file (Torch-Pruning + onnxruntime static QDQ) at each budget it can meet: the same graph
+    its fine-tuned file has (pruning ratio from the size search; latency does not depend on the weights)."""
+    from bench.peer import build_file, least_pruning, prune
+
+    graph = analyse(model, example)
+    images = splits.train.x[:256].numpy()
+    files = {}
+    for budget in args.budgets.split(","):
+        limit = parse_budget(budget).limit(graph)
+        best = None
+        for fmt in ("int8", "int4"):
+            work = Path(args.out) / "peer" / budget.replace("/", "over")
+            work.mkdir(parents=True, exist_ok=True)
+            ratio, _ = least_pruning(model, example, fmt, images, limit, work)
+            if ratio is not None and (best is None or ratio < best[1]):
+                best = (fmt, ratio)
+        if best is None:
+            print(f"{budget:>6} peer: no file fits", flush=True)
+            continue
+        path = Path(args.out) / "peer" / f"{budget.replace('/', 'over')}_{best[0]}.onnx"
+        build_file(prune(model, example, best[1]), example, best[0], images, path)
+        files[f"peer {best[0]} {budget}"] = path
+    return files
+
+
+def interleaved_ms(files: dict[str, Path], x: np.ndarray, threads: int, reps: int) -> dict[str, float]:
+    """Median ms per call of each file: every repetition calls every file once, in turn."""
+    sessions = {name: onnx_session(path, threads) for name, path in files.items()}
+    feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+    for name, s in sessions.items():
+        for _ in range(3):
+            s.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in files}
+    for _ in range(reps):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[name])
+            times[name].append(1000 * (time.perf_counter() - t0))
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def latency_budget_rows(args, splits, model, example, fp32_ms: float) -> list[dict]:
+    """Uniform under Latency(1/4 of fp32, batch 64) against uniform under the MACs budget whose measured latency is
+    the same (bisected), both fine-tuned for --epochs: accuracy at equal measured latency."""
+    graph = analyse(model, example)
+    budget = Latency(ms=fp32_ms / 4, batch=64, threads=args.threads)
+    rows = []
+    lat = run_compress(args.model, "fashion-mnist", f"latency={budget.ms:.4f}ms,batch=64,threads={args.threads}",
+                       "uniform", args.epochs, str(Path(args.out) / "latency_budget"), seed=args.seed,
+                       progress=False, device="cpu")
+    target = lat["info"]["latency_ms"]
+    rows.append({"budget": f"latency={budget.ms:.2f}ms", "strategy": "uniform", "accuracy": lat["accuracy"],
+                 "measured_ms": target, "predicted_ms": lat["info"]["latency_predicted_ms"], "macs": lat["macs"]})
+    problem = Problem(model, graph, MACs(fraction=0.5), example, splits.train, splits.val, {}, 8)
+    low, high = 0.01, 1.0  # MACs fractions: measured latency rises with the fraction
+    from zerobit.importance import group_scores
+
+    problem.scores = group_scores(model, graph)
+    for _ in range(7):
+        mid = (low + high) / 2
+        policy = get_strategy("uniform").search(Problem(**{**problem.__dict__, "budget": MACs(fraction=mid)})).policy
+        ms = measure_policy(model, graph, policy, example, splits.train, 64, args.threads)
+        low, high = (mid, high) if ms <= target else (low, mid)
+    macs = run_compress(args.model, "fashion-mnist", f"macs={low:.4f}", "uniform", args.epochs,
+                        str(Path(args.out) / "macs_budget"), seed=args.seed, progress=False, device="cpu")
+    policy = decode(Path(args.out) / "macs_budget" / "model.zbit")[1].policy
+    rows.append({"budget": f"macs={low:.3f}", "strategy": "uniform", "accuracy": macs["accuracy"],
+                 "measured_ms": measure_policy(model, graph, policy, example, splits.train, 64, args.threads),
+                 "macs": macs["macs"]})
+    return rows
+
+
+def measure(args: argparse.Namespace, splits) -> dict:
+    torch.set_num_threads(max(1, args.threads))
+    model, example = zoo.load_pretrained(args.model), zoo.example_input(args.model)
+    graph = analyse(model, example)
+    out = Path(args.out)
+    export_float(model, example, out / "fp32.onnx")
+    files = {"fp32": out / "fp32.onnx"}
+    rows = {}
+    for row_file in sorted(out.glob("*/row.json")):
+        row = json.loads(row_file.read_text())
+        name = f"{row['strategy']} {row['budget']}"
+        files[name], rows[name] = row_file.parent / "model.onnx", row
+    files |= peer_files(args, splits, model, example)
+    result = {"model": args.model, "cpu": cpu_name(), "threads": args.threads, "epochs": args.epochs,
+              "seed": args.seed, "rows": [], "latency_table": [], "latency_budget": []}
+    for batch in (int(b) for b in args.batches.split(",")):
+        x = splits.test.x[:batch].numpy()
+        timed = interleaved_ms(files, x, args.threads, args.reps)
+        table = LatencyTable(batch, args.threads)
+        for name, ms in timed.items():
+            row = {"name": name, "batch": batch, "ms": ms, "speedup": timed["fp32"] / ms,
+                   "onnx_bytes": files[name].stat().st_size} | rows.get(name, {})
+            if name in rows or name == "fp32":
+                policy = float_policy(graph) if name == "fp32" else \
+                    decode(files[name].with_suffix(".zbit"))[1].policy
+                row["predicted_ms"] = table.predict(graph, policy)
+                row["table_error"] = row["predicted_ms"] / ms - 1
+            result["rows"].append(row)
+            print(f"b{batch:<3} {name:>22}  {ms:8.3f} ms  ×{row['speedup']:.2f}  {row['onnx_bytes']:>8,} B"
+                  + (f"  predicted {row['predicted_ms']:.3f} ms ({100 * row['table_error']:+.0f}%)"
+                     if "predicted_ms" in row else ""), flush=True)
+    if args.latency_budget:
+        fp32_64 = next(r["ms"] for r in result["rows"] if r["name"] == "fp32" and r["batch"] == 64)
+        result["latency_budget"] = latency_budget_rows(args, splits, model, example, fp32_64)
+        for r in result["latency_budget"]:
+            print(f"{r['budget']:>24} uniform  acc {100 * r['accuracy']:.2f}%  measured {r['measured_ms']:.3f} ms")
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", default="all", choices=["build", "measure", "all"])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--strategies", default="uniform,sequential,opq,admm")
+    ap.add_argument("--budgets", default="1/16,1/32,1/64,1/128")
+    ap.add_argument("--epochs", type=float, default=0.25, help="fine-tune epochs of every compressed model")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime (and torch) threads")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--latency-budget", action="store_true", help="also compare Latency with MACs budgets")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "deploy"))
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, args.threads))
+    splits = get_splits("fashion-mnist")
+    if args.stage in ("build", "all"):
+        build(args, splits)
+    if args.stage in ("measure", "all"):
+        result = measure(args, splits)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=1))
+        write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

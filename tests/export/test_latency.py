@@ -1,0 +1,119 @@
+"""Latency budget: a per-layer onnxruntime table, monotone predictions, a cache that round-trips, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import train_tiny
+from tiny_models import EXAMPLE, TINY_MODELS
+
+import zerobit as zb
+from zerobit.budget import float_policy, parse_budget, smallest_policy
+from zerobit.export import latency
+from zerobit.export.latency import LatencyTable, LayerShape
+from zerobit.policy import GroupDecision, Policy
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # shared by this module's tests: each layer shape is timed once
+
+
+@pytest.fixture(autouse=True)
+def own_cache(cache, monkeypatch):
+    monkeypatch.setenv("ZEROBIT_CACHE", str(cache))
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return zb.analyse(TINY_MODELS["residual"]().eval(), EXAMPLE)
+
+
+def _policy(graph, kept: int, bits: int = 4) -> Policy:
+    groups = {}
+    for name, g in graph.groups.items():
+        n = min(kept, g.channels) if g.prunable else g.channels
+        groups[name] = GroupDecision((bits,) * n + (0,) * (g.channels - n))
+    return Policy(groups, 8)
+
+
+def test_predictions_never_fall_when_channels_are_added(graph):
+    table = LatencyTable(batch=8, threads=1)
+    shape = LayerShape.of(graph, "a1.0.0")
+    for weights in ("int8", "float"):
+        for cin in (1, 3, 8):
+            times = [table.layer_ms(shape, cin, cout, weights, "u8") for cout in range(1, 9)]
+            assert all(a <= b for a, b in zip(times, times[1:], strict=False)), times
+        times = [table.layer_ms(shape, cin, 8, weights, "u8") for cin in range(1, 9)]
+        assert all(a <= b for a, b in zip(times, times[1:], strict=False)), times
+    whole = [table.predict(graph, _policy(graph, k)) for k in range(1, 9)]
+    assert all(a <= b for a, b in zip(whole, whole[1:], strict=False)), whole
+    assert whole[0] > 0
+
+
+def test_the_table_round_trips_without_measuring_again(graph, monkeypatch, tmp_path):
+    monkeypatch.setenv("ZEROBIT_CACHE", str(tmp_path))
+    first = LatencyTable(batch=4, threads=1)
+    policy = _policy(graph, 5)
+    predicted = first.predict(graph, policy)
+    assert first.path.exists()
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a cached layer was measured again")
+
+    monkeypatch.setattr(latency, "kernel_ms", no_measuring)
+    again = LatencyTable(batch=4, threads=1)
+    assert again.predict(graph, policy) == predicted
+    assert LatencyTable(batch=4, threads=1, path=first.path).entries == first.entries
+    first.path.write_text("{not json")  # a damaged cache is measured again, not trusted
+    assert LatencyTable(batch=4, threads=1).entries == {}
+
+
+def test_float_reference_and_fractions(graph):
+    budget = zb.Latency(fraction=0.5, batch=8)
+    assert budget.reference(graph) == budget.cost(graph, float_policy(graph)) > 0
+    assert budget.limit(graph) == pytest.approx(0.5 * budget.reference(graph))
+
+
+def test_impossible_latency_is_refused_before_any_work(digits, graph):
+    model = TINY_MODELS["residual"]().eval()
+    budget = zb.Latency(ms=1e-6)
+    floor = min(budget.cost(graph, smallest_policy(graph, 8, b)) for b in (2, 6, 8))
+    with pytest.raises(zb.BudgetError, match=f"takes {floor:.3f} ms"):
+        zb.compress(model, EXAMPLE, budget, "uniform", train_data=digits.train, eval_data=digits.val,
+                    progress=False)
+
+
+def test_parse_latency_budgets():
+    assert parse_budget("latency=2.5ms") == zb.Latency(ms=2.5)
+    assert parse_budget("latency=1/4,batch=64,threads=2") == zb.Latency(fraction=0.25, batch=64, threads=2)
+    for bad in ("latency=2.5", "latency=2ms,batch=x", "latency=2ms,cores=2"):
+        with pytest.raises(ValueError, match="latency"):
+            parse_budget(bad)
+    with pytest.raises(ValueError, match="runtime"):
+        zb.Latency(ms=1, runtime="tensorrt")
+
+
+def test_compress_under_a_latency_budget_meets_it_measured(digits):
+    model = train_tiny("residual", digits)
+    graph = zb.analyse(model, EXAMPLE)
+    ms = LatencyTable(batch=32, threads=1).predict(graph, _policy(graph, 6, bits=6))  # between smallest and all
+    budget = zb.Latency(ms=ms, batch=32)
+    torch.manual_seed(0)
+    result = zb.compress(model, EXAMPLE, budget, "uniform", train_data=digits.train, eval_data=digits.val,
+                         finetune_config=zb.FinetuneConfig(epochs=0.5), progress=False)
+    info = result.info
+    assert info["latency_ms"] <= budget.limit(graph)
+    assert budget.cost(graph, result.policy) <= budget.limit(graph)
+    assert 1 <= info["latency_tries"] <= 3
+    assert result.accuracy > 0.5
+
+
+def test_opq_refuses_a_latency_budget(digits, graph):
+    model = TINY_MODELS["residual"]().eval()
+    ms = LatencyTable(batch=1, threads=1).predict(graph, _policy(graph, 6, bits=6))
+    with pytest.raises(zb.BudgetError, match="latency"):
+        zb.compress(model, EXAMPLE, zb.Latency(ms=ms), "opq", train_data=digits.train, eval_data=digits.val,
+                    progress=False)

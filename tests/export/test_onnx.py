@@ -1,0 +1,139 @@
+"""ONNX export: real files run in onnxruntime agree with the .zbit model; weights are stored as the file's codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import train_tiny
+from tiny_models import EXAMPLE, TINY_MODELS
+
+import zerobit as zb
+from zerobit.export.onnx import export_onnx, parity
+from zerobit.strategies import get_strategy
+from zerobit.train.evaluate import accuracy
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+OPTIONS = {"ajpq": {"episodes": 4, "warmup": 2, "rerank": 2, "proxy.samples": 100, "proxy.recovery_batches": 1},
+           "admm": {"iterations": 2}}
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    return {name: train_tiny(name, digits) for name in ("plain", "residual", "depthwise", "layernorm")}
+
+
+def _compressed(tmp_path, digits, model, strategy: str, budget=None):
+    torch.manual_seed(0)
+    result = zb.compress(model, EXAMPLE, budget or zb.Size(fraction=1 / 5),
+                         get_strategy(strategy, **OPTIONS.get(strategy, {})), train_data=digits.train,
+                         eval_data=digits.val, finetune_config=zb.FinetuneConfig(epochs=1), progress=False)
+    path = tmp_path / "m.zbit"
+    result.save(path)
+    return result, path
+
+
+def _onnx_accuracy(path, data) -> float:
+    from zerobit.export.onnx import onnx_session
+
+    session = onnx_session(path)
+    out = session.run(None, {session.get_inputs()[0].name: data.x.numpy()})[0]
+    return float((out.argmax(1) == data.y.numpy()).mean())
+
+
+def _initializer_types(path) -> set[int]:
+    return {t.data_type for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "sequential", "opq", "admm", "ajpq"])
+@pytest.mark.parametrize("name", ["plain", "residual", "depthwise"])
+def test_exact_export_computes_what_the_zbit_computes(tmp_path, digits, trained, name, strategy):
+    result, path = _compressed(tmp_path, digits, trained[name], strategy)
+    report = export_onnx(path, tmp_path / "m.onnx", model=TINY_MODELS[name](), mode="exact")
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")), full_check=True)
+    assert report.onnx_bytes == (tmp_path / "m.onnx").stat().st_size
+    assert set(report.layers) == set(result.graph.layers)
+    loaded = zb.load(path, TINY_MODELS[name]())
+    if all(kind.startswith(("int", "uint")) for kind in report.layers.values()):
+        # the graph as written: the same numbers, up to an activation landing one step away where float
+        # summation order moves a value across a rounding boundary
+        written = parity(tmp_path / "m.onnx", loaded, digits.test, optimize=False)
+        assert written["max_abs_diff"] < 0.25 and written["agreement"] >= 0.99, written
+    found = parity(tmp_path / "m.onnx", loaded, digits.test)  # as deployed: fused integer kernels
+    assert found["samples"] == len(digits.test)
+    assert found["agreement"] >= 0.98, (found, report.layers)
+    assert _onnx_accuracy(tmp_path / "m.onnx", digits.test) >= accuracy(loaded, digits.test) - 0.02
+
+
+@pytest.mark.parametrize("name", ["plain", "residual", "depthwise"])
+def test_fast_export_runs_integer_kernels_and_agrees(tmp_path, digits, trained, name):
+    import onnxruntime as ort
+
+    result, path = _compressed(tmp_path, digits, trained[name], "uniform")
+    report = export_onnx(result, tmp_path / "m.onnx", mode="fast")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in trained[name].modules())
+    assert ops.count("QLinearConv") == convs, ops  # every conv runs as an integer kernel
+    assert "Conv" not in ops
+    found = parity(tmp_path / "m.onnx", zb.load(path, TINY_MODELS[name]()), digits.test)
+    assert found["agreement"] >= 0.98, (found, report.summary())
+
+
+def test_weights_are_the_files_codes_with_pruned_widths(tmp_path, digits, trained):
+    from onnx import numpy_helper
+
+    result, path = _compressed(tmp_path, digits, trained["plain"], "uniform", zb.Size(fraction=1 / 8))
+    export_onnx(path, tmp_path / "m.onnx", model=TINY_MODELS["plain"](), mode="exact", int4=False)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and t.dims and np.prod(t.dims) > 64
+                   for t in graph.initializer), "a float weight tensor was written"
+    codes = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    kept = {n: result.policy[g.out_group].kept for n, g in result.graph.layers.items()}
+    assert sorted(c.shape[0] for c in codes) == sorted(kept.values())  # the graph has the pruned widths
+    bits = max(max(result.policy[g.out_group].kept_bits()) for g in result.graph.layers.values())
+    assert all(np.abs(c).max() <= 2 ** (bits - 1) - 1 for c in codes)
+
+
+def test_int4_where_every_channel_has_at_most_4_bits(tmp_path, digits, trained):
+    graph = zb.analyse(trained["residual"], EXAMPLE)
+    result, path = _compressed(tmp_path, digits, trained["residual"], "uniform", zb.Size(fraction=1 / 12))
+    assert all(b <= 4 for g in result.policy.groups.values() for b in g.kept_bits()), result.policy
+    small = export_onnx(path, tmp_path / "int4.onnx", model=TINY_MODELS["residual"](), mode="exact")
+    wide = export_onnx(path, tmp_path / "int8.onnx", model=TINY_MODELS["residual"](), mode="exact", int4=False)
+    assert set(small.layers.values()) == {"int4"} and set(wide.layers.values()) == {"int8"}
+    assert onnx.TensorProto.INT4 in _initializer_types(tmp_path / "int4.onnx")
+    assert small.onnx_bytes < wide.onnx_bytes
+    loaded = zb.load(path, TINY_MODELS["residual"]())
+    assert parity(tmp_path / "int4.onnx", loaded, digits.test, optimize=False)["max_abs_diff"] < 0.25
+    assert parity(tmp_path / "int4.onnx", loaded, digits.test)["agreement"] >= 0.98
+    assert len(graph.layers) == len(small.layers)
+
+
+def test_layers_that_stay_float_are_named(tmp_path, digits, trained):
+    result, path = _compressed(tmp_path, digits, trained["layernorm"], "uniform")
+    report = export_onnx(result, tmp_path / "m.onnx", mode="exact")
+    assert set(report.layers) == set(result.graph.layers)
+    assert any(kind.startswith("int") for kind in report.layers.values())
+    found = parity(tmp_path / "m.onnx", zb.load(path, TINY_MODELS["layernorm"]()), digits.test)
+    assert found["agreement"] >= 0.98, (found, report.layers)
+
+
+def test_clear_errors(tmp_path, digits, trained):
+    result, path = _compressed(tmp_path, digits, trained["residual"], "uniform")
+    with pytest.raises(TypeError, match="CompressResult or the path"):
+        export_onnx(result.model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="calibration_data"):
+        export_onnx(path, tmp_path / "m.onnx", model=TINY_MODELS["residual"]())
+    with pytest.raises(ValueError, match="mode"):
+        export_onnx(path, tmp_path / "m.onnx", model=TINY_MODELS["residual"](), mode="quick")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / "bad.zbit").write_bytes(bytes(data))
+    with pytest.raises(zb.ZbitFormatError):
+        export_onnx(tmp_path / "bad.zbit", tmp_path / "m.onnx", model=TINY_MODELS["residual"](), mode="exact")
+    assert not (tmp_path / "m.onnx").exists()

@@ -1,0 +1,318 @@
+"""Latency of a policy on this machine's onnxruntime, from a per-layer table measured once and cached on disk.
+
+Each layer is timed alone, as `export_onnx` (mode "fast") writes it: uint8 activations quantized in and out, weights
+dequantized from their stored format ("int8", "uint8", "int4", or "float" for codebook and float layers). A layer's
+time is measured on a grid of kept input × output channels and interpolated bilinearly; the grid is made monotone
+first (a running maximum along both axes), so predictions never fall when channels are added. A policy's latency
+is the sum of its layers plus the cost of one runtime call. A layer's time is that of its one-layer model minus
+that of the same call without the layer (see `kernel_ms`). The table lives in `cache_dir()` (one JSON file per
+CPU, onnxruntime version, threads and batch), so a machine measures each layer shape once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zerobit.graph import ModelGraph
+from zerobit.policy import FLOAT_BITS, Policy
+from zerobit.quant.apply import kept_in_features
+
+GRID_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
+INPUT_SCALE = 0.02
+TABLE_VERSION = 2  # bump when what is measured changes: older tables are then measured again
+
+
+def cache_dir() -> Path:
+    """Where latency tables are kept: $ZEROBIT_CACHE/latency, else ~/.cache/zerobit/latency."""
+    root = os.environ.get("ZEROBIT_CACHE") or Path.home() / ".cache" / "zerobit"
+    return Path(root) / "latency"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_ms(session, feed: dict, reps: int = 7, warmup: int = 2, min_seconds: float = 0.0) -> float:
+    """Median wall time of `session.run` on `feed` in milliseconds (one place for every latency measured)."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What decides one layer's time apart from its kept channels."""
+
+    kind: str  # "conv" | "depthwise" | "linear"
+    in_full: int
+    out_full: int
+    kernel: int
+    stride: int
+    height: int  # output positions: height × width (a Linear: rows per sample)
+    width: int
+    groups: int
+
+    @classmethod
+    def of(cls, graph: ModelGraph, name: str) -> LayerShape:
+        layer = graph.layers[name]
+        side = math.isqrt(layer.out_area)
+        height, width = (side, side) if side * side == layer.out_area else (1, layer.out_area)
+        kernel = math.isqrt(layer.kernel_area)
+        if kernel * kernel != layer.kernel_area:
+            raise ValueError(f"layer {name}: the latency table models square kernels only")
+        return cls(layer.kind, layer.in_features, layer.out_channels, kernel, layer.stride, height, width,
+                   layer.groups)
+
+    def key(self) -> str:
+        return "|".join(str(v) for v in (self.kind, self.in_full, self.out_full, self.kernel, self.stride,
+                                         self.height, self.width, self.groups))
+
+
+def grid(channels: int) -> list[int]:
+    """Channel counts a layer is timed at: 1, a few fractions, all."""
+    return sorted({1, channels} | {max(1, round(channels * f)) for f in GRID_FRACTIONS})
+
+
+def _layer_model(shape: LayerShape, cin: int, cout: int, weights: str, act: str, batch: int):
+    """A one-layer ONNX model as export_onnx writes that layer, with random weights; and its input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+    groups = cout if shape.kind == "depthwise" else shape.groups
+    cin = cout if shape.kind == "depthwise" else max(groups, cin // groups * groups)
+    if shape.kind == "linear":
+        x = rng.uniform(0, 2, (batch * shape.height * shape.width, cin)).astype(np.float32)
+        wshape = (cout, cin)
+    else:
+        x = rng.uniform(0, 2, (batch, cin, shape.height * shape.stride, shape.width * shape.stride))
+        x = x.astype(np.float32)
+        wshape = (cout, cin // groups, shape.kernel, shape.kernel)
+
+    def constant(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    value = "x"
+    if act == "u8":
+        s, z = constant("s", np.array(INPUT_SCALE, np.float32)), constant("z", np.array(0, np.uint8))
+        nodes += [helper.make_node("QuantizeLinear", ["x", s, z], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", s, z], ["xd"])]
+        value = "xd"
+    codes = rng.integers(-7, 8, wshape)
+    if weights == "float":
+        constant("w", (codes * 0.01).astype(np.float32))
+    else:
+        scale = constant("ws", np.full(cout, 0.01, np.float32))
+        if weights == "int4":
+            flat = (codes.astype(np.int8).ravel() & 0x0F).astype(np.uint8)
+            flat = np.append(flat, np.uint8(0)) if flat.size % 2 else flat
+            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+            inits.append(helper.make_tensor("wq", TensorProto.INT4, wshape, packed, raw=True))
+            nodes.append(helper.make_node("DequantizeLinear", ["wq", scale], ["w"], axis=0))
+        elif weights == "uint8":
+            constant("wq", (codes + 128).astype(np.uint8))
+            zp = constant("wz", np.full(cout, 128, np.uint8))
+            nodes.append(helper.make_node("DequantizeLinear", ["wq", scale, zp], ["w"], axis=0))
+        else:
+            constant("wq", codes.astype(np.int8))
+            nodes.append(helper.make_node("DequantizeLinear", ["wq", scale], ["w"], axis=0))
+    bias = constant("b", np.zeros(cout, np.float32))
+    if shape.kind == "linear":
+        nodes.append(helper.make_node("Gemm", [value, "w", bias], ["y"], transB=1))
+    else:
+        pad = shape.kernel // 2
+        nodes.append(helper.make_node("Conv", [value, "w", bias], ["y"], strides=[shape.stride] * 2,
+                                      pads=[pad] * 4, group=groups))
+    nodes.append(helper.make_node("Relu", ["y"], ["r"]))
+    out = "r"
+    if act == "u8":
+        s2, z2 = constant("s2", np.array(0.05, np.float32)), constant("z2", np.array(0, np.uint8))
+        nodes += [helper.make_node("QuantizeLinear", ["r", s2, z2], ["rq"]),
+                  helper.make_node("DequantizeLinear", ["rq", s2, z2], ["out"])]
+        out = "out"
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), x
+
+
+def _boundary_model(x: np.ndarray, quantized: bool):
+    """The parts of a one-layer model that a whole model does not repeat per layer: the call, and with quantized
+    activations the input's quantization (in a whole model the layer before delivers uint8)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits, nodes = [], [helper.make_node("Identity", ["x"], ["y"])]
+    if quantized:
+        inits = [numpy_helper.from_array(np.array(INPUT_SCALE, np.float32), "s"),
+                 numpy_helper.from_array(np.array(0, np.uint8), "z")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "boundary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def kernel_ms(session_of, model, x: np.ndarray) -> float:
+    """Milliseconds a one-layer model spends on its layer: its time minus that of `_boundary_model`.
+
+    (onnxruntime's profiler was tried first: at batch 1 it inflates some kernels several-fold.)
+    """
+    quantized = any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in model.graph.node)
+    whole = median_ms(session_of(model), {"x": x}, reps=7, min_seconds=0.02)
+    boundary = median_ms(session_of(_boundary_model(x, quantized)), {"x": x}, reps=7, min_seconds=0.02)
+    return max(0.0, whole - boundary)
+
+
+class LatencyTable:
+    """Per-layer latencies (ms) of one machine, onnxruntime version, thread count and batch; cached on disk.
+
+    Example:
+        >>> # table = LatencyTable(batch=1, threads=1)
+        >>> # table.predict(graph, policy)   # ms; measures (once) the layer shapes it has not seen
+    """
+
+    def __init__(self, batch: int = 1, threads: int = 1, path: str | os.PathLike | None = None) -> None:
+        import onnxruntime as ort
+
+        if batch < 1 or threads < 0:
+            raise ValueError(f"batch must be ≥ 1 and threads ≥ 0, got batch={batch}, threads={threads}")
+        self.batch, self.threads = batch, threads
+        machine = re.sub(r"[^A-Za-z0-9]+", "-", cpu_name()).strip("-")[:60]
+        name = f"v{TABLE_VERSION}_{machine}_ort{ort.__version__}_t{threads}_b{batch}.json"
+        self.path = Path(path) if path is not None else cache_dir() / name
+        self.entries: dict[str, dict] = {}
+        self.overhead: float | None = None
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+                self.entries, self.overhead = saved["layers"], saved["overhead_ms"]
+            except (ValueError, KeyError, TypeError):  # a damaged cache is measured again, not trusted
+                self.entries, self.overhead = {}, None
+
+    def _session(self, model):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def _call_overhead(self) -> float:
+        """Time of one runtime call that does (almost) nothing."""
+        if self.overhead is None:
+            from onnx import TensorProto, helper
+
+            graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty",
+                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+            self.overhead = median_ms(self._session(model), {"x": np.zeros(1, np.float32)}, reps=50)
+            self.save()
+        return self.overhead
+
+    def _measured(self, shape: LayerShape, weights: str, act: str) -> dict:
+        key = f"{shape.key()}|{weights}|{act}"
+        if key not in self.entries:
+            ins = [1] if shape.kind == "depthwise" else grid(shape.in_full)
+            outs = grid(shape.out_full)
+            ms = np.zeros((len(ins), len(outs)))
+            for i, cin in enumerate(ins):
+                for j, cout in enumerate(outs):
+                    model, x = _layer_model(shape, cin, cout, weights, act, self.batch)
+                    ms[i, j] = kernel_ms(self._session, model, x)
+            ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)  # monotone in both
+            self.entries[key] = {"in": ins, "out": outs, "ms": ms.tolist()}
+            self.save()
+        return self.entries[key]
+
+    def layer_ms(self, shape: LayerShape, cin: int, cout: int, weights: str, act: str) -> float:
+        """Milliseconds of one layer with `cin` input and `cout` output channels kept."""
+        entry = self._measured(shape, weights, act)
+        ms = np.asarray(entry["ms"])
+        if len(entry["in"]) == 1:
+            return float(np.interp(cout, entry["out"], ms[0]))
+        rows = [np.interp(cout, entry["out"], row) for row in ms]
+        return float(np.interp(cin, entry["in"], rows))
+
+    def predict(self, graph: ModelGraph, policy: Policy, int4: bool = True) -> float:
+        """Milliseconds of one call of the exported model of `policy` (batch `self.batch`)."""
+        from zerobit.export.onnx import weight_format
+
+        total = self._call_overhead()
+        act = "u8" if policy.act_bits < FLOAT_BITS else "float"
+        for name, layer in graph.layers.items():
+            bits = policy[layer.out_group].kept_bits()
+            fmt = weight_format(bits, policy.layer(name).codebook, int4)
+            fmt = "float" if fmt == "codebook" else fmt
+            total += self.layer_ms(LayerShape.of(graph, name), kept_in_features(graph, policy, name), len(bits),
+                                   fmt, act)
+        return total
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"cpu": cpu_name(), "batch": self.batch, "threads": self.threads,
+                                   "overhead_ms": self.overhead, "layers": self.entries}))
+        os.replace(tmp, self.path)
+
+
+def measure_policy(model, graph: ModelGraph, policy: Policy, example, data, batch: int, threads: int) -> float:
+    """Measured milliseconds of one onnxruntime call (batch `batch`) of `policy` applied to `model`, exported
+    exactly as `export_onnx` (mode "fast") writes it. Latency does not depend on the weights' values, so the
+    policy is applied without fine-tuning; `data` (a TensorData) calibrates the activation scales."""
+    import tempfile
+
+    from zerobit.data.loaders import Batches
+    from zerobit.export.onnx import export_onnx, onnx_session
+    from zerobit.export.runtime import save_zbit
+    from zerobit.quant.apply import apply_policy
+    from zerobit.train.calibrate import calibrate_activations
+
+    qmodel = apply_policy(model, graph, policy, example).eval()
+    calibrate_activations(qmodel, Batches(data, 256), max_batches=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_zbit(qmodel, graph, policy, f"{tmp}/m.zbit")
+        export_onnx(f"{tmp}/m.zbit", f"{tmp}/m.onnx", model=model, calibration_data=data.x[:256])
+        session = onnx_session(f"{tmp}/m.onnx", threads)
+        return median_ms(session, {session.get_inputs()[0].name: _batch_of(data, batch)}, reps=9, min_seconds=0.3)
+
+
+def measure_float(model, example, data, batch: int, threads: int) -> float:
+    """Measured milliseconds of one onnxruntime call (batch `batch`) of `model` exported in float32."""
+    import tempfile
+
+    from zerobit.export.onnx import export_float, onnx_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_float(model, example, f"{tmp}/fp32.onnx")
+        session = onnx_session(f"{tmp}/fp32.onnx", threads)
+        return median_ms(session, {session.get_inputs()[0].name: _batch_of(data, batch)}, reps=9, min_seconds=0.3)
+
+
+def _batch_of(data, batch: int) -> np.ndarray:
+    """`batch` inputs from a TensorData (repeated when it holds fewer)."""
+    x = data.x[:batch]
+    return x.repeat((batch + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:batch].float().cpu().numpy()

@@ -1,0 +1,498 @@
+"""ONNX export of a .zbit model: pruned widths, QDQ weights from the stored codes, one self-contained file.
+
+The exported graph is the torch exporter's graph of the decoded model, rewritten:
+- every stored layer's weight becomes `DequantizeLinear(codes, per-channel scales)`: int8 codes (a b-bit code is
+  an exact int8 value), int4 at opset 21 where all of a layer's channels have ≤ 4 bits; layers with float
+  channels or a codebook keep float weights (`OnnxReport.layers` says which);
+- every quantized layer input becomes `QuantizeLinear → DequantizeLinear` with the file's scale (uint8 after
+  ReLUs, int8 where the data is signed);
+- mode "fast" (the default) also quantizes, with scales calibrated on `calibration_data`, the tensors the .zbit
+  model keeps in float between quantized layers (layer outputs before a residual add, the add's other input),
+  so that onnxruntime fuses integer kernels (QLinearConv, QLinearAdd) instead of running float Conv; mode
+  "exact" computes what the .zbit model computes and nothing else.
+The file is cleaned (no doc strings, metadata or exporter debug data; one- or two-letter names), checked with
+`onnx.checker` and written without external data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import itertools
+import logging
+import os
+import string
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from zerobit.export.runtime import LayerCodes, decode
+from zerobit.policy import FLOAT_BITS
+
+OPSET = 21
+MODES = ("fast", "exact")
+LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+CALIBRATION_BATCH = 64
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError as exc:  # an optional dependency
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'zerobit[onnx]'") from exc
+    return onnx
+
+
+@dataclass
+class OnnxReport:
+    """What `export_onnx` wrote: its bytes beside the .zbit's, and what each layer became."""
+
+    path: str
+    onnx_bytes: int
+    zbit_bytes: int
+    mode: str
+    layers: dict[str, str] = field(default_factory=dict)  # layer → "int8", "int4", "float (codebook)", …
+    calibrated: int = 0  # tensors quantized beyond the .zbit model's own (mode "fast")
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for kind in self.layers.values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        made = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        return (f"{self.path}: {self.onnx_bytes:,} bytes (the .zbit: {self.zbit_bytes:,}); mode {self.mode}; "
+                f"layers: {made}; {self.calibrated} extra activation scales calibrated")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the torch exporter's progress prints and warnings."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def export_float(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
+    """One self-contained opset-21 ONNX file of `model` (CPU, eval) with a dynamic batch dimension."""
+    _onnx()
+    with quiet():
+        torch.onnx.export(model.cpu().eval(), (example.cpu(),), str(path), dynamo=True, external_data=False,
+                          input_names=["x"], output_names=["y"], opset_version=OPSET,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def clean(model):
+    """A lossless smaller copy of an ONNX model: the same nodes and tensors, without doc strings, metadata,
+    producer fields or inner shape hints, every value renamed to one or two letters and nodes left unnamed.
+
+    Tensors kept in typed fields are stored raw instead (same values), so a file's size depends on shapes only.
+    """
+    from onnx import numpy_helper
+
+    out = copy.deepcopy(model)
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string", "metadata_props"):
+        out.ClearField(name)
+    graph = out.graph
+    graph.name = "g"
+    short = ("".join(c) for n in itertools.count(1) for c in itertools.product(string.ascii_letters, repeat=n))
+    renamed: dict[str, str] = {"": ""}  # "" (an omitted optional input) stays ""
+
+    def rename(name: str) -> str:
+        if name not in renamed:
+            renamed[name] = next(short)
+        return renamed[name]
+
+    for proto in itertools.chain([graph], graph.input, graph.initializer, graph.node, graph.output):
+        for name in ("doc_string", "metadata_props"):
+            if name in proto.DESCRIPTOR.fields_by_name:
+                proto.ClearField(name)
+    graph.ClearField("value_info")
+    for tensor in graph.initializer:
+        if not tensor.raw_data and tensor.data_location == tensor.DEFAULT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    for value in itertools.chain(graph.input, graph.initializer):
+        value.name = rename(value.name)
+    for node in graph.node:
+        node.ClearField("name")
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    for value in graph.output:
+        value.name = rename(value.name)
+    return out
+
+
+class _Graph:
+    """Edits of an ONNX graph: new initializers and nodes, consumers of a value, fresh names."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.count = itertools.count()
+
+    def name(self, hint: str) -> str:
+        return f"{hint}__{next(self.count)}"
+
+    def constant(self, hint: str, array: np.ndarray, onnx_type: int | None = None) -> str:
+        from onnx import helper, numpy_helper
+
+        name = self.name(hint)
+        if onnx_type is None:
+            self.graph.initializer.append(numpy_helper.from_array(array, name))
+        else:  # int4: two codes per byte, the first in the low nibble
+            flat = (array.astype(np.int8).ravel() & 0x0F).astype(np.uint8)
+            if flat.size % 2:
+                flat = np.append(flat, np.uint8(0))
+            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+            self.graph.initializer.append(helper.make_tensor(name, onnx_type, array.shape, packed, raw=True))
+        return name
+
+    def drop_initializer(self, name: str) -> None:
+        for i, t in enumerate(self.graph.initializer):
+            if t.name == name:
+                del self.graph.initializer[i]
+                return
+
+    def consumers(self, value: str) -> list:
+        return [n for n in self.graph.node if value in n.input]
+
+    def producer(self, value: str):
+        return next((n for n in self.graph.node if value in n.output), None)
+
+    def insert_before(self, anchor, nodes: list) -> None:
+        """Insert `nodes` just before `anchor` (keeps the node list topologically sorted)."""
+        index = list(self.graph.node).index(anchor)
+        for offset, node in enumerate(nodes):
+            self.graph.node.insert(index + offset, node)
+
+    def qdq(self, value: str, scale: float, signed: bool, anchor) -> str:
+        """Quantize-dequantize `value` (per tensor, zero point 0) in front of `anchor`; the new value's name."""
+        from onnx import helper
+
+        s = self.constant("s", np.array(scale, dtype=np.float32))
+        # uint8 throughout (onnxruntime's fast integer kernels take uint8 activations): signed values are the
+        # same integers shifted by a zero point of 128
+        zp = self.constant("z", np.array(128 if signed else 0, dtype=np.uint8))
+        q, dq = self.name("q"), self.name("dq")
+        self.insert_before(anchor, [helper.make_node("QuantizeLinear", [value, s, zp], [q]),
+                                    helper.make_node("DequantizeLinear", [q, s, zp], [dq])])
+        return dq
+
+
+def weight_format(bits: list[int] | tuple[int, ...], codebook: bool = False, int4: bool = True) -> str:
+    """How a layer's weights are exported, from the bits of its kept channels (one place for the latency table too):
+    "int4" (all ≤ 4 bits, opset 21), "int8", "uint8" (8-bit codes, see below), "codebook" or "float"."""
+    if codebook:
+        return "codebook"
+    if FLOAT_BITS in bits:
+        return "float"
+    top = max(bits)
+    # 8-bit codes reach ±127: x86 u8×s8 kernels without VNNI add pairs of products in int16 and saturate
+    # (2·255·127 > 32767), so such layers store codes + 128 as uint8 (u8×u8 kernels widen first): same integers
+    return "int4" if int4 and top <= 4 else "uint8" if top == 8 else "int8"
+
+
+def _weight_kind(stored: LayerCodes, int4: bool) -> str:
+    kind = weight_format(stored.bits.tolist(), stored.book16 is not None, int4)
+    if kind == "codebook":
+        return "codebook (uint8 indices, decoded at load)"
+    if kind == "float":
+        return "float (float channels)"
+    if stored.mask is not None:
+        kind += f" (sparse, {int((~stored.mask).sum())} zeros stored)"
+    return kind
+
+
+def _quantize_weight(g: _Graph, node, layer: str, stored: LayerCodes, kind: str) -> None:
+    """Replace `node`'s float weight by DequantizeLinear(codes, scales) with the same values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight_name = node.input[1]
+    init = next(t for t in g.graph.initializer if t.name == weight_name)
+    shape = tuple(numpy_helper.to_array(init).shape)
+    codes = stored.codes.numpy().reshape(shape).astype(np.int16)
+    if stored.mask is not None:
+        codes = codes * stored.mask.numpy().reshape(shape)
+    onnx_type = TensorProto.INT4 if kind.startswith("int4") else None
+    inputs = [g.constant(f"{layer}.s", stored.scale16.float().numpy())]
+    if kind.startswith("uint8"):
+        codes = codes + 128
+        inputs.append(g.constant(f"{layer}.z", np.full(shape[0], 128, dtype=np.uint8)))
+    q = g.constant(f"{layer}.q", codes.astype(np.uint8 if kind.startswith("uint8") else np.int8), onnx_type)
+    g.drop_initializer(weight_name)
+    g.insert_before(node, [helper.make_node("DequantizeLinear", [q, *inputs], [weight_name], axis=0)])
+
+
+def _codebook_weight(g: _Graph, node, layer: str, stored: LayerCodes) -> None:
+    """Replace `node`'s float weight by Gather(centroids, uint8 indices) × per-channel scale: exact, one byte a
+    weight (onnxruntime folds it to a float weight when the session starts). Removed weights index a 0 entry."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight_name = node.input[1]
+    init = next(t for t in g.graph.initializer if t.name == weight_name)
+    shape = tuple(numpy_helper.to_array(init).shape)
+    book = np.append(stored.book16.float().numpy(), np.float32(0.0)).astype(np.float32)
+    index = stored.codes.numpy().astype(np.int64)
+    if stored.mask is not None:
+        index = np.where(stored.mask.numpy(), index, len(book) - 1)
+    idx = g.constant(f"{layer}.i", index.reshape(shape).astype(np.uint8 if len(book) <= 256 else np.uint16))
+    books = g.constant(f"{layer}.b", book)
+    scale = g.constant(f"{layer}.s", stored.scale16.float().numpy().reshape((-1,) + (1,) * (len(shape) - 1)))
+    idx32, values = g.name("i32"), g.name("w")
+    g.drop_initializer(weight_name)
+    g.insert_before(node, [helper.make_node("Cast", [idx], [idx32], to=TensorProto.INT32),
+                           helper.make_node("Gather", [books, idx32], [values]),
+                           helper.make_node("Mul", [values, scale], [weight_name])])
+
+
+def _layer_nodes(g: _Graph, layers: Iterable[str]) -> dict[str, object]:
+    """The Conv/Gemm/MatMul node whose weight input is each layer's `.weight` initializer."""
+    by_weight = {n.input[1]: n for n in g.graph.node if n.op_type in LINEAR_OPS and len(n.input) > 1}
+    return {name: by_weight[f"{name}.weight"] for name in layers if f"{name}.weight" in by_weight}
+
+
+def _input_quants(model: nn.Module) -> dict[str, nn.Module]:
+    """Layer name → the ActQuant a decoded model runs on that layer's input."""
+    return {name: m.input_quant for name, m in model.named_modules()
+            if hasattr(m, "input_quant") and m.input_quant.bits < FLOAT_BITS}
+
+
+def _without_input_quants(model: nn.Module) -> nn.Module:
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        if hasattr(m, "input_quant"):
+            m._forward_pre_hooks.clear()
+            del m.input_quant
+    return plain
+
+
+def _quantize_input(g: _Graph, node, quant: nn.Module, exact: bool) -> str:
+    """QDQ on `node`'s data input with the file's scale; values beyond the file's integer range are clipped first
+    (below 8 bits always; at 8 bits signed only in mode "exact": int8 reaches −128, the file's codes −127)."""
+    from onnx import helper
+
+    bits, scale, signed = quant.bits, float(quant.scale), bool(quant.signed)
+    hi = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    value = node.input[0]
+    if bits < 8 or (signed and exact):
+        lo_name = g.constant("lo", np.array(-hi * scale if signed else 0.0, dtype=np.float32))
+        hi_name = g.constant("hi", np.array(hi * scale, dtype=np.float32))
+        clipped = g.name("clip")
+        g.insert_before(node, [helper.make_node("Clip", [value, lo_name, hi_name], [clipped])])
+        value = clipped
+    out = g.qdq(value, scale, signed, node)
+    node.input[0] = out
+    return out
+
+
+def _share_quantized_inputs(g: _Graph, quantized: dict[str, str]) -> None:
+    """Fast mode: consumers of a float value that a layer quantizes (a residual shortcut) read the quantized copy."""
+    for raw, dq in quantized.items():
+        for node in g.consumers(raw):
+            if node.op_type not in ("QuantizeLinear", "Clip"):
+                node.input[:] = [dq if v == raw else v for v in node.input]
+
+
+def _reaches_quantize(g: _Graph, value: str) -> bool:
+    """Whether every consumer of `value` (through a Relu) is a QuantizeLinear."""
+    consumers = g.consumers(value)
+    if len(consumers) == 1 and consumers[0].op_type == "Relu":
+        consumers = g.consumers(consumers[0].output[0])
+    return bool(consumers) and all(n.op_type == "QuantizeLinear" for n in consumers)
+
+
+def _float_edges(g: _Graph, layer_nodes: list) -> list[str]:
+    """Fast mode: outputs of layers and residual adds that no quantizer follows (after a Relu where there is one)."""
+    outputs = {o.name for o in g.graph.output}
+    adds = [n for n in g.graph.node if n.op_type == "Add" and all(
+        (p := g.producer(v)) is not None and p.op_type in ("DequantizeLinear", *LINEAR_OPS) for v in n.input)]
+    edges = []
+    for node in [*layer_nodes, *adds]:
+        value = node.output[0]
+        consumers = g.consumers(value)
+        if len(consumers) == 1 and consumers[0].op_type == "Relu":
+            value = consumers[0].output[0]
+        if value not in outputs and not _reaches_quantize(g, value):
+            edges.append(value)
+    return edges
+
+
+def _batches(data) -> Iterator[np.ndarray]:
+    """Input batches (numpy) from a tensor, a TensorData, or an iterable of tensors or (x, y) pairs."""
+    if isinstance(data, torch.Tensor) or hasattr(data, "x"):
+        x = data if isinstance(data, torch.Tensor) else data.x
+        for i in range(0, len(x), CALIBRATION_BATCH):
+            yield x[i:i + CALIBRATION_BATCH].float().cpu().numpy()
+        return
+    for batch in data:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        yield x.float().cpu().numpy()
+
+
+def _calibrate(model, values: list[str], data, max_samples: int, percentile: float) -> dict[str, tuple[float, bool]]:
+    """(scale, signed) of each value: a high percentile of |x| over the calibration inputs, run in onnxruntime."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    probe = copy.deepcopy(model)
+    probe.graph.output.extend([helper.make_empty_tensor_value_info(v) for v in values])
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    seen: dict[str, list[np.ndarray]] = {v: [] for v in values}
+    count = 0
+    for x in _batches(data):
+        for v, out in zip(values, session.run(values, {name: x}), strict=True):
+            seen[v].append(out.ravel()[:: max(1, out.size // 200_000)])
+        count += len(x)
+        if count >= max_samples:
+            break
+    if count == 0:
+        raise ValueError("calibration_data holds no inputs")
+    found = {}
+    for v in values:
+        sample = np.concatenate(seen[v])
+        signed = bool((sample < 0).any())
+        amax = max(float(np.quantile(np.abs(sample), percentile)), 1e-8)
+        found[v] = (amax / (127 if signed else 255), signed)
+    return found
+
+
+def _quantize_edge(g: _Graph, value: str, scale: float, signed: bool) -> None:
+    """QDQ right after `value` is produced; every consumer reads the dequantized copy."""
+    consumers = g.consumers(value)
+    producer = g.producer(value)
+    anchor = g.graph.node[list(g.graph.node).index(producer) + 1]
+    dq = g.qdq(value, scale, signed, anchor)
+    for node in consumers:
+        node.input[:] = [dq if v == value else v for v in node.input]
+
+
+def _source(source, model: nn.Module | None, tmp: Path) -> tuple[Path, nn.Module | None, object]:
+    """(.zbit path, model object, default calibration data) of a CompressResult or a .zbit path."""
+    from zerobit.api import CompressResult
+
+    if isinstance(source, CompressResult):
+        path = tmp / "model.zbit"
+        source.save(path)
+        return path, model if model is not None else source.original, source.train_data
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source), model, None
+    raise TypeError(f"export_onnx takes a CompressResult or the path of a .zbit file, not {type(source).__name__}; "
+                    "to export a model loaded with zerobit.load, export the .zbit file it came from")
+
+
+def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = None, calibration_data=None,
+                mode: str = "fast", int4: bool = True, max_calibration: int = 512,
+                percentile: float = 0.9999) -> OnnxReport:
+    """Write the ONNX file of a compressed model: pruned widths, QDQ weights and activations, one file.
+
+    Args:
+        source: a `CompressResult`, or the path of a .zbit file (any file ever written can be deployed).
+        path: the .onnx file to write.
+        model: the original model object (not needed for zoo models or a CompressResult).
+        calibration_data: inputs for the scales mode "fast" adds: a tensor, a TensorData or an iterable of
+            batches (default for a CompressResult: its training data). Not needed in mode "exact".
+        mode: "fast" (integer kernels in onnxruntime; a few tensors the .zbit keeps in float get 8-bit scales) or
+            "exact" (computes exactly what the .zbit model computes; slower in onnxruntime).
+        int4: store the codes of layers whose channels all have ≤ 4 bits as int4 (opset 21).
+        max_calibration: inputs used for calibration. percentile: of |x| that sets each calibrated scale.
+
+    Example:
+        >>> # report = zerobit.export_onnx("small.zbit", "small.onnx", calibration_data=splits.train)
+        >>> # print(report.summary())
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    onnx = _onnx()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        zbit_path, model, default_data = _source(source, model, tmp)
+        stored: dict[str, LayerCodes] = {}
+        decoded, zf, _graph = decode(zbit_path, model, layer_codes=stored)
+        export_float(_without_input_quants(decoded), torch.zeros((1,) + zf.input_shape[1:]), tmp / "float.onnx")
+        g = _Graph(onnx.load(str(tmp / "float.onnx")))
+        report = OnnxReport(str(path), 0, zbit_path.stat().st_size, mode)
+        nodes = _layer_nodes(g, stored)
+        quantized: dict[str, str] = {}
+        for layer, codes in stored.items():
+            kind = _weight_kind(codes, int4)
+            if layer not in nodes:
+                kind = "float (its weight is not a plain Conv/Gemm input in the exported graph)"
+            elif kind.startswith("codebook"):
+                _codebook_weight(g, nodes[layer], layer, codes)
+            elif not kind.startswith("float"):
+                _quantize_weight(g, nodes[layer], layer, codes, kind)
+            report.layers[layer] = kind
+        for layer, quant in _input_quants(decoded).items():
+            # a float weight behind quantized inputs is requantized to int8 by onnxruntime itself (lossy): such
+            # layers take their input in float instead (one rounding less than the .zbit model)
+            if layer in nodes and report.layers[layer].startswith(("int", "uint")):
+                raw = nodes[layer].input[0]
+                quantized.setdefault(raw, _quantize_input(g, nodes[layer], quant, mode == "exact"))
+        if mode == "fast":
+            _share_quantized_inputs(g, quantized)
+            edges = _float_edges(g, [nodes[n] for n in nodes if _input_quants(decoded).get(n) is not None])
+            if edges:
+                data = calibration_data if calibration_data is not None else default_data
+                if data is None:
+                    raise ValueError(f"mode 'fast' quantizes {len(edges)} tensors the .zbit model keeps in float and "
+                                     "needs calibration_data= (a few hundred inputs) for their scales; or pass "
+                                     "mode='exact'")
+                for value, (scale, signed) in _calibrate(g.model, edges, data, max_calibration, percentile).items():
+                    _quantize_edge(g, value, scale, signed)
+                report.calibrated = len(edges)
+        final = clean(g.model)
+        onnx.checker.check_model(final, full_check=True)
+        onnx.save(final, str(path))
+    report.onnx_bytes = os.path.getsize(path)
+    return report
+
+
+def onnx_session(path: str | os.PathLike, threads: int = 0, optimize: bool = True):
+    """An onnxruntime CPU session of `path` (threads 0 = onnxruntime's default; optimize=False: graph as written)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError("running ONNX files needs onnxruntime: pip install 'zerobit[onnx]'") from exc
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def parity(path: str | os.PathLike, reference: nn.Module, data, max_samples: int | None = None,
+           optimize: bool = True) -> dict[str, float]:
+    """Compare onnxruntime's outputs of `path` with `reference` (e.g. the model `zerobit.load` rebuilds).
+
+    `optimize=False` runs the graph as written (no fused integer kernels): in mode "exact" it computes what the
+    .zbit model computes, to float rounding. With onnxruntime's optimizations (the default, as deployed) fused
+    kernels round their integer results in their own way, and an activation can land one step away.
+
+    Returns {"agreement": share of equal argmax, "max_abs_diff": largest logit difference, "samples": n}.
+    """
+    session = onnx_session(path, optimize=optimize)
+    name = session.get_inputs()[0].name
+    reference = reference.cpu().eval()
+    same, total, worst = 0, 0, 0.0
+    for x in _batches(data):
+        ours = session.run(None, {name: x})[0]
+        theirs = reference(torch.from_numpy(x)).numpy()
+        same += int((ours.argmax(1) == theirs.argmax(1)).sum())
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+        total += len(x)
+        if max_samples is not None and total >= max_samples:
+            break
+    return {"agreement": same / max(total, 1), "max_abs_diff": worst, "samples": total}
