@@ -44,6 +44,7 @@ def build(args: argparse.Namespace, splits) -> None:
         for strategy in args.strategies.split(","):
             run = out / f"{strategy}_{budget.replace('/', 'over')}"
             if (run / "row.json").exists():
+                _int8_variant(run, splits)
                 continue
             torch.manual_seed(args.seed)
             try:
@@ -61,8 +62,20 @@ def build(args: argparse.Namespace, splits) -> None:
                    "onnx_max_abs_diff": found["max_abs_diff"], "macs": s["macs"], "fp32_macs": s["fp32_macs"],
                    "formats": sorted(set(report.layers.values()))}
             (run / "row.json").write_text(json.dumps(row, indent=1))
+            _int8_variant(run, splits)
             print(f"{budget:>6} {strategy:>10}  .zbit {row['zbit_bytes']:>7,} B  .onnx {row['onnx_bytes']:>7,} B  "
                   f"acc {100 * row['accuracy']:.2f}%  parity {100 * found['agreement']:.2f}%", flush=True)
+
+
+def _int8_variant(run: Path, splits) -> None:
+    """Where the file has int4 layers, also write them as int8 (larger; integer kernels throughout) + parity."""
+    row = json.loads((run / "row.json").read_text())
+    if (run / "int8.json").exists() or "int4" not in row["formats"]:
+        return
+    export_onnx(run / "model.zbit", run / "model_int8.onnx", int4=False, calibration_data=splits.train.subset(512))
+    found = parity(run / "model_int8.onnx", load(run / "model.zbit"), splits.test)
+    (run / "int8.json").write_text(json.dumps({"onnx_agreement": found["agreement"],
+                                               "onnx_max_abs_diff": found["max_abs_diff"]}))
 
 
 def peer_files(args: argparse.Namespace, splits, model, example) -> dict[str, Path]:
@@ -138,6 +151,33 @@ def latency_budget_rows(args, splits, model, example, fp32_ms: float) -> list[di
     return rows
 
 
+TABLE_POLICIES = ((1.0, 8), (0.75, 6), (0.5, 5), (0.5, 4), (0.3, 8), (0.25, 2))  # (keep, bits)
+
+
+def table_check(args: argparse.Namespace, splits) -> list[dict]:
+    """The latency table against whole-model timings: uniform policies of every zoo model (weights as calibrated,
+    not fine-tuned: latency does not depend on their values), each exported and timed for real."""
+    from zerobit.importance import group_scores
+    from zerobit.policy import uniform_policy
+
+    rows = []
+    for name in ("resnet20", "vgg", "mobilenetv2"):
+        model, example = zoo.load_pretrained(name), zoo.example_input(name)
+        graph = analyse(model, example)
+        scores = group_scores(model, graph)
+        for batch in (int(b) for b in args.batches.split(",")):
+            table = LatencyTable(batch, args.threads)
+            for keep, bits in TABLE_POLICIES:
+                policy = uniform_policy(graph, scores, keep, bits, 8)
+                measured = measure_policy(model, graph, policy, example, splits.train, batch, args.threads)
+                predicted = table.predict(graph, policy)
+                rows.append({"model": name, "batch": batch, "keep": keep, "bits": bits, "measured_ms": measured,
+                             "predicted_ms": predicted, "error": predicted / measured - 1})
+                print(f"{name:>12} b{batch:<3} keep {keep:.2f} {bits}b  measured {measured:8.3f} ms  predicted "
+                      f"{predicted:8.3f} ms  ({100 * rows[-1]['error']:+.0f}%)", flush=True)
+    return rows
+
+
 def measure(args: argparse.Namespace, splits) -> dict:
     torch.set_num_threads(max(1, args.threads))
     model, example = zoo.load_pretrained(args.model), zoo.example_input(args.model)
@@ -150,6 +190,9 @@ def measure(args: argparse.Namespace, splits) -> dict:
         row = json.loads(row_file.read_text())
         name = f"{row['strategy']} {row['budget']}"
         files[name], rows[name] = row_file.parent / "model.onnx", row
+        if (row_file.parent / "model_int8.onnx").exists():
+            files[f"{name} int8"] = row_file.parent / "model_int8.onnx"
+            rows[f"{name} int8"] = row | json.loads((row_file.parent / "int8.json").read_text())
     files |= peer_files(args, splits, model, example)
     result = {"model": args.model, "cpu": cpu_name(), "threads": args.threads, "epochs": args.epochs,
               "seed": args.seed, "rows": [], "latency_table": [], "latency_budget": []}
@@ -158,17 +201,18 @@ def measure(args: argparse.Namespace, splits) -> dict:
         timed = interleaved_ms(files, x, args.threads, args.reps)
         table = LatencyTable(batch, args.threads)
         for name, ms in timed.items():
-            row = {"name": name, "batch": batch, "ms": ms, "speedup": timed["fp32"] / ms,
-                   "onnx_bytes": files[name].stat().st_size} | rows.get(name, {})
+            row = rows.get(name, {}) | {"name": name, "batch": batch, "ms": ms, "speedup": timed["fp32"] / ms,
+                                        "onnx_bytes": files[name].stat().st_size}
             if name in rows or name == "fp32":
                 policy = float_policy(graph) if name == "fp32" else \
-                    decode(files[name].with_suffix(".zbit"))[1].policy
-                row["predicted_ms"] = table.predict(graph, policy)
+                    decode(files[name].parent / "model.zbit")[1].policy
+                row["predicted_ms"] = table.predict(graph, policy, int4=not name.endswith("int8"))
                 row["table_error"] = row["predicted_ms"] / ms - 1
             result["rows"].append(row)
             print(f"b{batch:<3} {name:>22}  {ms:8.3f} ms  ×{row['speedup']:.2f}  {row['onnx_bytes']:>8,} B"
                   + (f"  predicted {row['predicted_ms']:.3f} ms ({100 * row['table_error']:+.0f}%)"
                      if "predicted_ms" in row else ""), flush=True)
+    result["table_check"] = table_check(args, splits)
     if args.latency_budget:
         fp32_64 = next(r["ms"] for r in result["rows"] if r["name"] == "fp32" and r["batch"] == 64)
         result["latency_budget"] = latency_budget_rows(args, splits, model, example, fp32_64)

@@ -219,6 +219,15 @@ def deploy_section(result: dict) -> str:
             lines.append(f"| {r['name']} | {r['ms']:.3f} | {r['speedup']:.2f} | {r['onnx_bytes']:,} | {zbit} | {acc} "
                          f"| {par} | {diff} | {err} |")
         lines.append("")
+    if result.get("table_check"):
+        errors = [abs(r["error"]) for r in result["table_check"]]
+        lines += ["**Latency table vs whole-model timings** (uniform policies: keep ratio × bits, exported and timed; "
+                  f"mean |error| {100 * sum(errors) / len(errors):.0f}%, largest {100 * max(errors):.0f}%)", "",
+                  "| model | batch | keep | bits | measured ms | predicted ms | error |", "|---|---|---|---|---|---|---|"]
+        for r in result["table_check"]:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['keep']:.2f} | {r['bits']} | {r['measured_ms']:.3f} | "
+                         f"{r['predicted_ms']:.3f} | {100 * r['error']:+.0f}% |")
+        lines.append("")
     if result.get("latency_budget"):
         lines += ["**Latency budget vs MACs budget** (batch 64, uniform, same fine-tune): the MACs fraction was "
                   "bisected until the policy's measured latency matched the Latency run's.", "",

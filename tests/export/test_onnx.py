@@ -137,3 +137,28 @@ def test_clear_errors(tmp_path, digits, trained):
     with pytest.raises(zb.ZbitFormatError):
         export_onnx(tmp_path / "bad.zbit", tmp_path / "m.onnx", model=TINY_MODELS["residual"](), mode="exact")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _Branchy(torch.nn.Module):
+    """Python control flow on a tensor's value: runs in eager mode and traces for pruning, but torch.export
+    cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        if float(y.mean()) > 1e9:
+            y = y * 2
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_a_model_the_exporter_cannot_capture_is_a_clear_error(tmp_path, digits):
+    torch.manual_seed(0)
+    result = zb.compress(_Branchy().eval(), EXAMPLE, zb.Size(fraction=0.8), "uniform", train_data=digits.train,
+                         eval_data=digits.val, finetune_config=zb.FinetuneConfig(epochs=0.1), progress=False)
+    with pytest.raises(ValueError, match="torch.onnx.export could not export _Branchy"):
+        export_onnx(result, tmp_path / "m.onnx", mode="exact")
+    assert not (tmp_path / "m.onnx").exists()

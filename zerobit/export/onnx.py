@@ -85,10 +85,16 @@ def quiet() -> Iterator[None]:
 def export_float(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
     """One self-contained opset-21 ONNX file of `model` (CPU, eval) with a dynamic batch dimension."""
     _onnx()
-    with quiet():
-        torch.onnx.export(model.cpu().eval(), (example.cpu(),), str(path), dynamo=True, external_data=False,
-                          input_names=["x"], output_names=["y"], opset_version=OPSET,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    try:
+        with quiet():
+            torch.onnx.export(model.cpu().eval(), (example.cpu(),), str(path), dynamo=True, external_data=False,
+                              input_names=["x"], output_names=["y"], opset_version=OPSET,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # the exporter raises many types; the user needs one clear message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"torch.onnx.export could not export {type(model).__name__}: {first[:300]}. The model "
+                         "must run under torch.export (no data-dependent Python control flow on tensor values); "
+                         "the .zbit file itself still loads with zerobit.load") from exc
 
 
 def clean(model):
