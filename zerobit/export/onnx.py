@@ -443,6 +443,9 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
             # layers take their input in float instead (one rounding less than the .zbit model)
             if layer in nodes and report.layers[layer].startswith(("int", "uint")):
                 raw = nodes[layer].input[0]
+                if mode == "fast" and raw in quantized:  # one quantizer per tensor, or onnxruntime cannot fuse
+                    nodes[layer].input[0] = quantized[raw]  # its producer (layers reading one tensor were
+                    continue                                # calibrated on it alike: their scales agree)
                 quantized.setdefault(raw, _quantize_input(g, nodes[layer], quant, mode == "exact"))
         if mode == "fast":
             _share_quantized_inputs(g, quantized)
