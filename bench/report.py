@@ -204,7 +204,9 @@ def deploy_section(result: dict) -> str:
              "files are Torch-Pruning + onnxruntime static QDQ at the same byte budget. *ms* is the median of "
              "interleaved calls (every repetition calls every file once, in turn); *×* is fp32's time over the "
              "row's; *parity* the share of the 10,000 test images on which onnxruntime and the .zbit model agree; "
-             "*table* the latency table's prediction error. `python bench/deploy.py --stage build` then "
+             "*table* the latency table's prediction error. The peer's files have the structure of its fine-tuned "
+             "ones (latency only; its accuracy is in the compression table). *int8* rows: the same model with its "
+             "≤ 4-bit layers stored as int8 (larger file, integer kernels). `python bench/deploy.py --stage build` then "
              "`python bench/deploy.py --stage measure --latency-budget`.", ""]
     for batch in sorted({r["batch"] for r in result["rows"]}):
         lines += [f"**batch {batch}**", "",
@@ -236,6 +238,10 @@ def deploy_section(result: dict) -> str:
             pred = f"{r['predicted_ms']:.3f}" if "predicted_ms" in r else ""
             lines.append(f"| {r['budget']} | {100 * r['accuracy']:.2f} | {r['measured_ms']:.3f} | {pred} | "
                          f"{r['macs']:,} |")
+        if any(r.get("matched") is False for r in result["latency_budget"]):
+            lines.append("The MACs row could not match: no MACs fraction down to 1% gave a policy as fast as the "
+                         "Latency run's (fewer MACs, yet slower: the formats the MACs budget leads to run in slower "
+                         "kernels).")
         lines.append("")
     return "\n".join(lines) + "\n"
 

