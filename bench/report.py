@@ -239,6 +239,7 @@ def deploy_section(result: dict) -> str:
             lines.append(f"| {r['budget']} | {100 * r['accuracy']:.2f} | {r['measured_ms']:.3f} | {pred} | "
                          f"{r['macs']:,} |")
         if any(r.get("matched") is False for r in result["latency_budget"]):
+            lines.append("")
             lines.append("The MACs row could not match: no MACs fraction down to 1% gave a policy as fast as the "
                          "Latency run's (fewer MACs, yet slower: the formats the MACs budget leads to run in slower "
                          "kernels).")
