@@ -28,7 +28,7 @@ def train_tiny(name: str, splits, epochs: int = 15, seed: int = 0) -> torch.nn.M
     model = TINY_MODELS[name]()
     batches = Batches(splits.train, 64, shuffle=True, seed=seed)
     spec = LoopSpec(steps=epochs * len(batches), lr=0.1, momentum=0.9, nesterov=False, schedule="constant")
-    fit(model, batches, spec, lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y), progress=False)
+    fit(model, batches, spec, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), progress=False)
     return model.eval()
 
 

@@ -20,6 +20,7 @@ from zerobit.export.zbit import ZbitFormatError
 from zerobit.graph import UntraceableModelError, analyse
 from zerobit.policy import GroupDecision, Policy
 from zerobit.strategies import STRATEGIES, Sequential, Uniform, register_strategy
+from zerobit.task import Classification, Distillation, Task
 from zerobit.train.finetune import FinetuneConfig
 
 __version__ = "0.1.0"
@@ -30,7 +31,8 @@ def save(result: CompressResult, path: str | os.PathLike) -> int:
     return result.save(path)
 
 
-__all__ = ["BOPs", "BudgetError", "CompressResult", "FinetuneConfig", "GroupDecision", "Latency", "MACs",
-           "OnnxReport", "Policy", "STRATEGIES", "Sequential", "Size", "Uniform", "UntraceableModelError",
+__all__ = ["BOPs", "BudgetError", "Classification", "CompressResult", "Distillation", "FinetuneConfig",
+           "GroupDecision", "Latency", "MACs", "OnnxReport", "Policy", "STRATEGIES", "Sequential", "Size", "Task",
+           "Uniform", "UntraceableModelError",
            "ZbitFormatError", "analyse", "compress", "export_onnx", "load", "parse_budget", "read_zbit",
            "register_strategy", "save"]

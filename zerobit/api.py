@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +13,8 @@ import torch
 from torch import nn
 
 from zerobit.budget import BOPs, Budget, BudgetError, Latency, MACs, Size, bops, float_policy, macs
-from zerobit.data.loaders import Batches, TensorData
-from zerobit.device import DeviceLike, model_device, resolve
+from zerobit.data.loaders import TensorData, batches_of, check_data
+from zerobit.device import DeviceLike, model_device, move, resolve
 from zerobit.export.runtime import save_zbit
 from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import ModelGraph, analyse
@@ -22,8 +23,8 @@ from zerobit.policy import Policy
 from zerobit.quant.apply import apply_policy, inference_copy, quant_layers
 from zerobit.strategies import Problem, Strategy, get_strategy
 from zerobit.strategies.base import SearchResult
+from zerobit.task import DEFAULT_TASK, Classification, Task, first_tensor, get_task, map_tensors
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
-from zerobit.train.evaluate import accuracy
 from zerobit.train.finetune import FinetuneConfig, finetune
 
 
@@ -31,7 +32,8 @@ from zerobit.train.finetune import FinetuneConfig, finetune
 class CompressResult:
     """The compressed model and its measured numbers.
 
-    `accuracy` is measured on the compressed model exactly as the .zbit file stores it (eval mode decodes the
+    `accuracy` is the task's metric (top-1 accuracy for classification; output similarity for label-free
+    distillation), measured on the compressed model exactly as the .zbit file stores it (eval mode decodes the
     stored codes), on `test_data` when given, else on `eval_data`.
     """
 
@@ -45,7 +47,8 @@ class CompressResult:
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     original: nn.Module | None = field(default=None, repr=False)  # the model compressed (for export_onnx)
-    train_data: TensorData | None = field(default=None, repr=False)  # calibration inputs for export_onnx
+    train_data: Any = field(default=None, repr=False)  # calibration inputs for export_onnx
+    task: Task = field(default=DEFAULT_TASK, repr=False)  # how batches were run and the model judged
 
     @property
     def file_bytes(self) -> int:
@@ -60,7 +63,7 @@ class CompressResult:
             "budget": str(self.budget), "budget_limit": self.budget.limit(g), "budget_unit": self.budget.unit,
             "budget_bytes": self.budget.limit(g) if isinstance(self.budget, Size) else None,
             "ratio": g.fp32_bytes / self.file_bytes, "accuracy": self.accuracy,
-            "baseline_accuracy": self.baseline_accuracy, "bops": bops(g, p), "fp32_bops": bops(g, ref),
+            "baseline_accuracy": self.baseline_accuracy, "metric": self.task.name, "bops": bops(g, p), "fp32_bops": bops(g, ref),
             "macs": macs(g, p), "fp32_macs": macs(g, ref), "seconds": sum(self.seconds.values()),
             "seconds_by_stage": self.seconds, "info": self.info, "model": g.model_name,
             "device": str(model_device(self.model)),
@@ -69,12 +72,13 @@ class CompressResult:
     def summary(self) -> str:
         """Before/after table: size, accuracy, BOPs, MACs."""
         d = self.to_dict()
-        rows = [("file bytes", d["fp32_bytes"], d["file_bytes"]), ("accuracy %", 100 * d["baseline_accuracy"],
+        metric = "accuracy %" if isinstance(self.task, Classification) else f"{self.task.name} %"[:12]
+        rows = [("file bytes", d["fp32_bytes"], d["file_bytes"]), (metric, 100 * d["baseline_accuracy"],
                 100 * d["accuracy"]), ("BOPs", d["fp32_bops"], d["bops"]), ("MACs", d["fp32_macs"], d["macs"])]
         lines = [f"{'':12} {'fp32':>14} {'compressed':>14} {'ratio':>8}"]
         for name, before, after in rows:
-            ratio = f"{before / after:.1f}×" if name != "accuracy %" and after else f"{after - before:+.2f}"
-            fmt = "{:>14.2f}" if name == "accuracy %" else "{:>14,.0f}"
+            ratio = f"{before / after:.1f}×" if name != metric and after else f"{after - before:+.2f}"
+            fmt = "{:>14.2f}" if name == metric else "{:>14,.0f}"
             lines.append(f"{name:12} {fmt.format(before)} {fmt.format(after)} {ratio:>8}")
         if "latency_ms" in self.info:
             lines.append(f"latency: {self.info['latency_ms']:.3f} ms measured in onnxruntime (predicted "
@@ -86,12 +90,17 @@ class CompressResult:
         return save_zbit(self.model, self.graph, self.policy, path)
 
 
-def _check_inputs(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, data: TensorData) -> None:
+def _check_inputs(model: nn.Module, example_inputs: Any, budget: Budget, data: Any, eval_data: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(budget, (Size, BOPs, MACs, Latency)):
         raise TypeError(f"budget must be zerobit.Size, BOPs, MACs or Latency, got {type(budget).__name__}")
-    if not torch.isfinite(example_inputs).all() or not torch.isfinite(data.x).all():
+    check_data(data, "train_data")
+    check_data(eval_data, "eval_data")
+    first_tensor(example_inputs)  # a clear TypeError when it holds no tensor
+    finite = []
+    map_tensors(example_inputs, lambda t: finite.append(not t.is_floating_point() or bool(torch.isfinite(t).all())))
+    if not all(finite) or (isinstance(data, TensorData) and not torch.isfinite(data.x).all()):
         raise ValueError("inputs contain NaN or infinity")
     bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
@@ -143,21 +152,25 @@ def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> Sea
     return best
 
 
-def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy = "uniform",
-             *, train_data: TensorData, eval_data: TensorData, test_data: TensorData | None = None,
+def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: str | Strategy = "uniform",
+             *, train_data: Iterable, eval_data: Iterable, test_data: Iterable | None = None,
              finetune_config: FinetuneConfig | None = None, act_bits: int = 8, model_name: str = "",
              progress: bool = True, ignored_layers: list[str] | None = None,
-             device: DeviceLike = "auto") -> CompressResult:
+             device: DeviceLike = "auto", task: Task | str | None = None) -> CompressResult:
     """Compress `model` to fit `budget`: choose per-channel bits (0 = removed), fine-tune, measure.
 
     Args:
         model: a trained model (left unchanged; it is the distillation teacher).
-        example_inputs: one input batch for tracing, e.g. ``torch.zeros(1, 1, 28, 28)``.
+        example_inputs: one input batch for tracing, as the model is called: a tensor (``model(x)``, e.g.
+            ``torch.zeros(1, 1, 28, 28)``), a tuple (``model(*x)``) or a dict (``model(**x)``, e.g. a tokenizer's
+            output for a Hugging Face model).
         budget: ``Size(...)`` (bytes of the .zbit file), ``BOPs(...)``, ``MACs(...)`` or ``Latency(...)``
             (milliseconds of the exported ONNX model in onnxruntime on this machine, measured; see README).
         strategy: a registered name ("uniform", "sequential", …) or a configured Strategy.
-        train_data: fine-tuning data. eval_data: held-out validation split that searches score on.
-        test_data: where the reported accuracies are measured (default: eval_data).
+        train_data: fine-tuning data. eval_data: held-out validation split that searches score on. Each is a
+            `TensorData` or any re-iterable of batches — a `torch.utils.data.DataLoader` or a list — whose batches
+            are tensors, ``(inputs, labels)`` tuples or dicts (``labels`` is the target); see zerobit.task.
+        test_data: where the reported metric is measured (default: eval_data).
         finetune_config: the fine-tune budget shared by every strategy (default: FinetuneConfig()).
         act_bits: activation bits (8, or 32 for float activations).
         model_name: zoo name, stored in the file so `zerobit.load(path)` needs no model object.
@@ -166,29 +179,33 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, str
         device: where everything runs — "auto" (CUDA when available), "cpu", "cuda", "cuda:N" or a torch.device.
             The data may stay on the CPU (batches move one at a time). `model` is put back on its own device and
             in its own train/eval mode afterwards; the compressed model stays on `device`.
+        task: how batches are run and judged: "classification" (default; labels, top-1 accuracy),
+            "distillation" or ``zerobit.Distillation(distance=...)`` (no labels: match the original model's
+            outputs), or your own ``zerobit.Task``.
 
     Example:
         >>> # r = compress(model, torch.zeros(1, 1, 28, 28), Size(fraction=1/32), "sequential",
         >>> #              train_data=splits.train, eval_data=splits.val, test_data=splits.test)
         >>> # r.save("small.zbit")
     """
-    _check_inputs(model, example_inputs, budget, train_data)
+    _check_inputs(model, example_inputs, budget, train_data, eval_data)
+    task = get_task(task)
     dev = resolve(device)
     home, was_training = model_device(model), model.training
     try:
-        result = _compress(model.to(dev).eval(), example_inputs.to(dev), budget, strategy, train_data, eval_data,
+        result = _compress(model.to(dev).eval(), move(example_inputs, dev), budget, strategy, train_data, eval_data,
                            test_data, finetune_config or FinetuneConfig(), act_bits, model_name, progress,
-                           ignored_layers)
+                           ignored_layers, task)
         result.original, result.train_data = model, train_data
         return result
     finally:
         model.to(home).train(was_training)
 
 
-def _compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, strategy: str | Strategy,
-              train_data: TensorData, eval_data: TensorData, test_data: TensorData | None,
+def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: str | Strategy,
+              train_data: Iterable, eval_data: Iterable, test_data: Iterable | None,
               finetune_config: FinetuneConfig, act_bits: int, model_name: str, progress: bool,
-              ignored_layers: list[str] | None) -> CompressResult:
+              ignored_layers: list[str] | None, task: Task) -> CompressResult:
     clock: dict[str, float] = {}
     t = time.perf_counter()
     graph = analyse(model, example_inputs, ignored_layers)
@@ -196,10 +213,12 @@ def _compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, st
     if isinstance(budget, Latency):  # a fraction of fp32's latency is measured, not predicted
         budget = budget.measured_against(model, example_inputs, train_data)
     budget.check_feasible(graph, act_bits)
+    teacher = inference_copy(model, graph)
+    task = task.bind(teacher)
     problem = Problem(model, graph, budget, example_inputs, train_data, eval_data, group_scores(model, graph),
-                      act_bits, finetune_config, progress)
+                      act_bits, finetune_config, progress, task)
     report_data = test_data if test_data is not None else eval_data
-    baseline = accuracy(model, report_data)
+    baseline = task.metric(model, report_data)
     clock["analyse"] = time.perf_counter() - t
     t = time.perf_counter()
     strat = get_strategy(strategy)
@@ -213,13 +232,14 @@ def _compress(model: nn.Module, example_inputs: torch.Tensor, budget: Budget, st
     t = time.perf_counter()
     start = found.start_model if found.start_model is not None else model
     qmodel = found.model if found.model is not None else apply_policy(start, graph, found.policy, example_inputs)
-    calib = Batches(train_data, 256, shuffle=True, seed=finetune_config.seed)
+    calib = batches_of(train_data, 256, shuffle=True, seed=finetune_config.seed)
     if found.model is None:
-        recalibrate_batchnorm(qmodel, calib)
-    calibrate_activations(qmodel, calib)
-    finetune(qmodel, train_data, finetune_config, teacher=inference_copy(model, graph), progress=progress,
-             epochs=max(0.0, finetune_config.epochs - found.finetune_epochs_used))
+        recalibrate_batchnorm(qmodel, calib, task=task)
+    calibrate_activations(qmodel, calib, task=task)
+    finetune(qmodel, train_data, finetune_config, teacher=teacher, progress=progress,
+             epochs=max(0.0, finetune_config.epochs - found.finetune_epochs_used), task=task)
     clock["finetune"] = time.perf_counter() - t
     _check_finite(qmodel.eval())
-    acc = accuracy(qmodel, report_data)
-    return CompressResult(found.policy, qmodel, graph, budget, strat.name, acc, baseline, clock, found.info)
+    acc = task.metric(qmodel, report_data)
+    return CompressResult(found.policy, qmodel, graph, budget, strat.name, acc, baseline, clock, found.info,
+                          task=task)

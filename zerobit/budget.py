@@ -46,7 +46,7 @@ def float_policy(graph: ModelGraph) -> Policy:
 def smallest_policy(graph: ModelGraph, act_bits: int = 8, min_bits: int = 2) -> Policy:
     """One channel per prunable group (one per block of a tied group), every channel at `min_bits`."""
     groups = {n: repeat(GroupDecision((min_bits,) * (1 if g.prunable else g.block) + (0,) * (g.block - 1 if
-                                      g.prunable else 0)), g.tie) for n, g in graph.groups.items()}
+                                      g.prunable else 0)), g.tie, g.span) for n, g in graph.groups.items()}
     return Policy(groups, act_bits)
 
 

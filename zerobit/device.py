@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,11 +60,16 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def move(batch: tuple | list | torch.Tensor, device: torch.device) -> tuple | torch.Tensor:
-    """A batch (a tensor or a tuple of them) on `device`; the one place data crosses devices."""
+def move(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, a tuple/list or a dict of them; other values pass through) on `device`; the one place
+    data crosses devices."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True) if batch.device != device else batch
-    return tuple(move(t, device) for t in batch)
+    if isinstance(batch, Mapping):
+        return {k: move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return tuple(move(t, device) for t in batch)
+    return batch
 
 
 @functools.cache

@@ -128,9 +128,12 @@ class Policy:
             if not g.prunable and d.kept != d.channels:
                 raise ValueError(f"group {name!r} cannot lose channels (it feeds the model output, or removing "
                                  "its channels would not be exact)")
-            if g.tie > 1 and d.bits != d.bits[:g.block] * g.tie:
-                raise ValueError(f"group {name!r}: its channels are tied in {g.tie} blocks of {g.block} (a grouped "
+            if g.tie > 1 and d.bits != d.bits[:g.channels // g.tie] * g.tie:
+                raise ValueError(f"group {name!r}: its channels are tied in {g.tie} blocks of {g.channels // g.tie} (a grouped "
                                  "convolution reads or writes them): channel i of every block needs the same bits")
+            if g.span > 1 and d != repeat(decisions_of(d, g.tie, g.span), g.tie, g.span):
+                raise ValueError(f"group {name!r}: its channels form heads of {g.span} (attention heads): every "
+                                 "channel of a head needs the same bits")
         for name, decision in self.layers.items():
             if name not in graph.layers:
                 raise ValueError(f"policy sets layer {name!r}, which the model does not have")
@@ -186,14 +189,23 @@ class Policy:
         return "\n".join(lines)
 
 
-def tied_scores(scores: torch.Tensor, tie: int) -> torch.Tensor:
-    """Scores of the channels that carry a tied group's decisions, each summed over its tied copies."""
-    return scores.view(tie, -1).sum(0) if tie > 1 else scores
+def tied_scores(scores: torch.Tensor, tie: int, span: int = 1) -> torch.Tensor:
+    """One score per decision of a group: summed over tied copies (ChannelGroup.tie) and over the channels of a
+    span (ChannelGroup.span, e.g. one attention head)."""
+    if tie > 1:
+        scores = scores.view(tie, -1).sum(0)
+    return scores.view(-1, span).sum(1) if span > 1 else scores
 
 
-def repeat(decision: GroupDecision, tie: int) -> GroupDecision:
-    """A tied group's full decision from the decisions of its first block (see ChannelGroup.tie)."""
-    return GroupDecision(decision.bits * tie) if tie > 1 else decision
+def repeat(decision: GroupDecision, tie: int, span: int = 1) -> GroupDecision:
+    """A group's full decision from one entry per decision (the inverse of `tied_scores`)."""
+    bits = tuple(b for b in decision.bits for _ in range(span)) if span > 1 else decision.bits
+    return GroupDecision(bits * tie) if tie > 1 or span > 1 else decision
+
+
+def decisions_of(decision: GroupDecision, tie: int, span: int = 1) -> GroupDecision:
+    """One entry per decision of a full group decision (the first channel of each)."""
+    return GroupDecision(decision.bits[:len(decision.bits) // tie][::span])
 
 
 def keep_top(scores: torch.Tensor, kept: int, bits: int) -> GroupDecision:
@@ -213,5 +225,5 @@ def uniform_policy(graph: ModelGraph, scores: Mapping[str, torch.Tensor], keep: 
     groups = {}
     for name, g in graph.groups.items():
         kept = g.block if not g.prunable else max(1, min(g.block, round(keep * g.block)))
-        groups[name] = repeat(keep_top(tied_scores(scores[name], g.tie), kept, bits), g.tie)
+        groups[name] = repeat(keep_top(tied_scores(scores[name], g.tie, g.span), kept, bits), g.tie, g.span)
     return Policy(groups, act_bits)

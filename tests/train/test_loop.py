@@ -25,7 +25,7 @@ def test_clipping_bounds_a_huge_step(digits):
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     before = torch.cat([net[1].weight.detach().flatten(), net[1].bias.detach()])
     spec = LoopSpec(steps=1, lr=0.1, momentum=0.0, nesterov=False, clip_norm=1.0, schedule="constant")
-    hist = fit(net, Batches(digits.train, 32), spec, lambda m, x, y: 1e6 * F.cross_entropy(m(x), y), progress=False)
+    hist = fit(net, Batches(digits.train, 32), spec, lambda m, b: 1e6 * F.cross_entropy(m(b[0]), b[1]), progress=False)
     assert hist["clipped"] == 1 and hist["grad_norm"] > 1e3
     after = torch.cat([net[1].weight.detach().flatten(), net[1].bias.detach()])
     assert float((after - before).norm()) <= 0.1 * 1.0 * 1.001  # lr × clip norm

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from zerobit.data.digits import digits_splits
 from zerobit.data.fashion_mnist import MEAN, STD, fashion_mnist_splits, load_fashion_mnist, parse_idx
-from zerobit.data.loaders import SPLIT_NAMES, Batches, Splits, TensorData, get_splits
+from zerobit.data.loaders import (
+    SPLIT_NAMES,
+    Batches,
+    Splits,
+    TensorData,
+    batches_of,
+    check_data,
+    get_splits,
+    num_batches,
+    take_examples,
+)
 
 __all__ = [
     "MEAN",
@@ -19,9 +29,13 @@ __all__ = [
     "Batches",
     "Splits",
     "TensorData",
+    "batches_of",
+    "check_data",
     "digits_splits",
     "fashion_mnist_splits",
     "get_splits",
+    "num_batches",
     "load_fashion_mnist",
     "parse_idx",
+    "take_examples",
 ]

@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,3 +194,74 @@ class Batches:
                 x = random_crop_flip(x, gen, pad=2, fill=fill, hflip=self.hflip)
             x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else plain_strides(x)
             yield x, y
+
+
+def batches_of(data: Any, batch_size: int, shuffle: bool = False, augment: bool = False, seed: int = 0,
+               drop_last: bool = False) -> Iterable:
+    """Minibatches of `data`: a `TensorData` is batched here (with shuffling/augmentation as asked); any other
+    re-iterable (a DataLoader, a list of batches) is already batched and is used as it is."""
+    if isinstance(data, TensorData):
+        return Batches(data, batch_size, shuffle=shuffle, augment=augment, seed=seed,
+                       drop_last=drop_last and len(data) >= batch_size)
+    return data
+
+
+def num_batches(data: Iterable) -> int:
+    """Batches in one pass over `data` (counted by iterating when it has no len())."""
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return sum(1 for _ in data)
+
+
+def check_data(data: Any, what: str) -> None:
+    """A clear TypeError unless `data` is a TensorData or a re-iterable of batches."""
+    if isinstance(data, TensorData):
+        return
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable) or isinstance(data, Iterator):
+        raise TypeError(f"{what} must be a zerobit TensorData or a re-iterable of batches (a torch DataLoader, a "
+                        f"list of tensors, (x, y) tuples or dicts), got {type(data).__name__}"
+                        + (": a one-pass iterator or generator cannot be read once per epoch; wrap it in a list"
+                           if isinstance(data, Iterator) else ""))
+
+
+def take_examples(data: Any, n: int, batch_size: int = 500) -> list:
+    """The first batches of `data` holding at least `n` examples (all of it when it holds fewer); always the same
+    ones for a TensorData or an unshuffled loader."""
+    if isinstance(data, TensorData):
+        return list(Batches(data.subset(min(n, len(data))), batch_size))
+    from zerobit.task import DEFAULT_TASK
+
+    out, count = [], 0
+    for batch in data:
+        out.append(batch)
+        count += DEFAULT_TASK.batch_size(batch)
+        if count >= n:
+            break
+    return out
+
+
+def input_tensor(data: Any, n: int) -> Tensor:
+    """The inputs of the first `n` examples of `data` as one tensor (fewer when it holds fewer).
+
+    Raises:
+        ValueError: the batches' inputs are not single tensors (a dict or tuple of inputs, as a text model
+            takes): ONNX export and latency measurement handle models with one tensor input only.
+    """
+    if isinstance(data, TensorData):
+        return data.x[:n]
+    from zerobit.task import DEFAULT_TASK
+
+    parts, count = [], 0
+    for batch in data:
+        x = DEFAULT_TASK.inputs(batch)
+        if not isinstance(x, Tensor):
+            raise ValueError(f"the data's batches hold inputs of type {type(x).__name__}; ONNX export and latency "
+                             "budgets support models that take one tensor input")
+        parts.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    if not parts:
+        raise ValueError("the data holds no batches")
+    return torch.cat(parts)[:n]

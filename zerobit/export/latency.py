@@ -282,20 +282,21 @@ class LatencyTable:
 def measure_policy(model, graph: ModelGraph, policy: Policy, example, data, batch: int, threads: int) -> float:
     """Measured milliseconds of one onnxruntime call (batch `batch`) of `policy` applied to `model`, exported
     exactly as `export_onnx` (mode "fast") writes it. Latency does not depend on the weights' values, so the
-    policy is applied without fine-tuning; `data` (a TensorData) calibrates the activation scales."""
+    policy is applied without fine-tuning; `data` (its first 256 inputs) calibrates the activation scales."""
     import tempfile
 
-    from zerobit.data.loaders import Batches
+    from zerobit.data.loaders import input_tensor
     from zerobit.export.onnx import export_onnx, onnx_session
     from zerobit.export.runtime import save_zbit
     from zerobit.quant.apply import apply_policy
     from zerobit.train.calibrate import calibrate_activations
 
     qmodel = apply_policy(model, graph, policy, example).eval()
-    calibrate_activations(qmodel, Batches(data, 256), max_batches=1)
+    calib = input_tensor(data, 256)
+    calibrate_activations(qmodel, [calib], max_batches=1)
     with tempfile.TemporaryDirectory() as tmp:
         save_zbit(qmodel, graph, policy, f"{tmp}/m.zbit")
-        export_onnx(f"{tmp}/m.zbit", f"{tmp}/m.onnx", model=model, calibration_data=data.x[:256])
+        export_onnx(f"{tmp}/m.zbit", f"{tmp}/m.onnx", model=model, calibration_data=calib)
         session = onnx_session(f"{tmp}/m.onnx", threads)
         return median_ms(session, {session.get_inputs()[0].name: _batch_of(data, batch)}, reps=9, min_seconds=0.3)
 
@@ -313,6 +314,8 @@ def measure_float(model, example, data, batch: int, threads: int) -> float:
 
 
 def _batch_of(data, batch: int) -> np.ndarray:
-    """`batch` inputs from a TensorData (repeated when it holds fewer)."""
-    x = data.x[:batch]
+    """`batch` inputs from the data (repeated when it holds fewer)."""
+    from zerobit.data.loaders import input_tensor
+
+    x = input_tensor(data, batch)
     return x.repeat((batch + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:batch].float().cpu().numpy()

@@ -339,8 +339,13 @@ def _batches(data) -> Iterator[np.ndarray]:
         for i in range(0, len(x), CALIBRATION_BATCH):
             yield x[i:i + CALIBRATION_BATCH].float().cpu().numpy()
         return
+    from zerobit.task import DEFAULT_TASK
+
     for batch in data:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = DEFAULT_TASK.inputs(batch)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"calibration batches hold inputs of type {type(x).__name__}; ONNX export supports "
+                             "models that take one tensor input")
         yield x.float().cpu().numpy()
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from zerobit.device import DeviceLike, model_device, resolve
+from zerobit.device import DeviceLike, model_device, move, resolve
 from zerobit.export.container import (
     MAX_SAMPLE_ELEMENTS,
     Header,
@@ -31,6 +32,7 @@ from zerobit.export.zbit import (
     to_bytes,
 )
 from zerobit.graph import ModelGraph, analyse
+from zerobit.graph.analysis import input_shape
 from zerobit.policy import FLOAT_BITS, Policy
 from zerobit.quant.apply import prune_structure, set_module
 from zerobit.quant.modules import ActQuant, attach_input_quant
@@ -203,14 +205,14 @@ def _layer_codes(lay: LayerLayout, cur: dict[str, _Cursor]) -> LayerCodes:
 
 
 def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
-            layer_codes: dict[str, LayerCodes] | None = None) -> nn.Module:
+            layer_codes: dict[str, LayerCodes] | None = None, example_inputs: Any = None) -> nn.Module:
     """Prune a fresh copy of `model` by the file's policy and load the file's weights into it.
 
     Layers keep their own class (a Conv2d stays a Conv2d, so model code reading its attributes still works);
     activation quantizers are attached as `input_quant` submodules run by a forward pre-hook. When
     `layer_codes` is a dict, it receives every layer's codes as stored (for exporters).
     """
-    example = torch.zeros((1,) + zf.input_shape[1:])
+    example = example_inputs if example_inputs is not None else torch.zeros((1,) + zf.input_shape[1:])
     pruned = prune_structure(model, graph, policy, example)
     cur = {k: _Cursor(zf.blobs.get(k)) for k in ("codes", "scales", "floats", "biases", "act", "pos", "books")}
     for lay in layer_layouts(graph, policy):
@@ -235,7 +237,7 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
     return pruned.eval()
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, example_inputs: torch.Tensor | None = None,
+def load(path: str | os.PathLike, model: nn.Module | None = None, example_inputs: Any = None,
          device: DeviceLike = "cpu") -> nn.Module:
     """Rebuild the compressed model stored in `path` as a plain nn.Module (eval mode).
 
@@ -245,8 +247,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, example_inputs
     Args:
         path: a file written by `zerobit.save`.
         model: the original (uncompressed) model object; optional for zoo models, whose name the file holds.
-        example_inputs: an input like the one compressed with; needed only when one sample has more than
-            2^18 elements (a file's metadata alone is not trusted to size the tracing).
+        example_inputs: an input like the one compressed with (a tensor, tuple or dict, as the model is called);
+            needed when the model does not take one float tensor (e.g. token ids, or a dict for a Hugging Face
+            model), and when one sample has more than 2^18 elements (a file's metadata alone is not trusted to
+            size the tracing). Without it the model is traced on zeros of the stored input shape.
         device: where the rebuilt model lives ("cpu", "cuda", "cuda:N", "auto"); the file is decoded on the CPU.
 
     Example:
@@ -257,24 +261,26 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, example_inputs
     return decode(path, model, example_inputs)[0].to(target)
 
 
-def decode(path: str | os.PathLike, model: nn.Module | None = None, example_inputs: torch.Tensor | None = None,
+def decode(path: str | os.PathLike, model: nn.Module | None = None, example_inputs: Any = None,
            layer_codes: dict[str, LayerCodes] | None = None) -> tuple[nn.Module, ZbitFile, ModelGraph]:
     """`load` on the CPU, also returning the parsed file and the model's graph (`layer_codes` as in `rebuild`)."""
     zf = read_zbit(path, None if example_inputs is not None else MAX_SAMPLE_ELEMENTS)
-    if example_inputs is not None and tuple(example_inputs.shape[1:]) != zf.input_shape[1:]:
-        raise ZbitFormatError(f"{path} was written for inputs of shape {zf.input_shape[1:]} per sample, "
-                              f"example_inputs has {tuple(example_inputs.shape[1:])}")
+    if example_inputs is not None:
+        example_inputs = move(example_inputs, torch.device("cpu"))
+        if input_shape(example_inputs)[1:] != zf.input_shape[1:]:
+            raise ZbitFormatError(f"{path} was written for inputs of shape {zf.input_shape[1:]} per sample, "
+                                  f"example_inputs has {input_shape(example_inputs)[1:]}")
     if model is None:
         model = _zoo_model(path, zf)
     elif model_device(model).type != "cpu":  # decoded on the CPU; the caller's model stays where it is
         model = copy.deepcopy(model).cpu()
     with torch.inference_mode(False), torch.enable_grad():  # tracing needs autograd
-        graph = _graph_of(path, model, zf)
+        graph = _graph_of(path, model, zf, example_inputs)
         try:
             policy = zf.full_policy(graph)
             policy.validate(graph)
             check_blobs(zf, graph, policy)
-            loaded = rebuild(model, zf, graph, policy, layer_codes)
+            loaded = rebuild(model, zf, graph, policy, layer_codes, example_inputs)
         except (ValueError, RuntimeError, IndexError) as exc:  # ZbitFormatError is a ValueError
             raise ZbitFormatError(f"{path} is damaged: {exc}") from exc
     zf.policy = policy
@@ -296,13 +302,16 @@ def _zoo_model(path: str | os.PathLike, zf: ZbitFile) -> nn.Module:
     return zoo.build(zf.model_name)
 
 
-def _graph_of(path: str | os.PathLike, model: nn.Module, zf: ZbitFile) -> ModelGraph:
+def _graph_of(path: str | os.PathLike, model: nn.Module, zf: ZbitFile, example_inputs: Any = None) -> ModelGraph:
     """The model's graph, traced as it was when the file was written; a different model is refused."""
+    example = example_inputs if example_inputs is not None else torch.zeros((1,) + zf.input_shape[1:])
     try:
-        graph = analyse(model, torch.zeros((1,) + zf.input_shape[1:]), ignored_layers=zf.header.ignored)
+        graph = analyse(model, example, ignored_layers=zf.header.ignored)
     except ValueError as exc:  # the model ran when the file was written: its input shape or names do not fit
+        hint = "" if example_inputs is not None else (" If the model does not take one float tensor (token ids, a "
+                                                       "dict of inputs), pass example_inputs= to zerobit.load.")
         raise ZbitFormatError(f"{path} was written for a different model, or its input_shape "
-                              f"{zf.input_shape} is damaged: {exc}") from exc
+                              f"{zf.input_shape} is damaged: {exc}{hint}") from exc
     graph.model_name = zf.model_name
     mine = [(n, g.channels) for n, g in graph.groups.items()]
     if mine != zf.header.groups:

@@ -11,10 +11,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
+
+from zerobit.graph.heads import head_size
+from zerobit.task import call, first_tensor, map_tensors
 
 QUANT_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -66,6 +70,9 @@ class ChannelGroup:
     `tie` > 1 (next to a grouped convolution of `tie` groups): the channels form `tie` equal blocks, and channel i
     of every block shares one decision, so each conv group loses the same channels. Decisions are then made on
     the `block` first channels (scores summed over the tied copies) and repeated.
+
+    `span` > 1 (attention heads: the q/k/v rows of one head): every `span` consecutive channels share one
+    decision, so a head is kept or removed, and quantized, as a whole.
     """
 
     name: str
@@ -73,11 +80,16 @@ class ChannelGroup:
     layers: list[str]
     prunable: bool = True
     tie: int = 1
+    span: int = 1
 
     @property
     def block(self) -> int:
-        """Channels that carry their own decision (the rest repeat them)."""
-        return self.channels // self.tie
+        """Decisions the group carries (the tied copies and the channels of a span repeat them)."""
+        return self.channels // self.tie // self.span
+
+    def decision_index(self, channel: int) -> int:
+        """Which of the `block` decisions channel `channel` follows."""
+        return channel % (self.channels // self.tie) // self.span
 
 
 @dataclass
@@ -136,7 +148,7 @@ def fp32_file_bytes(model: nn.Module) -> int:
     return len(save(state))
 
 
-def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
+def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Torch-Pruning's DependencyGraph of `model`, with a clear error when tracing fails."""
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
@@ -148,11 +160,14 @@ def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp
         ) from exc
 
 
-def _output_areas(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
-    """Positions each layer runs at per sample, summed over its calls (a module used twice counts twice)."""
+def _output_areas(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Module, int], list[nn.Module]]:
+    """Positions each layer runs at per sample, summed over its calls (a module used twice counts twice), and the
+    layers whose outputs the model returns as they are (their storage is that of a returned tensor)."""
     areas: dict[nn.Module, int] = {}
+    outputs: dict[nn.Module, torch.Tensor] = {}  # held until the end, so no other tensor reuses their memory
 
     def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        outputs[module] = output
         per_sample = output[0] if output.dim() > 1 else output
         if isinstance(module, nn.Linear):  # (B, C), (B, T, C) or (B, H, W, C): every leading position runs
             area = per_sample.numel() // max(1, output.shape[-1])
@@ -162,15 +177,25 @@ def _output_areas(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Mod
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QUANT_TYPES)]
     try:
-        run_or_explain(model, example_inputs, "Pass an input the model accepts, e.g. one batch of your data.")
+        out = run_or_explain(model, example_inputs, "Pass an input the model accepts, e.g. one batch of your data.")
     finally:
         for h in handles:
             h.remove()
-    return areas
+    returned: set[int] = set()
+    map_tensors(_as_tree(out), lambda t: returned.add(t.untyped_storage().data_ptr()))
+    return areas, [m for m, t in outputs.items() if t.untyped_storage().data_ptr() in returned]
 
 
-def run_or_explain(model: nn.Module, example_inputs: torch.Tensor, fix: str) -> None:
-    """Run `model` once (no grad); if it fails, raise UntraceableModelError naming the module that failed."""
+def _as_tree(out: Any) -> Any:
+    """A model's outputs as nested tuples/dicts of tensors (a ModelOutput becomes a dict)."""
+    if hasattr(out, "keys") and not isinstance(out, dict):
+        return {k: out[k] for k in out.keys()}
+    return out
+
+
+def run_or_explain(model: nn.Module, example_inputs: Any, fix: str) -> Any:
+    """Run `model` once (no grad) and return its outputs; if it fails, raise UntraceableModelError naming the
+    module that failed."""
     names = {m: n for n, m in model.named_modules()}
     running: list[str] = []  # modules entered and not yet left: the last one is where a failure happened
 
@@ -184,11 +209,11 @@ def run_or_explain(model: nn.Module, example_inputs: torch.Tensor, fix: str) -> 
                                                      m.register_forward_hook(leave))]
     try:
         with torch.no_grad():
-            model(example_inputs)
+            return call(model, example_inputs)
     except Exception as exc:
         where = f" in module {running[-1]!r} ({type(model.get_submodule(running[-1])).__name__})" \
             if running and running[-1] != "model" else ""
-        raise UntraceableModelError(f"the model fails on inputs of shape {tuple(example_inputs.shape)}{where}: "
+        raise UntraceableModelError(f"the model fails on inputs of shape {input_shape(example_inputs)}{where}: "
                                     f"{type(exc).__name__}: {exc}. {fix}") from exc
     finally:
         for h in handles:
@@ -220,13 +245,21 @@ def _folded_bn(dg: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _default_ignored(model: nn.Module, names: dict[nn.Module, str]) -> list[nn.Module]:
-    """The output layer: the last Conv2d/Linear in module order."""
+def _default_ignored(model: nn.Module, returned: list[nn.Module]) -> list[nn.Module]:
+    """The output layers, whose widths the model's outputs have: those whose outputs the model returns as they
+    are; when none does (an output computed after the last layer), the last Conv2d/Linear in module order."""
+    if returned:
+        return returned
     layers = [m for m in model.modules() if isinstance(m, QUANT_TYPES)]
     return layers[-1:]
 
 
-def analyse(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list[str] | None = None) -> ModelGraph:
+def input_shape(example_inputs: Any) -> tuple[int, ...]:
+    """The shape of the (first) input tensor."""
+    return tuple(first_tensor(example_inputs).shape)
+
+
+def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | None = None) -> ModelGraph:
     """Trace `model` into a `ModelGraph`.
 
     Args:
@@ -243,14 +276,14 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list
     """
     model = copy.deepcopy(model).eval()
     names = {m: n for n, m in model.named_modules()}
-    ignored = _default_ignored(model, names)
+    areas, returned = _output_areas(model, example_inputs)
+    ignored = _default_ignored(model, returned)
     if ignored_layers:
         by_name = dict(model.named_modules())
         missing = [n for n in ignored_layers if n not in by_name]
         if missing:
             raise ValueError(f"ignored_layers names {missing} are not modules of the model")
         ignored += [by_name[n] for n in ignored_layers if by_name[n] not in ignored]
-    areas = _output_areas(model, example_inputs)
     dg = build_dependency_graph(model, example_inputs)
     layers: dict[str, Layer] = {}
     for module in model.modules():
@@ -260,6 +293,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list
             bn = _folded_bn(dg, module)
             layers[name].bn = names[bn] if bn is not None else None
     groups = _coupled_groups(dg, model, names, layers, ignored)
+    _find_heads(model, groups)
     for layer in layers.values():
         coupled = sum(channels * per for g, per in layer.in_sources for channels in [groups[g].channels])
         layer.fixed_in = 0 if layer.kind == "depthwise" else layer.in_features - coupled
@@ -267,7 +301,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: list
     extra = {k: ExtraTensor(tuple(v.shape)) for k, v in model.state_dict().items() if not k.startswith(owned)}
     if extra:
         _find_pruned_dims(model, example_inputs, groups, extra)
-    return ModelGraph(layers, groups, fp32_file_bytes(model), tuple(example_inputs.shape),
+    return ModelGraph(layers, groups, fp32_file_bytes(model), input_shape(example_inputs),
                       tuple(names[m] for m in ignored), extra)
 
 
@@ -340,6 +374,18 @@ def _tie_or_freeze(layers: dict[str, Layer], groups: dict[str, ChannelGroup]) ->
             layer.in_sources = []
 
 
+def _find_heads(model: nn.Module, groups: dict[str, ChannelGroup]) -> None:
+    """Groups of attention projections decide head by head (ChannelGroup.span); see zerobit.graph.heads."""
+    for group in groups.values():
+        spans = {head_size(model, name) for name in group.layers}
+        span = spans.pop() if len(spans) == 1 else 1  # every layer of the group a head projection of one size
+        if span > 1:
+            if group.channels % span or group.tie > 1 or group.channels == span:
+                group.prunable = False  # heads that cannot be told apart: keep every channel
+            else:
+                group.span = span
+
+
 def _tie(group: ChannelGroup, blocks: int) -> None:
     tie = math.lcm(group.tie, blocks)
     if group.channels % tie or group.channels == tie:  # no whole blocks, or one channel per block: keep all
@@ -348,7 +394,7 @@ def _tie(group: ChannelGroup, blocks: int) -> None:
         group.tie = tie
 
 
-def _find_pruned_dims(model: nn.Module, example_inputs: torch.Tensor, groups: dict[str, ChannelGroup],
+def _find_pruned_dims(model: nn.Module, example_inputs: Any, groups: dict[str, ChannelGroup],
                       extra: dict[str, ExtraTensor]) -> None:
     """Which dimensions of the extra tensors each group's channels shorten, found by removing one channel.
 
@@ -363,11 +409,11 @@ def _find_pruned_dims(model: nn.Module, example_inputs: torch.Tensor, groups: di
         if not group.prunable or group.block < 2:
             continue
         root = modules[name]
-        one_class = list(range(0, group.channels, group.block))  # channel 0 of every tied block
+        one_class = [c for c in range(group.channels) if group.decision_index(c) == 0]  # what decision 0 removes
         dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, one_class).prune()
         now = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
         for key, shape in now.items():
             for dim, (before, after) in enumerate(zip(shapes[key], shape, strict=True)):
                 if after != before:
-                    extra[key].pruned_dims.append((dim, name, (before - after) // group.tie))
+                    extra[key].pruned_dims.append((dim, name, (before - after) // len(one_class)))
         shapes = now

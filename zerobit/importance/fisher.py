@@ -12,22 +12,29 @@ choice: it tracks GPU speed-up) or their MACs — so cheap-to-keep channels are 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from zerobit.data.loaders import Batches, TensorData
-from zerobit.device import model_device, move
+from zerobit.data.loaders import batches_of
+from zerobit.device import model_device
 from zerobit.graph import ModelGraph
+from zerobit.task import Task, get_task
 
 NORMALIZERS = (None, "memory", "macs")
 
 
-def fisher_scores(model: nn.Module, graph: ModelGraph, data: TensorData, batches: int = 8,
-                  batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Σ over samples of the squared per-sample gradient w.r.t. each group's channel mask (unnormalized)."""
+def fisher_scores(model: nn.Module, graph: ModelGraph, data: Iterable, batches: int = 8,
+                  batch_size: int = 64, task: Task | None = None) -> dict[str, torch.Tensor]:
+    """Σ over samples of the squared per-sample gradient w.r.t. each group's channel mask (unnormalized).
+
+    The loss is the task's `fisher_loss` (cross-entropy against the labels for classification; for label-free
+    distillation, see `Distillation.fisher_loss`). A conv's channels are dimension 1 of its output, a Linear's
+    the last one (so a Linear on (B, T, C) tokens is masked per channel across every position).
+    """
+    task = get_task(task)
     model = copy.deepcopy(model).eval()  # eval: BatchNorm uses running statistics, as at inference
     masks: dict[str, torch.Tensor] = {}
     handles = []
@@ -36,21 +43,24 @@ def fisher_scores(model: nn.Module, graph: ModelGraph, data: TensorData, batches
             layer = graph.layers[lname]
             module = model.get_submodule(layer.bn or lname)
 
-            def hook(_m: nn.Module, _i: object, out: torch.Tensor, gname: str = gname) -> torch.Tensor:
-                m = masks[gname]
-                return out * m.view(m.shape[0], m.shape[1], *([1] * (out.dim() - 2)))
+            def hook(_m: nn.Module, _i: object, out: torch.Tensor, gname: str = gname,
+                     last: bool = layer.kind == "linear") -> torch.Tensor:
+                m = masks[gname]  # (B, C)
+                ones = [1] * (out.dim() - 2)
+                return out * (m.view(m.shape[0], *ones, m.shape[1]) if last else m.view(*m.shape, *ones))
 
             handles.append(module.register_forward_hook(hook))
     device = model_device(model)
     totals = {g: torch.zeros(grp.channels, device=device) for g, grp in graph.groups.items()}
     try:
-        for i, batch in enumerate(Batches(data, batch_size, shuffle=True, seed=0)):
+        for i, batch in enumerate(batches_of(data, batch_size, shuffle=True, seed=0)):
             if i >= batches:
                 break
-            x, y = move(batch, device)
+            batch = task.to_device(batch, device)
+            n = task.batch_size(batch)
             for g, grp in graph.groups.items():
-                masks[g] = torch.ones(x.shape[0], grp.channels, requires_grad=True, device=device)  # per sample
-            loss = F.cross_entropy(model(x), y, reduction="sum")
+                masks[g] = torch.ones(n, grp.channels, requires_grad=True, device=device)  # per sample
+            loss = task.fisher_loss(task.forward(model, batch).float(), batch)
             grads = torch.autograd.grad(loss, [masks[g] for g in graph.groups])
             for g, grad in zip(graph.groups, grads, strict=True):
                 totals[g] += grad.pow(2).sum(dim=0)
@@ -70,9 +80,10 @@ class Fisher:
         >>> # scores = group_scores(model, graph, Fisher(splits.train, normalize="memory"))
     """
 
-    data: TensorData
+    data: Iterable
     batches: int = 8
     normalize: str | None = "memory"
+    task: Task | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,7 +93,7 @@ class Fisher:
     def __call__(self, model: nn.Module, graph: ModelGraph, group: str) -> torch.Tensor:
         key = id(model)
         if key not in self._cache:
-            self._cache = {key: fisher_scores(model, graph, self.data, self.batches)}
+            self._cache = {key: fisher_scores(model, graph, self.data, self.batches, task=self.task)}
         scores = self._cache[key][group]
         return scores / self.saving(graph, group)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from zerobit.device import model_device
 from zerobit.graph import ModelGraph, build_dependency_graph
 from zerobit.graph.analysis import run_or_explain
+from zerobit.graph.heads import update_head_counts
 from zerobit.policy import GroupDecision, Policy, kept_weights, tied_scores
 from zerobit.quant.codebook import kmeans_1d
 from zerobit.quant.modules import QuantLayer
@@ -39,7 +41,7 @@ def kept_per_channel(graph: ModelGraph, policy: Policy, layer_name: str) -> int:
     return kept_in_features(graph, policy, layer_name) // layer.groups * layer.kernel_area
 
 
-def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: torch.Tensor) -> nn.Module:
+def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: Any) -> nn.Module:
     """A copy of `model` with every 0-bit channel physically removed (weights of kept channels unchanged).
 
     Raises:
@@ -54,6 +56,8 @@ def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example
             root = model.get_submodule(name)
             fn = dg.get_pruner_of_module(root).prune_out_channels
             dg.get_pruning_group(root, fn, removed).prune()
+    update_head_counts(model, {n: graph.groups[layer.out_group].span for n, layer in graph.layers.items()
+                               if graph.groups[layer.out_group].span > 1})
     for name, layer in graph.layers.items():
         module = model.get_submodule(name)
         out_ch = module.weight.shape[0]
@@ -120,7 +124,7 @@ def apply_layer_decisions(qmodel: nn.Module, policy: Policy) -> None:
 
 
 def drop_empty_channels(model: nn.Module, graph: ModelGraph, policy: Policy,
-                        example_inputs: torch.Tensor) -> tuple[Policy, nn.Module]:
+                        example_inputs: Any) -> tuple[Policy, nn.Module]:
     """Remove (0 bits) the channels whose weights the policy's sparsity zeroes in every layer of their group.
 
     Returns the new policy, with each sparse layer's sparsity counted on what is left, and a copy of `model`
@@ -139,8 +143,8 @@ def drop_empty_channels(model: nn.Module, graph: ModelGraph, policy: Policy,
     groups = dict(policy.groups)
     for name, group in graph.groups.items():
         rows = [masked.get_submodule(n).weight.detach().flatten(1).abs().sum(1) for n in group.layers]
-        alive = (tied_scores(torch.stack(rows).sum(0), group.tie) > 0).tolist()  # per tied class
-        bits = tuple(b if alive[i % group.block] else 0 for i, b in enumerate(policy[name].bits))
+        alive = (tied_scores(torch.stack(rows).sum(0), group.tie, group.span) > 0).tolist()  # per decision
+        bits = tuple(b if alive[group.decision_index(i)] else 0 for i, b in enumerate(policy[name].bits))
         if group.prunable and 0 < sum(b > 0 for b in bits) < policy[name].kept:
             groups[name] = GroupDecision(bits)
     if groups == dict(policy.groups):
@@ -153,7 +157,7 @@ def drop_empty_channels(model: nn.Module, graph: ModelGraph, policy: Policy,
     return Policy(groups, policy.act_bits, policy.meta, layers), masked
 
 
-def apply_policy(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: torch.Tensor) -> nn.Module:
+def apply_policy(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: Any) -> nn.Module:
     """The fake-quant model of `policy`: pruned copy of `model` whose layers are QuantLayers (eval mode).
 
     Example:

@@ -84,7 +84,7 @@ class ADMM(Strategy):
 
             cfg = replace(problem.finetune, seed=problem.finetune.seed + k)
             finetune(model, problem.train_data, cfg, teacher=problem.model, progress=problem.progress,
-                     epochs=epochs, penalty=penalty)
+                     epochs=epochs, penalty=penalty, task=problem.task)
             for n, w in weights.items():
                 dual[n] += w.detach() - proj[n]
         policy = self._final_policy(problem, model, bits, density)
@@ -218,9 +218,9 @@ class ADMM(Strategy):
             for n in grp.layers:
                 w = model.get_submodule(n).weight
                 alive += magnitude_mask(w, 1 - density[n]).flatten(1).sum(1).cpu()
-            empty = torch.nonzero(tied_scores(alive, grp.tie) == 0).flatten().tolist()  # whole tied classes
+            empty = set(torch.nonzero(tied_scores(alive, grp.tie, grp.span) == 0).flatten().tolist())  # decisions
             if len(empty) < grp.block:
-                removed[g] = {c + k * grp.block for c in empty for k in range(grp.tie)}
+                removed[g] = {c for c in range(grp.channels) if grp.decision_index(c) in empty}
         policy = self._policy(problem, bits, density, removed)
         for _ in range(200):
             if problem.fits(policy):

@@ -79,8 +79,8 @@ class _Episode:
 
     def _decision(self, name: str, sparsity: float, level: int) -> GroupDecision:
         g = self.problem.graph.groups[name]
-        return repeat(group_decision(tied_scores(self.problem.scores[name], g.tie), sparsity, level, self.space,
-                                     g.prunable), g.tie)
+        return repeat(group_decision(tied_scores(self.problem.scores[name], g.tie, g.span), sparsity, level,
+                                     self.space, g.prunable), g.tie, g.span)
 
     def policy(self, extra: dict[str, GroupDecision] | None = None) -> Policy:
         groups = self.minimum | self.decisions | (extra or {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,9 +11,9 @@ import torch
 from torch import nn
 
 from zerobit.budget import Budget
-from zerobit.data.loaders import TensorData
 from zerobit.graph import ModelGraph
 from zerobit.policy import Policy
+from zerobit.task import DEFAULT_TASK, Task
 from zerobit.train.finetune import FinetuneConfig
 
 
@@ -26,13 +27,14 @@ class Problem:
     model: nn.Module
     graph: ModelGraph
     budget: Budget
-    example_inputs: torch.Tensor
-    train_data: TensorData
-    val_data: TensorData
+    example_inputs: Any  # a tensor, a tuple or a dict of tensors (as the model is called)
+    train_data: Iterable
+    val_data: Iterable
     scores: dict[str, torch.Tensor]  # channel importance per group
     act_bits: int = 8
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     progress: bool = True
+    task: Task = DEFAULT_TASK
 
     @property
     def limit(self) -> float:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zerobit.budget import BOPs, BudgetError, Latency, MACs
-from zerobit.data.loaders import Batches
+from zerobit.data.loaders import batches_of
 from zerobit.export.layout import LayerLayout
 from zerobit.policy import GroupDecision, LayerDecision, Policy
 from zerobit.quant.apply import apply_policy, drop_empty_channels, quant_layers
@@ -168,7 +168,8 @@ class OPQ(Strategy):
             start_model = problem.model
         seconds = time.perf_counter() - start
         model = apply_policy(start_model, problem.graph, policy, problem.example_inputs)
-        recalibrate_batchnorm(model, Batches(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed))
+        recalibrate_batchnorm(model, batches_of(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed),
+                              task=problem.task)
         if self.freeze_steps:
             for q in quant_layers(model).values():
                 q.freeze_scales()

@@ -13,19 +13,18 @@ sums round more coarsely. (On CPUs with AVX512-BF16 but no AMX, bfloat16 measure
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from zerobit.data.loaders import Batches
+from zerobit.data.loaders import batches_of, take_examples
 from zerobit.device import PRECISIONS, autocast, autocast_dtype, model_device
 from zerobit.policy import GroupDecision, Policy
 from zerobit.quant.apply import apply_policy, quant_layers, wrap_layers
 from zerobit.strategies.base import Problem
+from zerobit.task import Task
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
-from zerobit.train.evaluate import logits
 from zerobit.train.finetune import FinetuneConfig, finetune
 
 METRICS = ("accuracy", "kl")
@@ -69,8 +68,9 @@ class ProxyReference:
     """What every candidate is compared with: the unpruned model at 8 bits, scored on the config's slice."""
 
     ranges: dict[str, dict]  # calibrated activation quantizer state per layer (of the unpruned model)
-    logits: torch.Tensor
-    accuracy: float  # in %
+    outputs: list[torch.Tensor]  # per batch of `batches`, on the CPU
+    accuracy: float  # the task's metric in % (top-1 accuracy for classification)
+    batches: list = field(default_factory=list, repr=False)  # the validation slice, always the same batches
 
 
 def proxy_reference(problem: Problem, config: ProxyConfig, seed: int = 0,
@@ -85,36 +85,48 @@ def proxy_reference(problem: Problem, config: ProxyConfig, seed: int = 0,
     full = Policy({n: GroupDecision((8,) * g.channels) for n, g in graph.groups.items()}, problem.act_bits)
     model = wrap_layers(copy.deepcopy(problem.model).eval(), graph, full)
     if ranges is None:
-        calibrate_activations(model, Batches(problem.train_data, 256, shuffle=True, seed=seed), 4)
+        calibrate_activations(model, batches_of(problem.train_data, 256, shuffle=True, seed=seed), 4,
+                              task=problem.task)
         ranges = {n: q.act.state_dict() for n, q in quant_layers(model).items()}
-    out, labels = _recover_and_score(problem, model, ranges, config, seed)
-    return ProxyReference(ranges, out, 100 * float((out.argmax(1) == labels).float().mean()))
+    val = take_examples(problem.val_data, config.samples)
+    out = _recover_and_score(problem, model, ranges, config, seed, val)
+    return ProxyReference(ranges, out, 100 * _score(problem.task, out, val, out), val)
 
 
 def _recover_and_score(problem: Problem, model: nn.Module, ranges: dict[str, dict], config: ProxyConfig,
-                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) on the config's validation slice after the cheap recovery of an applied model."""
+                       seed: int, val: list) -> list[torch.Tensor]:
+    """Outputs on the validation slice `val` (per batch, on the CPU) after the cheap recovery of an applied model."""
     for name, q in quant_layers(model).items():
         q.act.load_state_dict(ranges[name])
-    batches = Batches(problem.train_data, config.batch_size, shuffle=True, seed=seed)
+    batches = batches_of(problem.train_data, config.batch_size, shuffle=True, seed=seed)
     with autocast(model_device(model), config.precision):
-        recalibrate_batchnorm(model, batches, config.recovery_batches)
+        recalibrate_batchnorm(model, batches, config.recovery_batches, task=problem.task)
         if config.finetune_steps:
-            ft = FinetuneConfig(lr=config.lr, batch_size=config.batch_size, distill=0.0, seed=seed, augment=False,
-                                precision=config.precision)
-            finetune(model, problem.train_data, ft, progress=False, steps=config.finetune_steps)
-        val = problem.val_data.subset(config.samples)
-        return logits(model.eval(), val.x, 500).float().cpu(), val.y
+            label_free = problem.task.needs_reference  # no labels: the steps distil from the original model
+            ft = FinetuneConfig(lr=config.lr, batch_size=config.batch_size, distill=float(label_free), seed=seed,
+                                augment=False, precision=config.precision)
+            finetune(model, problem.train_data, ft, teacher=problem.model if label_free else None, progress=False,
+                     steps=config.finetune_steps, task=problem.task)
+        model.eval()
+        with torch.no_grad():
+            return [problem.task.forward(model, b).float().cpu() for b in val]
+
+
+def _score(task: Task, outputs: list[torch.Tensor], val: list, reference: list[torch.Tensor]) -> float:
+    total = sum(task.batch_score(o, b, r) for o, b, r in zip(outputs, val, reference, strict=True))
+    return total / max(1, sum(task.batch_size(b) for b in val))
 
 
 def proxy_scores(problem: Problem, reference: ProxyReference, policy: Policy, config: ProxyConfig,
                  seed: int = 0) -> dict[str, float]:
-    """Accuracy (%) and KL(reference ‖ candidate) of `policy` after the cheap recovery; `seed` picks the batches."""
+    """The task's metric (%, "accuracy") and divergence from the reference's outputs ("kl": KL for classification)
+    of `policy` after the cheap recovery; `seed` picks the batches."""
     model = apply_policy(problem.model, problem.graph, policy, problem.example_inputs)
-    out, labels = _recover_and_score(problem, model, reference.ranges, config, seed)
-    kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(reference.logits, 1), log_target=True,
-                  reduction="batchmean")
-    return {"accuracy": 100 * float((out.argmax(1) == labels).float().mean()), "kl": float(kl)}
+    out = _recover_and_score(problem, model, reference.ranges, config, seed, reference.batches)
+    task = problem.task
+    return {"accuracy": 100 * _score(task, out, reference.batches, reference.outputs),
+            "kl": task.divergence(torch.cat([o.flatten(0, -2) if o.dim() > 2 else o for o in out]),
+                                  torch.cat([o.flatten(0, -2) if o.dim() > 2 else o for o in reference.outputs]))}
 
 
 def proxy_reward(scores: dict[str, float], reference: ProxyReference, metric: str) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from zerobit.data.loaders import Batches
+from zerobit.data.loaders import batches_of
 from zerobit.policy import FLOAT_BITS, uniform_policy
 from zerobit.quant.apply import apply_policy, set_policy_bits
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
@@ -34,10 +34,11 @@ class Sequential(Strategy):
         keep, bits = solve_uniform(problem, self.bits, self.min_keep)
         pruned = uniform_policy(problem.graph, problem.scores, keep, FLOAT_BITS, act_bits=FLOAT_BITS)
         model = apply_policy(problem.model, problem.graph, pruned, problem.example_inputs)
-        recalibrate_batchnorm(model, Batches(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed))
+        recalibrate_batchnorm(model, batches_of(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed),
+                              task=problem.task)
         epochs = problem.finetune.epochs * self.prune_share
         finetune(model, problem.train_data, problem.finetune, teacher=problem.model, progress=problem.progress,
-                 epochs=epochs)
+                 epochs=epochs, task=problem.task)
         final = replace(pruned.with_bits(bits), act_bits=problem.act_bits)
         set_policy_bits(model, problem.graph, final)
         return SearchResult(final, model, finetune_epochs_used=epochs, info={"keep": keep, "bits": bits})

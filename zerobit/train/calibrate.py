@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from zerobit.device import model_device, move
+from zerobit.device import model_device
 from zerobit.quant.modules import ActQuant
 from zerobit.quant.uniform import FLOAT_BITS
+from zerobit.task import Task, call, get_task
+
+
+def run_on(model: nn.Module, batch: Any, device: torch.device, task: Task | None = None) -> Any:
+    """Run `model` on the inputs of `batch` (labels, if any, left out), moved to `device`."""
+    task = get_task(task)
+    return call(model, task.inputs(task.to_device(batch, device)))
 
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int = 8,
-                          percentile: float = 0.9999) -> None:
+                          percentile: float = 0.9999, task: Task | None = None) -> None:
     """Set each ActQuant's scale from the inputs it sees (a high percentile of |x|) and its sign.
 
     Example:
@@ -40,10 +48,10 @@ def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int 
     for q in quants:
         q.bits = FLOAT_BITS  # observe float activations
     try:
-        for i, (x, _y) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if i >= max_batches:
                 break
-            model(move(x, device))
+            run_on(model, batch, device, task)
     finally:
         for h in handles:
             h.remove()
@@ -60,7 +68,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int 
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int = 50) -> None:
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int = 50,
+                          task: Task | None = None) -> None:
     """Re-estimate BatchNorm running statistics (they go stale once channels are removed or quantized)."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns or max_batches <= 0:
@@ -72,10 +81,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int 
         bn.momentum = None  # cumulative average over the batches seen
     model.train()
     try:
-        for i, (x, _y) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if i >= max_batches:
                 break
-            model(move(x, device))
+            run_on(model, batch, device, task)
     finally:
         for bn in bns:
             bn.momentum = momenta[bn]

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from zerobit.data.loaders import Batches, TensorData
+from zerobit.data.loaders import batches_of, num_batches
 from zerobit.device import PRECISIONS
 from zerobit.quant.modules import ActQuant, QuantLayer
+from zerobit.task import Task, get_task
 from zerobit.train.loop import MAX_RESTARTS, LoopSpec, fit
 
-__all__ = ["MAX_RESTARTS", "QUANTIZERS", "FinetuneConfig", "distillation_loss", "finetune"]
+__all__ = ["MAX_RESTARTS", "QUANTIZERS", "FinetuneConfig", "finetune"]
 QUANTIZERS = ("mse", "lsq")
 
 
@@ -62,41 +63,33 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-                      distill: float, temperature: float) -> torch.Tensor:
-    """(1−α)·CE(labels) + α·T²·KL(teacher ‖ student) at temperature T."""
-    ce = F.cross_entropy(logits, labels)
-    if teacher_logits is None or distill == 0:
-        return ce
-    t = temperature
-    kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True,
-                  reduction="batchmean") * t * t
-    return (1 - distill) * ce + distill * kd
-
-
-def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | None = None,
+def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | None = None,
              teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None,
-             penalty: Callable[[], torch.Tensor] | None = None, steps: int | None = None) -> dict:
+             penalty: Callable[[], torch.Tensor] | None = None, steps: int | None = None,
+             task: Task | None = None) -> dict:
     """Fine-tune `model` in place (QAT when its layers are QuantLayers) on its device; returns the loss history.
 
     Args:
         model: the (fake-quant) model to train; it trains where its parameters are (CPU or CUDA).
-        train_data: training split (never the validation or test split); batches move to the model's device.
+        train_data: training split (never the validation or test split): a TensorData (batched and augmented
+            here) or any re-iterable of batches (a DataLoader); batches move to the model's device.
         config: optimiser, precision and distillation settings.
         teacher: the uncompressed model (on the same device); its softened outputs are distilled into `model`.
         progress: show a progress bar.
         epochs: overrides `config.epochs` (e.g. what is left of a shared fine-tune budget).
         penalty: an extra loss term added at every step (e.g. ADMM's proximal pull).
         steps: overrides both epoch counts with a number of optimiser steps (e.g. a search's cheap recovery).
+        task: how batches are run and what the loss is (default: classification, see zerobit.task).
 
     Example:
         >>> # finetune(qmodel, splits.train, FinetuneConfig(epochs=1), teacher=model)
     """
     config = config or FinetuneConfig()
     epochs = config.epochs if epochs is None else epochs
-    batches = Batches(train_data, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed,
-                      drop_last=len(train_data) >= config.batch_size)
-    steps = int(round(epochs * len(batches))) if steps is None else steps
+    task = get_task(task)
+    batches = batches_of(train_data, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed,
+                         drop_last=True)
+    steps = int(round(epochs * num_batches(batches))) if steps is None else steps
     spec = LoopSpec(steps=steps, lr=config.lr, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
                     precision=config.precision)
     torch.manual_seed(config.seed)
@@ -104,11 +97,10 @@ def finetune(model: nn.Module, train_data: TensorData, config: FinetuneConfig | 
         teacher.eval()
     sync = _learn_steps(model) if config.quantizer == "lsq" and steps > 0 else None
 
-    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss_fn(m: nn.Module, batch: Any) -> torch.Tensor:
         with torch.no_grad():
-            t_logits = teacher(x) if teacher is not None and config.distill > 0 else None
-        loss = distillation_loss(m(x).float(), y, None if t_logits is None else t_logits.float(), config.distill,
-                                 config.temperature)
+            t_out = task.forward(teacher, batch) if teacher is not None and config.distill > 0 else None
+        loss = task.loss(m, batch, t_out, config.distill, config.temperature)
         return loss if penalty is None else loss + penalty()
 
     return fit(model, batches, spec, loss_fn, progress=progress, desc="fine-tune", after_step=sync)

@@ -10,7 +10,7 @@ Example:
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     >>> spec = LoopSpec(steps=20, lr=0.05)
     >>> hist = fit(model, Batches(get_splits("digits").train, 32, shuffle=True), spec,
-    ...            lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y), progress=False)
+    ...            lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), progress=False)
     >>> len(hist["loss"])
     20
 """
@@ -21,6 +21,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from zerobit.device import autocast, model_device, move
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     """Train `model` in place for `spec.steps` steps over `batches` (re-iterated as often as needed).
 
     Args:
-        loss_fn: ``(model, x, y) -> loss`` (called under the autocast of `spec.precision`).
+        loss_fn: ``(model, batch) -> loss``, the batch already on the model's device (called under the autocast
+            of `spec.precision`).
         on_epoch: called with (epoch, mean loss) after every `spec.steps_per_epoch` steps; the text it
             returns is shown on the progress bar.
         after_step: called after every optimiser step (e.g. to keep parameters in their valid range).
@@ -116,9 +118,9 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     try:
         while step < spec.steps:
             for batch in batches:
-                x, y = move(batch, device)
+                batch = move(batch, device)
                 with autocast(device, spec.precision):
-                    loss = loss_fn(model, x, y)
+                    loss = loss_fn(model, batch)
                 opt.zero_grad(set_to_none=True)
                 norm = _backward_and_clip(loss, params, spec.clip_norm)
                 if norm is None:

@@ -128,7 +128,7 @@ def train(model: nn.Module, splits: Splits, recipe: TrainRecipe, progress: bool 
         return f"epoch {epoch}/{recipe.epochs}: loss {loss:.4f}, val accuracy {val:.4f}"
 
     try:
-        run = fit(model, batches, spec, lambda m, x, y: criterion(m(x).float(), y), progress=progress,
+        run = fit(model, batches, spec, lambda m, b: criterion(m(b[0]).float(), b[1]), progress=progress,
                   desc="train", on_epoch=end_of_epoch)
     finally:
         model.to(memory_format=torch.contiguous_format)

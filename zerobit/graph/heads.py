@@ -1,0 +1,69 @@
+"""Attention heads: find the q/k/v projections whose rows form heads, and keep the attention module's head count
+right once heads are removed.
+
+An attention module (Hugging Face BERT/ViT/GPT-style, or hand-written) keeps its head count and head size as
+integer attributes and reshapes a projection's output to (B, T, heads, head size). Removing single rows of q, k or
+v breaks that reshape; removing whole heads keeps it, once the head count is updated. So the channels of such a
+projection are decided head by head (`ChannelGroup.span` = head size), and after pruning every attribute that
+holds the head count (or heads × head size) is set to what is left.
+
+Example:
+    >>> class Attn(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.num_heads, self.head_dim = 2, 4
+    ...         self.q_proj = nn.Linear(8, 8)
+    >>> head_size(nn.Sequential(Attn()), "0.q_proj")
+    4
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "d_head", "d_k")
+WIDTH_ATTRS = ("all_head_size", "inner_dim")  # heads × head size, where a module keeps it
+
+
+def _int_attr(module: nn.Module, names: tuple[str, ...]) -> tuple[str, int] | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def _parent(model: nn.Module, layer_name: str) -> nn.Module | None:
+    parent = layer_name.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else None
+
+
+def head_size(model: nn.Module, layer_name: str) -> int:
+    """The head size when `layer_name` is a Linear whose rows form the heads of its parent attention module
+    (its output features = head count × head size, both attributes of the parent); else 1."""
+    layer, parent = model.get_submodule(layer_name), _parent(model, layer_name)
+    if not isinstance(layer, nn.Linear) or parent is None:
+        return 1
+    count, size = _int_attr(parent, HEAD_COUNT_ATTRS), _int_attr(parent, HEAD_SIZE_ATTRS)
+    if count is None or size is None or size[1] < 2 or count[1] < 2:
+        return 1
+    return size[1] if layer.out_features == count[1] * size[1] else 1
+
+
+def update_head_counts(model: nn.Module, spans: dict[str, int]) -> None:
+    """After pruning: set the head count (and heads × head size) of every attention module that owns one of the
+    `spans` layers (layer name → head size) from the layer's new width."""
+    done: set[int] = set()
+    for name, span in spans.items():
+        parent = _parent(model, name)
+        if parent is None or id(parent) in done:
+            continue
+        done.add(id(parent))
+        width = model.get_submodule(name).out_features
+        count = _int_attr(parent, HEAD_COUNT_ATTRS)
+        if count is not None:
+            setattr(parent, count[0], width // span)
+        for attr in WIDTH_ATTRS:
+            if isinstance(getattr(parent, attr, None), int):
+                setattr(parent, attr, width)
