@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--label", default="", help="name of the row's strategy column (default: the strategy)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    ap.add_argument("--task", default="classification", choices=["classification", "distillation"],
+                    help="distillation: label-free compression (rows say task; accuracy is still top-1 on test)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,22 +91,32 @@ def merge_row(path: Path, row: dict, key: Callable[[dict], tuple]) -> list[dict]
 
 def _zerobit_row(args: argparse.Namespace, budget: str, strategy: str, label: str, device: str, out: Path) -> dict:
     row = {"model": args.model, "budget": budget, "strategy": label}
+    if args.task != "classification":
+        row["task"] = args.task
     try:
         s = run_compress(args.model, "fashion-mnist", budget, strategy, args.epochs, str(out), seed=args.seed,
-                         progress=False, options=parse_options(args.option), device=device)
+                         progress=False, options=parse_options(args.option), device=device, task=args.task)
     except ValueError as exc:  # e.g. a budget no policy meets
         return row | {"error": str(exc)}
     s.pop("_result")
     info = {k: v for k, v in s["info"].items() if k != "rewards"}
     return row | {k: s[k] for k in ("file_bytes", "fp32_bytes", "budget_limit", "budget_unit", "accuracy",
                                     "baseline_accuracy", "bops", "macs", "fp32_bops", "fp32_macs",
-                                    "seconds_by_stage")} | {"info": info}
+                                    "seconds_by_stage")} | {"info": info} | _label_free(s)
+
+
+def _label_free(s: dict) -> dict:
+    """A label-free run's row reports top-1 test accuracy like every row, and its own metric beside it."""
+    if "top1_accuracy" not in s:
+        return {}
+    return {"accuracy": s["top1_accuracy"], "baseline_accuracy": s["baseline_top1_accuracy"],
+            "task_metric": s["task_metric"]}
 
 
 def row_key(row: dict) -> tuple:
     """Rows of the same model, budget, strategy, fine-tune epochs and device replace each other."""
     strategy = "peer" if row["strategy"].startswith("peer") else row["strategy"]
-    return row["model"], row["budget"], strategy, row.get("epochs"), row.get("device", "cpu")
+    return row["model"], row["budget"], strategy, row.get("epochs"), row.get("device", "cpu"), row.get("task")
 
 
 def device_name(device: str) -> str:

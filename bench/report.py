@@ -39,15 +39,17 @@ def _budget_key(budget: str) -> tuple[str, float]:
         return kind, 0.0
 
 
-def _protocol(row: dict) -> tuple[str, float]:
-    return row.get("device", "cpu"), float(row.get("epochs") or 0)
+def _protocol(row: dict) -> tuple[str, str, float]:
+    return row.get("model", "resnet20"), row.get("device", "cpu"), float(row.get("epochs") or 0)
 
 
 def compression_sections(rows: list[dict]) -> str:
-    """One table per (device, epochs), the longest fine-tunes first; a short summary of the best per budget."""
+    """One table per (model, device, epochs): ResNet-20 first, the longest fine-tunes first; a short summary of
+    the best per budget."""
     text = COMPRESSION_ABOUT
-    for device, epochs in sorted({_protocol(r) for r in rows}, key=lambda p: (-p[1], p[0])):
-        group = [r for r in rows if _protocol(r) == (device, epochs)]
+    for model, device, epochs in sorted({_protocol(r) for r in rows},
+                                        key=lambda p: (p[0] != "resnet20", p[0], -p[2], p[1])):
+        group = [r for r in rows if _protocol(r) == (model, device, epochs)]
         names = sorted({r["device_name"] for r in group if r.get("device_name")})
         where = f"{device} ({'; '.join(names)})" if names else f"{device} (2 CPU cores, the reference machine)"
         seeds = sorted({r.get("seed", 0) for r in group})
@@ -55,7 +57,8 @@ def compression_sections(rows: list[dict]) -> str:
         history = (" — history: every row got this short budget because 2 CPU cores fit nothing more (ajpq rows: "
                    "1,000 validation images per episode, bfloat16 autocast, re-rank of the 5 leaders; *500 images*: "
                    "`--option proxy.samples=500`, float32)") if epochs < 1 else ""
-        text += f"\n### {epochs:g} fine-tune epochs on {where}, seed {', '.join(map(str, seeds))}{history}\n\n"
+        title = "" if model == "resnet20" else f"{model}: "
+        text += f"\n### {title}{epochs:g} fine-tune epochs on {where}, seed {', '.join(map(str, seeds))}{history}\n\n"
         if ok:
             r0 = ok[0]
             text += (f"fp32 model: {r0['fp32_bytes']:,} bytes, {100 * r0['baseline_accuracy']:.2f}% test accuracy"
@@ -92,6 +95,8 @@ def compression_table(rows: list[dict]) -> str:
             continue
         episodes = r.get("info", {}).get("episodes")
         name = f"{r['strategy']} ({episodes} episodes)" if episodes else r["strategy"]
+        if r.get("task") == "distillation":  # trained and searched without labels; accuracy still on test labels
+            name += f", label-free (cosine {r['task_metric']:.4f})"
         bops = f"{r['bops'] / 1e6:,.1f} M" if "bops" in r else ""
         mac = f"{r['macs'] / 1e6:,.2f} M" if "macs" in r else ""
         lines.append(

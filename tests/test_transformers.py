@@ -77,8 +77,8 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_compress_save_load(case: str, strategy: str, budget: str, tmp_path) -> None:
     build, data, example_of = CASES[case]
-    if strategy == "opq" and budget == "bops":
-        pytest.skip("OPQ takes Size budgets only")
+    if strategy in ("opq", "admm") and budget == "bops":
+        pytest.skip(f"{strategy} takes Size budgets only (it refuses others before any work)")
     model = build()
     train, val = data(6, 16, 1), data(2, 32, 2)
     example = example_of(train[0])
@@ -101,6 +101,11 @@ def test_compress_save_load(case: str, strategy: str, budget: str, tmp_path) -> 
         assert q.out_features == attn.num_attention_heads * (HIDDEN // HEADS)
     if strategy in ("uniform", "sequential") and budget == "size":
         assert any(a.num_attention_heads < HEADS for a in _attention_modules(loaded)), "no head was removed"
+    # embedding tables get bits like any weight (one scale and bit-width per row)
+    tables = [n for n, layer in r.graph.layers.items() if layer.kind == "embedding"]
+    assert (case == "bert") == bool(tables)
+    for name in tables:
+        assert max(r.policy[name].bits) <= 8 and r.graph.layers[name].macs == 0
 
 
 def test_heads_q_k_v_and_the_output_projection_columns_are_one_group() -> None:
@@ -141,3 +146,36 @@ def test_a_removed_head_leaves_the_other_heads_outputs_unchanged() -> None:
         masked.bert.encoder.layer[0].attention.self.value.weight[span:2 * span] = 0
         masked.bert.encoder.layer[0].attention.self.value.bias[span:2 * span] = 0
     torch.testing.assert_close(_run(pruned, ex), _run(masked, ex), atol=1e-5, rtol=1e-4)
+
+
+def test_a_latency_budget_on_a_model_with_embedding_tables_is_refused_before_any_work() -> None:
+    model = bert()
+    batches = token_batches(2, 8, 0)
+    example = {k: v[:1] for k, v in batches[0].items() if k != "labels"}
+    with pytest.raises(zb.BudgetError, match="embedding tables"):
+        zb.compress(model, example, zb.Latency(ms=1.0), "uniform", train_data=batches, eval_data=batches,
+                    progress=False)
+
+
+def test_a_label_free_encoder_keeps_its_returned_width_and_quantizes_its_tables() -> None:
+    """BertModel without a head returns its hidden states: their width (the residual stream) is kept; the
+    distillation-only task compresses it from token ids alone."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
+                     intermediate_size=64, max_position_embeddings=24)
+    encoder = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = [{"input_ids": b["input_ids"]} for b in token_batches(6, 16, 3)]  # no labels anywhere
+    r = zb.compress(encoder, {"input_ids": ids[0]["input_ids"][:1]}, zb.Size(fraction=1 / 8), "uniform",
+                    train_data=ids, eval_data=ids[:2], task=zb.Distillation(distance="cosine"),
+                    finetune_config=zb.FinetuneConfig(epochs=1, lr=0.01), progress=False)
+    with torch.no_grad():
+        out = r.model(**ids[0]).last_hidden_state
+        ref = encoder(**ids[0]).last_hidden_state
+    assert out.shape == ref.shape
+    assert r.accuracy == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).mean()), abs=0.02)
+    assert r.accuracy > 0.9
+    assert r.file_bytes <= r.budget.limit(r.graph) < r.graph.fp32_bytes / 7  # only possible with 8-bit tables
+    assert max(r.policy["embeddings.word_embeddings"].bits) <= 8

@@ -53,10 +53,11 @@ def parse_options(items: list[str]) -> dict:
 
 def run_compress(model_name: str, data: str, budget: str, strategy: str, finetune_epochs: float, out: str,
                  act_bits: int = 8, seed: int = 0, progress: bool = True, options: dict | None = None,
-                 device: str = "auto", finetune: dict | None = None) -> dict:
+                 device: str = "auto", finetune: dict | None = None, task: str = "classification") -> dict:
     """Compress a zoo model and write DIR/model.zbit, DIR/policy.json and DIR/result.json; returns the result.
 
-    `finetune` sets other FinetuneConfig fields (e.g. {"lr": 0.02}).
+    `finetune` sets other FinetuneConfig fields (e.g. {"lr": 0.02}). `task` "distillation" never reads the labels
+    (the metric is the output similarity); `top1_accuracy` is then measured on the test labels afterwards.
     """
     from zerobit import FinetuneConfig, compress, parse_budget, zoo
     from zerobit.data import get_splits
@@ -69,13 +70,19 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
     result = compress(model, zoo.example_input(model_name), parse_budget(budget), strat,
                       train_data=splits.train, eval_data=splits.val, test_data=splits.test,
                       finetune_config=FinetuneConfig(**({"epochs": finetune_epochs, "seed": seed} | (finetune or {}))),
-                      act_bits=act_bits, model_name=model_name, progress=progress, device=device)
+                      act_bits=act_bits, model_name=model_name, progress=progress, device=device, task=task)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = result.save(out_dir / "model.zbit")
     result.policy.save(str(out_dir / "policy.json"))
     summary = result.to_dict() | {"file_bytes": os.path.getsize(out_dir / "model.zbit"), "written_bytes": written,
-                                  "budget_text": budget, "finetune_epochs": finetune_epochs, "data": data}
+                                  "budget_text": budget, "finetune_epochs": finetune_epochs, "data": data,
+                                  "task": task}
+    if task != "classification":  # judged without labels; the labels say how well it still classifies
+        from zerobit.train.evaluate import accuracy
+
+        summary |= {"task_metric": result.accuracy, "top1_accuracy": accuracy(result.model, splits.test),
+                    "baseline_top1_accuracy": accuracy(model, splits.test)}
     with open(out_dir / "result.json", "w") as f:
         json.dump(summary, f, indent=1)
     summary["_result"] = result
@@ -84,7 +91,8 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     summary = run_compress(args.model, args.data, args.budget, args.strategy, args.finetune_epochs, args.out,
-                           args.act_bits, args.seed, not args.quiet, parse_options(args.option), args.device)
+                           args.act_bits, args.seed, not args.quiet, parse_options(args.option), args.device,
+                           task=args.task)
     result = summary.pop("_result")
     print(result.policy)
     print(result.summary())
@@ -164,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strategy setting, repeatable (e.g. --option episodes=300 --option checkpoint=s.state)")
     c.add_argument("--finetune-epochs", type=float, default=1.0)
     c.add_argument("--act-bits", type=int, default=8)
+    c.add_argument("--task", default="classification", choices=["classification", "distillation"],
+                   help="distillation: no labels, match the original model's outputs")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True)
     c.add_argument("--quiet", action="store_true")

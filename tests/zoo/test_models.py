@@ -14,6 +14,7 @@ from zerobit.train.evaluate import accuracy, predictions
 from zerobit.train.train import TrainRecipe, loop_spec, train
 
 NAMES = zoo.names()
+CNNS = list(zoo.CNNS)
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +23,14 @@ def splits() -> Splits:
 
 
 def test_names_and_unknown_model() -> None:
-    assert NAMES == ["mobilenetv2", "resnet20", "vgg"]
-    with pytest.raises(ValueError, match="mobilenetv2, resnet20, vgg"):
+    assert NAMES == ["mobilenetv2", "resnet20", "vgg", "vit"]
+    with pytest.raises(ValueError, match="mobilenetv2, resnet20, vgg, vit"):
         zoo.build("alexnet")
     with pytest.raises(ValueError, match="available"):
         zoo.load_pretrained("alexnet")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CNNS)
 def test_build_forward_and_structure(name: str) -> None:
     torch.manual_seed(0)
     model = zoo.build(name).eval()
@@ -46,7 +47,7 @@ def test_build_forward_and_structure(name: str) -> None:
             assert m.bias is None
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CNNS)
 def test_every_conv_feeds_a_batchnorm(name: str) -> None:
     gm = torch.fx.symbolic_trace(zoo.build(name))
     mods = dict(gm.named_modules())
@@ -59,7 +60,7 @@ def test_every_conv_feeds_a_batchnorm(name: str) -> None:
     assert convs >= 6
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CNNS)
 def test_fx_trace_matches_eager(name: str) -> None:
     model = zoo.build(name).eval()
     gm = torch.fx.symbolic_trace(model)
@@ -67,7 +68,7 @@ def test_fx_trace_matches_eager(name: str) -> None:
     torch.testing.assert_close(gm(x), model(x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CNNS)
 def test_torch_pruning_dependency_graph(name: str) -> None:
     tp = pytest.importorskip("torch_pruning")
     model = zoo.build(name).eval()
@@ -133,4 +134,4 @@ def test_pretrained_reproduces_card_accuracy(name: str, splits: Splits) -> None:
     model = zoo.load_pretrained(name)
     acc = accuracy(model, splits.test)
     assert acc == pytest.approx(card["test_accuracy"], abs=2e-4)
-    assert acc >= {"resnet20": 0.93, "vgg": 0.93, "mobilenetv2": 0.92}[name]
+    assert acc >= {"resnet20": 0.93, "vgg": 0.93, "mobilenetv2": 0.92, "vit": 0.87}[name]

@@ -228,7 +228,8 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
             set_module(pruned, graph.layers[lay.name].bn, nn.Identity())
         if policy.act_bits < FLOAT_BITS:
             s = float(cur["act"].take(1))
-            attach_input_quant(module, ActQuant(policy.act_bits, abs(s), s < 0))
+            if graph.layers[lay.name].kind != "embedding":  # an Embedding's inputs are token ids: kept as they are
+                attach_input_quant(module, ActQuant(policy.act_bits, abs(s), s < 0))
     state = pruned.state_dict()
     for key, blob in zf.blobs.items():
         if key.startswith("x."):

@@ -20,7 +20,7 @@ from torch import nn
 from zerobit.graph.heads import head_size
 from zerobit.task import call, first_tensor, map_tensors
 
-QUANT_TYPES = (nn.Conv2d, nn.Linear)
+QUANT_TYPES = (nn.Conv2d, nn.Linear, nn.Embedding)
 
 
 class UntraceableModelError(ValueError):
@@ -29,14 +29,17 @@ class UntraceableModelError(ValueError):
 
 @dataclass
 class Layer:
-    """One Conv2d/Linear whose weights are quantized.
+    """One Conv2d/Linear/Embedding whose weights are quantized.
+
+    An Embedding table (V, D) is a layer of V output channels (one per row: bits and a scale per token) whose
+    D input features follow the group of the residual stream it feeds; it runs no multiply-accumulates.
 
     `in_sources` lists (group name, input features per group channel); `fixed_in` counts the input features no
     group controls (e.g. the image channels of the first conv).
     """
 
     name: str
-    kind: str  # "conv" | "depthwise" | "linear"
+    kind: str  # "conv" | "depthwise" | "linear" | "embedding"
     in_features: int
     out_channels: int
     kernel_area: int
@@ -169,7 +172,7 @@ def _output_areas(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Module
     def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         outputs[module] = output
         per_sample = output[0] if output.dim() > 1 else output
-        if isinstance(module, nn.Linear):  # (B, C), (B, T, C) or (B, H, W, C): every leading position runs
+        if isinstance(module, (nn.Linear, nn.Embedding)):  # (B, C), (B, T, C), (B, H, W, C): every position runs
             area = per_sample.numel() // max(1, output.shape[-1])
         else:  # (B, C, H, W)
             area = per_sample[0].numel()
@@ -221,6 +224,8 @@ def run_or_explain(model: nn.Module, example_inputs: Any, fix: str) -> Any:
 
 
 def _make_layer(name: str, module: nn.Module, area: int) -> Layer:
+    if isinstance(module, nn.Embedding):  # a lookup: no multiply-accumulates (out_area 0)
+        return Layer(name, "embedding", module.embedding_dim, module.num_embeddings, 1, 1, 0)
     if isinstance(module, nn.Linear):
         return Layer(name, "linear", module.in_features, module.out_features, 1, 1, area,
                      has_bias=module.bias is not None)
@@ -313,6 +318,10 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
         if name not in layers or layers[name].out_group:
             continue
         channels = layers[name].out_channels
+        if layers[name].kind == "embedding":  # its rows (tokens) are never removed; only quantized
+            layers[name].out_group = name
+            groups[name] = ChannelGroup(name, channels, [name], prunable=False)
+            continue
         pruner = dg.get_pruner_of_module(module)
         group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
         members, prunable = [], module not in ignored
@@ -323,7 +332,13 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             if tname not in layers:
                 continue
             layer = layers[tname]
-            if dg.is_out_channel_pruning_fn(dep.handler):
+            if layer.kind == "embedding":  # the group shortens the embedding's rows: an input of the table
+                per, rest = divmod(len(idxs), channels)
+                if rest or not per:
+                    prunable = False
+                elif (name, per) not in layer.in_sources:
+                    layer.in_sources.append((name, per))
+            elif dg.is_out_channel_pruning_fn(dep.handler):
                 if layer.out_channels != channels or layer.out_group not in ("", name) or \
                         list(item.root_idxs) != list(idxs):
                     # coupling Torch-Pruning reports but channels cannot follow one for one (x * gate with a

@@ -41,6 +41,8 @@ def fisher_scores(model: nn.Module, graph: ModelGraph, data: Iterable, batches: 
     for gname, group in graph.groups.items():
         for lname in group.layers:
             layer = graph.layers[lname]
+            if layer.kind == "embedding":  # its channels are token rows: no output to mask (never pruned)
+                continue
             module = model.get_submodule(layer.bn or lname)
 
             def hook(_m: nn.Module, _i: object, out: torch.Tensor, gname: str = gname,
@@ -101,7 +103,7 @@ class Fisher:
         """What removing one channel of `group` saves, in the chosen unit (1 if not normalized)."""
         layers = [graph.layers[n] for n in graph.groups[group].layers]
         if self.normalize == "memory":
-            return float(sum(layer.out_area for layer in layers))
+            return float(max(1, sum(layer.out_area for layer in layers)))
         if self.normalize == "macs":
-            return float(sum(layer.macs / layer.out_channels for layer in layers))
+            return float(max(1.0, sum(layer.macs / layer.out_channels for layer in layers)))
         return 1.0

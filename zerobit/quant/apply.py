@@ -181,5 +181,6 @@ def set_policy_bits(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> Non
         if len(bits) != len(layers[name].bits):
             raise ValueError(f"layer {name!r}: the new policy keeps different channels; re-apply it instead")
         layers[name].set_bits(bits)
-    for q in layers.values():
-        q.act.bits = policy.act_bits
+    for name, q in layers.items():
+        if graph.layers[name].kind != "embedding":  # token ids stay as they are
+            q.act.bits = policy.act_bits

@@ -81,16 +81,17 @@ class DeployTensors:
 
 
 class QuantLayer(nn.Module):
-    """A Conv2d or Linear, its optional following BatchNorm2d, per-channel weight bits and input quantizer."""
+    """A Conv2d, Linear or Embedding, its optional following BatchNorm2d, per-channel weight bits (an Embedding's
+    channels are its rows) and input quantizer (float for an Embedding: its inputs are token ids)."""
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None, bits: list[int],
+    def __init__(self, layer: nn.Conv2d | nn.Linear | nn.Embedding, bn: nn.BatchNorm2d | None, bits: list[int],
                  act_bits: int) -> None:
         super().__init__()
         if len(bits) != layer.weight.shape[0]:
             raise ValueError(f"{len(bits)} bit-widths for a layer with {layer.weight.shape[0]} output channels")
         self.layer = layer
         self.bn = bn
-        self.act = ActQuant(act_bits).to(layer.weight.device)
+        self.act = ActQuant(FLOAT_BITS if isinstance(layer, nn.Embedding) else act_bits).to(layer.weight.device)
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64, device=layer.weight.device))
         self.register_buffer("clip", best_clip(layer.weight, self.bits))
         self.register_buffer("mask", None)  # 1 = weight kept (unstructured sparsity)
@@ -161,14 +162,19 @@ class QuantLayer(nn.Module):
     def _linear_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, w, b)
+        if isinstance(self.layer, nn.Embedding):
+            e = self.layer
+            return F.embedding(x, w, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
         conv = self.layer
         return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def _keep_mask(self, y: torch.Tensor) -> torch.Tensor:
         if bool((self.bits > 0).all()):
             return y
-        shape = (1, -1) + (1,) * (y.dim() - 2)
-        return y * (self.bits > 0).to(y.dtype).view(shape)
+        keep = (self.bits > 0).to(y.dtype)
+        if isinstance(self.layer, nn.Linear):  # channels last: (B, C), (B, T, C)
+            return y * keep
+        return y * keep.view((1, -1) + (1,) * (y.dim() - 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(x)
@@ -176,14 +182,14 @@ class QuantLayer(nn.Module):
             d = self.deploy()
             bias = d.bias.float() if d.bias is not None else None
             return self._keep_mask(self._linear_op(x, d.weight, bias))
-        y = self._linear_op(x, self._quantized_weight(), self.layer.bias)
+        y = self._linear_op(x, self._quantized_weight(), getattr(self.layer, "bias", None))
         if self.bn is not None:
             y = self.bn(y)
         return self._keep_mask(y)
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-channel multiplier and shift of the BatchNorm (running statistics) and layer bias."""
-        w, bias = self.layer.weight, self.layer.bias
+        w, bias = self.layer.weight, getattr(self.layer, "bias", None)
         if self.bn is None:
             return torch.ones(w.shape[0], device=w.device), bias
         bn = self.bn

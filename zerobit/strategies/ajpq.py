@@ -131,7 +131,7 @@ def _static_features(problem: Problem) -> np.ndarray:
     rows = []
     for i, g in enumerate(problem.graph.groups.values()):
         first = problem.graph.layers[g.layers[0]]
-        kind = {"conv": 0.0, "depthwise": 1.0, "linear": 0.5}[first.kind]
+        kind = {"conv": 0.0, "depthwise": 1.0, "linear": 0.5, "embedding": 0.75}[first.kind]
         params = sum(problem.graph.layers[n].params for n in g.layers)
         rows.append([i, kind, first.in_features, g.channels, first.stride, first.kernel_area, params,
                      first.out_area])

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from zerobit.device import autocast, model_device, move
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -41,6 +42,7 @@ class LoopSpec:
         steps: optimiser steps in all.
         lr: peak SGD learning rate.
         momentum, nesterov: SGD momentum.
+        optimizer: "sgd" (CNNs, QAT fine-tunes) or "adamw" (β = (0.9, 0.999); what transformers train with).
         weight_decay: L2 penalty on weights of 2 or more dimensions (not on BatchNorm parameters, biases or
             learned step sizes).
         warmup_steps: linear warm-up from lr/10.
@@ -60,11 +62,13 @@ class LoopSpec:
     clip_norm: float = 0.0
     precision: str = "float32"
     steps_per_epoch: int = 0
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.clip_norm < 0 or self.schedule not in SCHEDULES:
-            raise ValueError(f"invalid LoopSpec {self}: need steps ≥ 0, lr > 0, clip_norm ≥ 0 and a schedule "
-                             f"from {SCHEDULES}")
+        if (self.steps < 0 or self.lr <= 0 or self.clip_norm < 0 or self.schedule not in SCHEDULES
+                or self.optimizer not in OPTIMIZERS):
+            raise ValueError(f"invalid LoopSpec {self}: need steps ≥ 0, lr > 0, clip_norm ≥ 0, a schedule "
+                             f"from {SCHEDULES} and an optimizer from {OPTIMIZERS}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of `lr` at `step` (linear warm-up, then the decay)."""
@@ -79,13 +83,15 @@ class LoopSpec:
         return 1.0
 
 
-def make_optimizer(params: Iterable[nn.Parameter], spec: LoopSpec) -> torch.optim.SGD:
-    """SGD with weight decay on ≥2-D weights only."""
+def make_optimizer(params: Iterable[nn.Parameter], spec: LoopSpec) -> torch.optim.Optimizer:
+    """SGD or AdamW with weight decay on ≥2-D weights only."""
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": spec.weight_decay},
               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=spec.lr, momentum=spec.momentum,
-                           nesterov=spec.nesterov)
+    groups = [g for g in groups if g["params"]]
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr)
+    return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
 
 
 def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, progress: bool = True,

@@ -32,6 +32,7 @@ class TrainRecipe:
         epochs: Passes over the training split.
         batch_size: Minibatch size (the last incomplete batch of an epoch is dropped).
         lr: Peak learning rate of SGD.
+        optimizer: "sgd" or "adamw" (the ViT).
         momentum: SGD momentum.
         nesterov: Use Nesterov momentum.
         weight_decay: L2 penalty, applied to conv/linear weights only (not BN parameters or biases).
@@ -64,6 +65,7 @@ class TrainRecipe:
     precision: str = "auto"
     clip_norm: float = 0.0
     seed: int = 0
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -92,7 +94,7 @@ def loop_spec(recipe: TrainRecipe, steps_per_epoch: int) -> LoopSpec:
     return LoopSpec(steps=total, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
                     weight_decay=recipe.weight_decay, warmup_steps=int(round(recipe.warmup_epochs * steps_per_epoch)),
                     schedule=recipe.schedule, clip_norm=recipe.clip_norm, precision=recipe.precision,
-                    steps_per_epoch=steps_per_epoch)
+                    steps_per_epoch=steps_per_epoch, optimizer=recipe.optimizer)
 
 
 def train(model: nn.Module, splits: Splits, recipe: TrainRecipe, progress: bool = True) -> dict:

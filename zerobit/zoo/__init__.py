@@ -3,7 +3,7 @@
 Example:
     >>> from zerobit import zoo
     >>> zoo.names()
-    ['mobilenetv2', 'resnet20', 'vgg']
+    ['mobilenetv2', 'resnet20', 'vgg', 'vit']
     >>> model = zoo.load_pretrained("resnet20")  # doctest: +SKIP
     >>> model(zoo.example_input("resnet20")).shape  # doctest: +SKIP
     torch.Size([1, 10])
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from zerobit.zoo.models import VGG, MobileNetV2, ResNet20, mobilenetv2, resnet20, vgg
+from zerobit.zoo.vit import ViT, vit
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 INPUT_SHAPE: tuple[int, int, int] = (1, 28, 28)
@@ -26,7 +27,9 @@ _BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mobilenetv2": mobilenetv2,
     "resnet20": resnet20,
     "vgg": vgg,
+    "vit": vit,
 }
+CNNS: tuple[str, ...] = ("mobilenetv2", "resnet20", "vgg")
 
 
 def names() -> list[str]:
@@ -116,7 +119,9 @@ __all__ = [
     "INPUT_SHAPE",
     "VGG",
     "MobileNetV2",
+    "CNNS",
     "ResNet20",
+    "ViT",
     "build",
     "card",
     "checkpoint_path",
@@ -126,4 +131,5 @@ __all__ = [
     "names",
     "resnet20",
     "vgg",
+    "vit",
 ]
