@@ -162,3 +162,20 @@ def test_a_model_the_exporter_cannot_capture_is_a_clear_error(tmp_path, digits):
     with pytest.raises(ValueError, match="torch.onnx.export could not export _Branchy"):
         export_onnx(result, tmp_path / "m.onnx", mode="exact")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "admm"])
+def test_a_vision_transformer_exports_with_every_linear_stored_as_codes(tmp_path, digits, strategy):
+    """Linears on (B, T, C) export as MatMul with the weight folded to Wᵀ: the codes go there too (axis 1), and
+    attention heads removed by the policy are gone from the file."""
+    from zerobit.zoo.vit import ViT
+
+    torch.manual_seed(0)
+    model = ViT(dim=16, depth=1, heads=2, hidden=32, patch=4, image=8).eval()
+    result, path = _compressed(tmp_path, digits, model, strategy, zb.Size(fraction=1 / 5))
+    fresh = ViT(dim=16, depth=1, heads=2, hidden=32, patch=4, image=8)
+    report = export_onnx(path, tmp_path / "m.onnx", model=fresh, mode="exact")
+    assert all(not kind.startswith("float") for kind in report.layers.values()), report.layers
+    assert sum(kind.startswith(("int", "uint", "codebook")) for kind in report.layers.values()) >= 4
+    written = parity(tmp_path / "m.onnx", zb.load(path, fresh), digits.test, optimize=False)
+    assert written["max_abs_diff"] < 0.25 and written["agreement"] >= 0.99, written

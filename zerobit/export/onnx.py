@@ -97,6 +97,33 @@ def export_float(model: nn.Module, example: torch.Tensor, path: str | os.PathLik
                          "the .zbit file itself still loads with zerobit.load") from exc
 
 
+def _toposort(graph) -> None:
+    """Order the nodes so each comes after the producers of its inputs (graph surgery that gives several readers
+    of a tensor one quantized copy may leave a reader, e.g. a Shape node, before that copy's nodes)."""
+    nodes = list(graph.node)
+    produced_by = {out: i for i, n in enumerate(nodes) for out in n.output}
+    order, state = [], [0] * len(nodes)  # 0 unvisited, 1 on the stack, 2 placed
+    for start in range(len(nodes)):
+        stack = [(start, iter(nodes[start].input))]
+        while stack:
+            i, inputs = stack[-1]
+            if state[i] == 2:
+                stack.pop()
+                continue
+            state[i] = 1
+            dep = next((produced_by[v] for v in inputs if v in produced_by and state[produced_by[v]] == 0), None)
+            if dep is not None:
+                stack.append((dep, iter(nodes[dep].input)))
+                continue
+            if not any(v in produced_by and state[produced_by[v]] == 0 for v in nodes[i].input):
+                state[i] = 2
+                order.append(nodes[i])
+                stack.pop()
+    if [id(n) for n in order] != [id(n) for n in nodes]:
+        graph.ClearField("node")
+        graph.node.extend(order)
+
+
 def clean(model):
     """A lossless smaller copy of an ONNX model: the same nodes and tensors, without doc strings, metadata,
     producer fields or inner shape hints, every value renamed to one or two letters and nodes left unnamed.
@@ -106,6 +133,7 @@ def clean(model):
     from onnx import numpy_helper
 
     out = copy.deepcopy(model)
+    _toposort(out.graph)
     for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string", "metadata_props"):
         out.ClearField(name)
     graph = out.graph
@@ -144,6 +172,7 @@ class _Graph:
         self.model = model
         self.graph = model.graph
         self.count = itertools.count()
+        self.transposed: set[str] = set()  # layers whose weight initializer is Wᵀ (see _layer_nodes)
 
     def name(self, hint: str) -> str:
         return f"{hint}__{next(self.count)}"
@@ -223,19 +252,27 @@ def _quantize_weight(g: _Graph, node, layer: str, stored: LayerCodes, kind: str)
     from onnx import TensorProto, helper, numpy_helper
 
     weight_name = node.input[1]
-    init = next(t for t in g.graph.initializer if t.name == weight_name)
+    init = next((t for t in g.graph.initializer if t.name == weight_name), None)
+    if init is None:  # one tensor read by several equal layers: already replaced by the first one's codes
+        return
     shape = tuple(numpy_helper.to_array(init).shape)
-    codes = stored.codes.numpy().reshape(shape).astype(np.int16)
+    flip = layer in g.transposed  # the initializer is Wᵀ (in, out): channels along axis 1
+    codes = _as_stored(stored.codes.numpy(), shape, flip).astype(np.int16)
     if stored.mask is not None:
-        codes = codes * stored.mask.numpy().reshape(shape)
+        codes = codes * _as_stored(stored.mask.numpy(), shape, flip)
     onnx_type = TensorProto.INT4 if kind.startswith("int4") else None
     inputs = [g.constant(f"{layer}.s", stored.scale16.float().numpy())]
     if kind.startswith("uint8"):
         codes = codes + 128
-        inputs.append(g.constant(f"{layer}.z", np.full(shape[0], 128, dtype=np.uint8)))
+        inputs.append(g.constant(f"{layer}.z", np.full(shape[int(flip)], 128, dtype=np.uint8)))
     q = g.constant(f"{layer}.q", codes.astype(np.uint8 if kind.startswith("uint8") else np.int8), onnx_type)
     g.drop_initializer(weight_name)
-    g.insert_before(node, [helper.make_node("DequantizeLinear", [q, *inputs], [weight_name], axis=0)])
+    g.insert_before(node, [helper.make_node("DequantizeLinear", [q, *inputs], [weight_name], axis=int(flip))])
+
+
+def _as_stored(values: np.ndarray, shape: tuple[int, ...], transposed: bool) -> np.ndarray:
+    """A layer's per-weight values (stored channel-major) in the layout of its ONNX initializer."""
+    return values.reshape(shape[::-1]).T if transposed else values.reshape(shape)
 
 
 def _codebook_weight(g: _Graph, node, layer: str, stored: LayerCodes) -> None:
@@ -244,15 +281,20 @@ def _codebook_weight(g: _Graph, node, layer: str, stored: LayerCodes) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     weight_name = node.input[1]
-    init = next(t for t in g.graph.initializer if t.name == weight_name)
+    init = next((t for t in g.graph.initializer if t.name == weight_name), None)
+    if init is None:  # one tensor read by several equal layers: already replaced by the first one's codes
+        return
     shape = tuple(numpy_helper.to_array(init).shape)
     book = np.append(stored.book16.float().numpy(), np.float32(0.0)).astype(np.float32)
+    flip = layer in g.transposed
     index = stored.codes.numpy().astype(np.int64)
     if stored.mask is not None:
         index = np.where(stored.mask.numpy(), index, len(book) - 1)
-    idx = g.constant(f"{layer}.i", index.reshape(shape).astype(np.uint8 if len(book) <= 256 else np.uint16))
+    index = _as_stored(index, shape, flip)
+    idx = g.constant(f"{layer}.i", index.astype(np.uint8 if len(book) <= 256 else np.uint16))
     books = g.constant(f"{layer}.b", book)
-    scale = g.constant(f"{layer}.s", stored.scale16.float().numpy().reshape((-1,) + (1,) * (len(shape) - 1)))
+    per_channel = (1, -1) if flip else (-1,) + (1,) * (len(shape) - 1)
+    scale = g.constant(f"{layer}.s", stored.scale16.float().numpy().reshape(per_channel))
     idx32, values = g.name("i32"), g.name("w")
     g.drop_initializer(weight_name)
     g.insert_before(node, [helper.make_node("Cast", [idx], [idx32], to=TensorProto.INT32),
@@ -260,10 +302,30 @@ def _codebook_weight(g: _Graph, node, layer: str, stored: LayerCodes) -> None:
                            helper.make_node("Mul", [values, scale], [weight_name])])
 
 
-def _layer_nodes(g: _Graph, layers: Iterable[str]) -> dict[str, object]:
-    """The Conv/Gemm/MatMul node whose weight input is each layer's `.weight` initializer."""
-    by_weight = {n.input[1]: n for n in g.graph.node if n.op_type in LINEAR_OPS and len(n.input) > 1}
-    return {name: by_weight[f"{name}.weight"] for name in layers if f"{name}.weight" in by_weight}
+def _layer_nodes(g: _Graph, layers: Iterable[str], model: nn.Module) -> dict[str, object]:
+    """The Conv/Gemm/MatMul node whose weight input is each layer's `.weight` initializer, or (a Linear on
+    (B, T, C) exports as MatMul with the weight folded to Wᵀ under another name) an initializer equal to Wᵀ;
+    the latter are listed in `g.transposed`."""
+    from onnx import numpy_helper
+
+    readers: dict[str, list] = {}
+    for n in g.graph.node:
+        if n.op_type in LINEAR_OPS and len(n.input) > 1:
+            readers.setdefault(n.input[1], []).append(n)
+    found = {name: readers[f"{name}.weight"][0] for name in layers if f"{name}.weight" in readers}
+    folded: dict[bytes, list] = {}  # the exporter stores equal constants once: one tensor, several MatMuls
+    for t in g.graph.initializer:
+        if t.name in readers and len(t.dims) == 2:
+            key = numpy_helper.to_array(t).tobytes() + bytes(str(tuple(t.dims)), "ascii")
+            folded.setdefault(key, []).extend(n for n in readers[t.name] if n.op_type == "MatMul")
+    for name in layers:
+        if name not in found:
+            w = model.get_submodule(name).weight.detach().float().numpy()
+            key = np.ascontiguousarray(w.T).tobytes() + bytes(str(w.T.shape), "ascii") if w.ndim == 2 else b""
+            if folded.get(key):  # each node once
+                found[name] = folded[key].pop(0)
+                g.transposed.add(name)
+    return found
 
 
 def _input_quants(model: nn.Module) -> dict[str, nn.Module]:
@@ -432,11 +494,13 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
         export_float(_without_input_quants(decoded), torch.zeros((1,) + zf.input_shape[1:]), tmp / "float.onnx")
         g = _Graph(onnx.load(str(tmp / "float.onnx")))
         report = OnnxReport(str(path), 0, zbit_path.stat().st_size, mode)
-        nodes = _layer_nodes(g, stored)
+        nodes = _layer_nodes(g, stored, decoded)
         quantized: dict[str, str] = {}
         for layer, codes in stored.items():
             kind = _weight_kind(codes, int4)
-            if layer not in nodes:
+            if layer not in nodes and not bool(codes.weight().any()):
+                kind = "none (every weight is zero: the exporter folded the layer into its bias)"
+            elif layer not in nodes:
                 kind = "float (its weight is not a plain Conv/Gemm input in the exported graph)"
             elif kind.startswith("codebook"):
                 _codebook_weight(g, nodes[layer], layer, codes)

@@ -18,9 +18,10 @@ import torch_pruning as tp
 from torch import nn
 
 from zerobit.graph.heads import head_size
-from zerobit.task import call, first_tensor, map_tensors
+from zerobit.task import call, first_tensor, main_output, map_tensors
 
 QUANT_TYPES = (nn.Conv2d, nn.Linear, nn.Embedding)
+UNSUPPORTED_LINEARS = ("Conv1D",)  # transformers.pytorch_utils.Conv1D: weight (in, out), GPT-2's fused c_attn
 
 
 class UntraceableModelError(ValueError):
@@ -154,12 +155,17 @@ def fp32_file_bytes(model: nn.Module) -> int:
 def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Torch-Pruning's DependencyGraph of `model`, with a clear error when tracing fails."""
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False,
+                                                     output_transform=main_output)
     except Exception as exc:  # torch-pruning raises many kinds; the user needs one message
+        fused = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in UNSUPPORTED_LINEARS})
+        hint = (f" The model has {', '.join(fused)} layers (GPT-2-style transposed linears with fused q/k/v), which "
+                "zerobit does not handle yet; models built from nn.Linear (BERT- and ViT-style) are."
+                if fused else "")
         raise UntraceableModelError(
             f"zerobit could not trace the model ({type(exc).__name__}: {exc}). The model must run on "
-            "`example_inputs` with standard nn.Conv2d/nn.Linear/nn.BatchNorm2d modules; data-dependent control "
-            "flow and in-place ops on residual paths are not supported."
+            "`example_inputs` with standard nn.Conv2d/nn.Linear/nn.Embedding/nn.BatchNorm2d modules; "
+            f"data-dependent control flow and in-place ops on residual paths are not supported.{hint}"
         ) from exc
 
 
