@@ -18,8 +18,10 @@ def test_json_roundtrip(tmp_path):
 def test_bad_values_are_refused():
     with pytest.raises(ValueError, match="not supported"):
         GroupDecision((7,))
-    with pytest.raises(ValueError, match="act_bits"):
-        Policy({}, act_bits=3)
+    with pytest.raises(ValueError, match="activation bits"):
+        Policy({}, act_bits=7)
+    with pytest.raises(ValueError, match="activation bits"):
+        Policy({}, act_bits=8, act={"conv": 1})
     with pytest.raises(ValueError, match="version"):
         Policy.from_dict({"version": 99, "groups": {}, "act_bits": 8})
 

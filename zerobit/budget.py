@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from zerobit.graph import ModelGraph
 from zerobit.policy import FLOAT_BITS, GroupDecision, Policy, repeat
-from zerobit.quant.apply import kept_per_channel
+from zerobit.quant.apply import KeptCounts, kept_per_channel, weights_per_channel
 
 
 class BudgetError(ValueError):
@@ -22,13 +24,19 @@ def macs(graph: ModelGraph, policy: Policy) -> int:
     return total
 
 
+def layer_bops(graph: ModelGraph, name: str, kept: Mapping[str, Any], bits_sum: Any, act_bits: Any) -> Any:
+    """Bit-operations of layer `name` per sample: Σ over its kept output channels of the channel's weight bits
+    (`bits_sum`), times the weights per channel, output positions and input activation bits. Ints give the
+    exact count; tensors (SBS's gates) a differentiable one."""
+    layer = graph.layers[name]
+    return bits_sum * weights_per_channel(graph, kept, name) * layer.out_area * act_bits
+
+
 def bops(graph: ModelGraph, policy: Policy) -> int:
     """Bit-operations per sample: Σ MACs · weight bits · activation bits (float counts as 32)."""
-    total = 0
-    for name, layer in graph.layers.items():
-        bits_sum = sum(policy[layer.out_group].kept_bits())
-        total += bits_sum * kept_per_channel(graph, policy, name) * layer.out_area * policy.act_bits
-    return total
+    kept = KeptCounts(policy)
+    return int(round(sum(layer_bops(graph, name, kept, sum(policy[layer.out_group].kept_bits()), policy.act_of(name))
+                         for name, layer in graph.layers.items())))
 
 
 def file_bytes(graph: ModelGraph, policy: Policy) -> int:

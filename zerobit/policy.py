@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -20,8 +20,9 @@ from zerobit.graph import ModelGraph
 BIT_CHOICES = (0, 2, 3, 4, 5, 6, 8)
 FLOAT_BITS = 32
 ALL_BITS = BIT_CHOICES + (FLOAT_BITS,)
-ACT_BITS = (4, 5, 6, 8, FLOAT_BITS)
-VERSION = 1
+ACT_BITS = (2, 3, 4, 5, 6, 8, FLOAT_BITS)
+VERSION = 2  # 2: per-layer activation bits ("act"); version-1 files (one act_bits) still load
+READS = (1, VERSION)
 _CHAR = {b: str(b) for b in BIT_CHOICES} | {FLOAT_BITS: "f"}
 _BITS = {c: b for b, c in _CHAR.items()}
 
@@ -88,7 +89,9 @@ def kept_weights(total: int, sparsity: float) -> int:
 class Policy:
     """Per-group channel bits plus the activation bit-width (32 = float activations).
 
-    `layers` optionally adds per-layer unstructured sparsity or codebook quantization (see LayerDecision).
+    `act_bits` is every layer's input bit-width unless `act` names another for a layer (layer name → bits; SBS
+    searches them). `layers` optionally adds per-layer unstructured sparsity or codebook quantization (see
+    LayerDecision).
 
     Example:
         >>> p = Policy({"conv1": GroupDecision((8, 0, 4))}, act_bits=8)
@@ -100,11 +103,22 @@ class Policy:
     act_bits: int = 8
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
     layers: Mapping[str, LayerDecision] = field(default_factory=dict)
+    act: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", {n: d for n, d in self.layers.items() if not d.is_default})
-        if self.act_bits not in ACT_BITS:
-            raise ValueError(f"act_bits={self.act_bits} is not supported; choose from {ACT_BITS}")
+        object.__setattr__(self, "act", {n: int(b) for n, b in self.act.items() if b != self.act_bits})
+        bad = sorted({b for b in (self.act_bits, *self.act.values()) if b not in ACT_BITS})
+        if bad:
+            raise ValueError(f"activation bits {bad} are not supported; choose from {ACT_BITS}")
+
+    def act_of(self, layer: str) -> int:
+        """Bits of `layer`'s input activations (32 = float)."""
+        return self.act.get(layer, self.act_bits)
+
+    def quantizes_activations(self, layers: Iterable[str]) -> bool:
+        """Whether any of `layers` has quantized inputs."""
+        return any(self.act_of(n) < FLOAT_BITS for n in layers)
 
     def __getitem__(self, name: str) -> GroupDecision:
         return self.groups[name]
@@ -134,6 +148,9 @@ class Policy:
             if g.span > 1 and d != repeat(decisions_of(d, g.tie, g.span), g.tie, g.span):
                 raise ValueError(f"group {name!r}: its channels form heads of {g.span} (attention heads): every "
                                  "channel of a head needs the same bits")
+        unknown = sorted(set(self.act) - set(graph.layers))
+        if unknown:
+            raise ValueError(f"policy sets activation bits of layers {unknown[:3]}, which the model does not have")
         for name, decision in self.layers.items():
             if name not in graph.layers:
                 raise ValueError(f"policy sets layer {name!r}, which the model does not have")
@@ -148,19 +165,23 @@ class Policy:
                "groups": {n: "".join(_CHAR[b] for b in d.bits) for n, d in self.groups.items()}}
         if self.layers:
             out["layers"] = {n: asdict(d) for n, d in self.layers.items() if not d.is_default}
+        if self.act:
+            out["act"] = dict(self.act)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
-        if data.get("version") != VERSION:
-            raise ValueError(f"policy version {data.get('version')!r} is not supported (expected {VERSION})")
+        if data.get("version") not in READS:
+            raise ValueError(f"policy version {data.get('version')!r} is not supported (this zerobit reads "
+                             f"{', '.join(map(str, READS))})")
         try:
             groups = {n: GroupDecision(tuple(_BITS[c] for c in s)) for n, s in data["groups"].items()}
         except KeyError as exc:
             raise ValueError(f"policy has an unknown bit character {exc}") from exc
         layers = {n: LayerDecision(float(d.get("sparsity", 0.0)), bool(d.get("codebook", False)))
                   for n, d in data.get("layers", {}).items()}
-        return cls(groups, int(data["act_bits"]), dict(data.get("meta", {})), layers)
+        act = {n: int(b) for n, b in data.get("act", {}).items()}
+        return cls(groups, int(data["act_bits"]), dict(data.get("meta", {})), layers, act)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -174,7 +195,7 @@ class Policy:
     def with_bits(self, bits: int) -> Policy:
         """The same channels kept, every kept channel at `bits`."""
         return Policy({n: GroupDecision(tuple(bits if b else 0 for b in d.bits)) for n, d in self.groups.items()},
-                      self.act_bits, self.meta, self.layers)
+                      self.act_bits, self.meta, self.layers, self.act)
 
     def __str__(self) -> str:
         lines = [f"{'group':28} {'kept':>9}  bits (channels)", "-" * 60]
@@ -185,8 +206,13 @@ class Policy:
         for name, d in self.layers.items():
             if not d.is_default:
                 lines.append(f"  layer {name}: {d.sparsity:.0%} of weights zero" + (", codebook" if d.codebook else ""))
-        lines.append(f"activations: {'float' if self.act_bits == FLOAT_BITS else f'{self.act_bits}-bit'}")
+        lines.append(f"activations: {_bits_name(self.act_bits)}" + (" (other layers: " + ", ".join(
+            f"{n} {_bits_name(b)}" for n, b in self.act.items()) + ")" if self.act else ""))
         return "\n".join(lines)
+
+
+def _bits_name(bits: int) -> str:
+    return "float" if bits == FLOAT_BITS else f"{bits}-bit"
 
 
 def tied_scores(scores: torch.Tensor, tie: int, span: int = 1) -> torch.Tensor:

@@ -262,8 +262,8 @@ class LatencyTable:
         from zerobit.export.onnx import weight_format
 
         total = self._call_overhead()
-        act = "u8" if policy.act_bits < FLOAT_BITS else "float"
         for name, layer in graph.layers.items():
+            act = "u8" if policy.act_of(name) < FLOAT_BITS else "float"
             bits = policy[layer.out_group].kept_bits()
             fmt = weight_format(bits, policy.layer(name).codebook, int4)
             fmt = "float" if fmt == "codebook" else fmt

@@ -27,6 +27,7 @@ from zerobit.export.zbit import (
     DTYPES_BY_TORCH,
     FORMAT_VERSION,
     blob_sizes,
+    decode_act_bits,
     decode_layer_decisions,
     decode_policy,
     to_bytes,
@@ -71,9 +72,12 @@ class ZbitFile:
 
     def full_policy(self, graph: ModelGraph) -> Policy:
         """The policy with its per-layer decisions (their layer names come from the model's graph)."""
-        if "ldec" not in self.blobs:
-            return self.policy
-        return replace(self.policy, layers=decode_layer_decisions(self.blobs["ldec"].numpy(), list(graph.layers)))
+        policy = self.policy
+        if "ldec" in self.blobs:
+            policy = replace(policy, layers=decode_layer_decisions(self.blobs["ldec"].numpy(), list(graph.layers)))
+        if "abits" in self.blobs:
+            policy = replace(policy, act=decode_act_bits(self.blobs["abits"].numpy(), list(graph.layers)))
+        return policy
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -226,10 +230,11 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
             module.bias = nn.Parameter(cur["biases"].take(len(lay.kept_bits)).float())
         if graph.layers[lay.name].bn:
             set_module(pruned, graph.layers[lay.name].bn, nn.Identity())
-        if policy.act_bits < FLOAT_BITS:
-            s = float(cur["act"].take(1))
-            if graph.layers[lay.name].kind != "embedding":  # an Embedding's inputs are token ids: kept as they are
-                attach_input_quant(module, ActQuant(policy.act_bits, abs(s), s < 0))
+        if "act" in zf.blobs:
+            s, bits = float(cur["act"].take(1)), policy.act_of(lay.name)
+            # an Embedding's inputs are token ids: kept as they are
+            if bits < FLOAT_BITS and graph.layers[lay.name].kind != "embedding":
+                attach_input_quant(module, ActQuant(bits, abs(s), s < 0))
     state = pruned.state_dict()
     for key, blob in zf.blobs.items():
         if key.startswith("x."):

@@ -11,7 +11,9 @@ in graph order:
 - ``pos`` (uint8): positions of the nonzero weights of sparse layers (see layout.py);
 - ``books`` (float16): the centroids of codebook layers (codes index them; scales then hold the BatchNorm);
 - ``bits`` (uint8): the policy, one 4-bit code per channel of every group, so a file replays by itself;
-- ``act`` (float32): each layer's input scale, negative when the activation is signed;
+- ``act`` (float32): each layer's input scale, negative when the activation is signed (when any layer's
+  inputs are quantized);
+- ``abits`` (uint8, only with per-layer activation bits): each layer's input bits (32 = float);
 - ``ldec`` (int16, only with per-layer decisions): each layer's sparsity in 1/10000, as −1−value for codebooks;
 - ``x.<name>``: any other parameter or buffer of the model (float32), pruned with the channels it follows, e.g.
   a LayerNorm, a layer-scale, or a BatchNorm no conv precedes.
@@ -35,7 +37,7 @@ from torch import nn
 from zerobit.export.container import ZbitFormatError, checksum
 from zerobit.export.layout import PACKED_BITS, LayerLayout, encode_positions, layer_layouts
 from zerobit.graph import ModelGraph
-from zerobit.policy import ALL_BITS, FLOAT_BITS, GroupDecision, LayerDecision, Policy
+from zerobit.policy import ACT_BITS, ALL_BITS, FLOAT_BITS, GroupDecision, LayerDecision, Policy
 from zerobit.quant.apply import quant_layers
 from zerobit.quant.pack import pack
 
@@ -62,7 +64,8 @@ def blob_sizes(graph: ModelGraph, policy: Policy) -> dict[str, tuple[torch.dtype
         "pos": (torch.uint8, sum(lay.position_bytes for lay in layouts)),
         "books": (torch.float16, sum(lay.book_entries for lay in layouts)),
         "bits": (torch.uint8, (channels + 1) // 2),
-        "act": (torch.float32, len(layouts) if policy.act_bits < FLOAT_BITS else 0),
+        "act": (torch.float32, len(layouts) if policy.quantizes_activations(graph.layers) else 0),
+        "abits": (torch.uint8, len(layouts) if policy.act else 0),
         "ldec": (torch.int16, len(layouts) if policy.layers else 0),
     }
     removed = {n: d.channels - d.kept for n, d in policy.groups.items()}
@@ -110,6 +113,16 @@ def decode_layer_decisions(ldec: np.ndarray, layer_names: list[str]) -> dict[str
     return out
 
 
+def decode_act_bits(abits: np.ndarray, layer_names: list[str]) -> dict[str, int]:
+    """Per-layer activation bits from a file's ``abits`` blob."""
+    if len(abits) != len(layer_names):
+        raise ZbitFormatError("the per-layer activation bits stored in the file do not match the model's layers")
+    bad = sorted({int(b) for b in abits.tolist()} - set(ACT_BITS))
+    if bad:
+        raise ZbitFormatError(f"the file stores activation bits {bad}; zerobit writes {ACT_BITS}")
+    return {name: int(b) for name, b in zip(layer_names, abits.tolist(), strict=True)}
+
+
 def decode_policy(bits_blob: np.ndarray, groups: list[tuple[str, int]], act_bits: int,
                   layers: dict[str, LayerDecision] | None = None) -> Policy:
     """The Policy stored in a file's ``bits`` blob (plus its per-layer decisions)."""
@@ -127,7 +140,8 @@ DTYPES_BY_TORCH = {torch.uint8: np.dtype("u1"), torch.int16: np.dtype("<i2"), to
                    torch.float32: np.dtype("<f4")}
 LAYER_BLOBS = ("codes", "scales", "floats", "biases", "pos", "books")
 BLOB_DTYPES = {"codes": np.uint8, "scales": np.float16, "floats": np.float32, "biases": np.float16,
-               "pos": np.uint8, "books": np.float16, "bits": np.uint8, "act": np.float32, "ldec": np.int16}
+               "pos": np.uint8, "books": np.float16, "bits": np.uint8, "act": np.float32, "ldec": np.int16,
+               "abits": np.uint8}
 
 
 def _single_width_codes(q: nn.Module, lay: LayerLayout, codes: torch.Tensor, out: dict) -> None:
@@ -192,7 +206,10 @@ def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> d
     blobs = {k: torch.from_numpy(np.concatenate(v).astype(BLOB_DTYPES[k]) if v else np.zeros(0, BLOB_DTYPES[k]))
              for k, v in parts.items()}
     blobs["bits"] = torch.from_numpy(_bits_blob(policy))
-    blobs["act"] = torch.tensor(act, dtype=torch.float32) if policy.act_bits < FLOAT_BITS else torch.zeros(0)
+    blobs["act"] = torch.tensor(act, dtype=torch.float32) if policy.quantizes_activations(graph.layers) \
+        else torch.zeros(0)
+    blobs["abits"] = torch.tensor([policy.act_of(n) for n in graph.layers], dtype=torch.uint8) if policy.act \
+        else torch.zeros(0)
     blobs["ldec"] = _ldec_blob(graph, policy) if policy.layers else torch.zeros(0)
     quant_keys = {f"{n}.{k}" for n, q in layers.items() for k in q.state_dict()}
     for key, value in qmodel.state_dict().items():

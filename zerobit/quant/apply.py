@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,12 +26,42 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
-def kept_in_features(graph: ModelGraph, policy: Policy, layer_name: str) -> int:
-    """Input features of `layer_name` once the policy's 0-bit channels are removed."""
+class KeptCounts(Mapping):
+    """Kept channels per group of a policy (a read-only view: group name → count)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def __getitem__(self, group: str) -> int:
+        return self.policy[group].kept
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.policy.groups)
+
+    def __len__(self) -> int:
+        return len(self.policy.groups)
+
+
+def inputs_kept(graph: ModelGraph, kept: Mapping[str, Any], layer_name: str) -> Any:
+    """Input features of `layer_name` when each group keeps `kept[group]` channels (ints, or tensors for a
+    differentiable count)."""
     layer = graph.layers[layer_name]
     if layer.kind == "depthwise":
-        return policy[layer.out_group].kept
-    return layer.fixed_in + sum(policy[g].kept * per for g, per in layer.in_sources)
+        return kept[layer.out_group]
+    return layer.fixed_in + sum(kept[g] * per for g, per in layer.in_sources)
+
+
+def weights_per_channel(graph: ModelGraph, kept: Mapping[str, Any], layer_name: str) -> Any:
+    """Weights of one output channel of `layer_name` when each group keeps `kept[group]` channels."""
+    layer = graph.layers[layer_name]
+    if layer.kind == "depthwise":
+        return layer.kernel_area
+    return inputs_kept(graph, kept, layer_name) / layer.groups * layer.kernel_area
+
+
+def kept_in_features(graph: ModelGraph, policy: Policy, layer_name: str) -> int:
+    """Input features of `layer_name` once the policy's 0-bit channels are removed."""
+    return inputs_kept(graph, KeptCounts(policy), layer_name)
 
 
 def kept_per_channel(graph: ModelGraph, policy: Policy, layer_name: str) -> int:
@@ -81,7 +112,8 @@ def wrap_layers(model: nn.Module, graph: ModelGraph, policy: Policy) -> nn.Modul
     """Replace each Conv2d/Linear of a pruned model (in place) by a QuantLayer with the policy's bits."""
     for name, layer in graph.layers.items():
         bn = model.get_submodule(layer.bn) if layer.bn else None
-        q = QuantLayer(model.get_submodule(name), bn, policy[layer.out_group].kept_bits(), policy.act_bits)
+        q = QuantLayer(model.get_submodule(name), bn, policy[layer.out_group].kept_bits(),
+                       policy.act_of(name))
         set_module(model, name, q)
         if layer.bn:
             set_module(model, layer.bn, nn.Identity())
@@ -149,12 +181,12 @@ def drop_empty_channels(model: nn.Module, graph: ModelGraph, policy: Policy,
             groups[name] = GroupDecision(bits)
     if groups == dict(policy.groups):
         return policy, model
-    pruned = prune_structure(masked, graph, Policy(groups, policy.act_bits), example_inputs)
+    pruned = prune_structure(masked, graph, Policy(groups, policy.act_bits, act=policy.act), example_inputs)
     layers = {}
     for name, decision in policy.layers.items():
         w = pruned.get_submodule(name).weight
         layers[name] = replace(decision, sparsity=min(0.9999, float((w == 0).sum()) / w.numel()))
-    return Policy(groups, policy.act_bits, policy.meta, layers), masked
+    return Policy(groups, policy.act_bits, policy.meta, layers, policy.act), masked
 
 
 def apply_policy(model: nn.Module, graph: ModelGraph, policy: Policy, example_inputs: Any) -> nn.Module:
@@ -183,4 +215,4 @@ def set_policy_bits(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> Non
         layers[name].set_bits(bits)
     for name, q in layers.items():
         if graph.layers[name].kind != "embedding":  # token ids stay as they are
-            q.act.bits = policy.act_bits
+            q.act.bits = policy.act_of(name)

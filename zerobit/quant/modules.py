@@ -80,6 +80,25 @@ class DeployTensors:
     book: torch.Tensor | None = None  # (2^b,) float16 centroids of a codebook layer
 
 
+def layer_op(layer: nn.Conv2d | nn.Linear | nn.Embedding, x: torch.Tensor, w: torch.Tensor,
+             b: torch.Tensor | None) -> torch.Tensor:
+    """What `layer` computes on `x`, with weight `w` and bias `b` in place of its own."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, b)
+    if isinstance(layer, nn.Embedding):
+        e = layer
+        return F.embedding(x, w, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+    return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def mask_channels(layer: nn.Module, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`layer`'s output `y` with output channel c multiplied by keep[c] (channels last for a Linear: (B, C),
+    (B, T, C); dim 1 for a convolution)."""
+    if isinstance(layer, nn.Linear):
+        return y * keep
+    return y * keep.view((1, -1) + (1,) * (y.dim() - 2))
+
+
 class QuantLayer(nn.Module):
     """A Conv2d, Linear or Embedding, its optional following BatchNorm2d, per-channel weight bits (an Embedding's
     channels are its rows) and input quantizer (float for an Embedding: its inputs are token ids)."""
@@ -160,21 +179,12 @@ class QuantLayer(nn.Module):
                 self.log_step.copy_(scales(self.masked_weight(), self.bits, self.clip).log())
 
     def _linear_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, b)
-        if isinstance(self.layer, nn.Embedding):
-            e = self.layer
-            return F.embedding(x, w, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
-        conv = self.layer
-        return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return layer_op(self.layer, x, w, b)
 
     def _keep_mask(self, y: torch.Tensor) -> torch.Tensor:
         if bool((self.bits > 0).all()):
             return y
-        keep = (self.bits > 0).to(y.dtype)
-        if isinstance(self.layer, nn.Linear):  # channels last: (B, C), (B, T, C)
-            return y * keep
-        return y * keep.view((1, -1) + (1,) * (y.dim() - 2))
+        return mask_channels(self.layer, y, (self.bits > 0).to(y.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(x)

@@ -60,7 +60,8 @@ def _scale_grad(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
     return (x - x * factor).detach() + x * factor
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded; the gradient passes straight through."""
     return (x.round() - x).detach() + x
 
 
@@ -74,7 +75,7 @@ def learned_quant(w: torch.Tensor, bits: torch.Tensor, step: torch.Tensor) -> to
     q = _per_channel(qmax(bits), w)
     grad_factor = 1.0 / torch.sqrt(q * w[0].numel())
     s = _per_channel(_scale_grad(step.clamp_min(1e-12), grad_factor.flatten()), w)
-    wq = _round_ste(torch.clamp(w / s, -q, q)) * s * _per_channel((bits > 0).float(), w)
+    wq = round_ste(torch.clamp(w / s, -q, q)) * s * _per_channel((bits > 0).float(), w)
     is_float = _per_channel(bits == FLOAT_BITS, w)
     return torch.where(is_float, w, wq)
 
@@ -84,7 +85,7 @@ def learned_quant_activation(x: torch.Tensor, bits: int, step: torch.Tensor, sig
     hi = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     lo = -hi if signed else 0
     s = _scale_grad(step.clamp_min(1e-12), 1.0 / (x[0].numel() * hi) ** 0.5)
-    return _round_ste(torch.clamp(x / s, lo, hi)) * s
+    return round_ste(torch.clamp(x / s, lo, hi)) * s
 
 
 def best_clip(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ from zerobit.strategies.base import (
            register_strategy,
 )
 from zerobit.strategies.opq import OPQ
+from zerobit.strategies.sbs import SBS
 from zerobit.strategies.sequential import Sequential
 from zerobit.strategies.uniform import Uniform
 
-__all__ = ["ADMM", "AJPQ", "ActionSpace", "OPQ", "ProxyConfig", "STRATEGIES", "Problem", "SearchResult", "Sequential", "Strategy", "Uniform", "get_strategy",
+__all__ = ["ADMM", "AJPQ", "ActionSpace", "OPQ", "ProxyConfig", "SBS", "STRATEGIES", "Problem", "SearchResult", "Sequential", "Strategy", "Uniform", "get_strategy",
            "register_strategy"]

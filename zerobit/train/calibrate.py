@@ -21,18 +21,14 @@ def run_on(model: nn.Module, batch: Any, device: torch.device, task: Task | None
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int = 8,
-                          percentile: float = 0.9999, task: Task | None = None) -> None:
-    """Set each ActQuant's scale from the inputs it sees (a high percentile of |x|) and its sign.
+def input_ranges(model: nn.Module, modules: list[nn.Module], batches: Iterable, max_batches: int = 8,
+                 percentile: float = 0.9999, task: Task | None = None) -> dict[nn.Module, tuple[float, bool]]:
+    """For each of `modules`: a high percentile of |input| (averaged over batches) and whether inputs go negative,
+    seen while `model` runs on up to `max_batches` batches in eval mode."""
+    stats: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in modules}
+    signed: dict[nn.Module, bool] = dict.fromkeys(modules, False)
 
-    Example:
-        >>> # calibrate_activations(qmodel, Batches(splits.train, 256), max_batches=8)
-    """
-    quants = [m for m in model.modules() if isinstance(m, ActQuant) and m.bits < FLOAT_BITS]
-    stats: dict[ActQuant, list[torch.Tensor]] = {q: [] for q in quants}
-    signed: dict[ActQuant, bool] = dict.fromkeys(quants, False)
-
-    def hook(module: ActQuant, inputs: tuple[torch.Tensor, ...]) -> None:
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].detach()
         sample = x.abs().flatten()
         if sample.numel() > 200_000:
@@ -41,12 +37,9 @@ def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int 
         stats[module].append(torch.quantile(sample.float(), percentile))
         signed[module] = signed[module] or bool((x < 0).any())
 
-    handles = [q.register_forward_pre_hook(hook) for q in quants]
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
     was_training, device = model.training, model_device(model)
     model.eval()
-    saved_bits = {q: q.bits for q in quants}
-    for q in quants:
-        q.bits = FLOAT_BITS  # observe float activations
     try:
         for i, batch in enumerate(batches):
             if i >= max_batches:
@@ -55,16 +48,33 @@ def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int 
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
+    if any(not v for v in stats.values()):
+        raise ValueError("calibration saw no data: pass at least one batch")
+    return {m: (float(torch.stack(stats[m]).mean().clamp_min(1e-8)), signed[m]) for m in modules}
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Iterable, max_batches: int = 8,
+                          percentile: float = 0.9999, task: Task | None = None) -> None:
+    """Set each ActQuant's scale from the inputs it sees (a high percentile of |x|) and its sign.
+
+    Example:
+        >>> # calibrate_activations(qmodel, Batches(splits.train, 256), max_batches=8)
+    """
+    quants = [m for m in model.modules() if isinstance(m, ActQuant) and m.bits < FLOAT_BITS]
+    saved_bits = {q: q.bits for q in quants}
+    for q in quants:
+        q.bits = FLOAT_BITS  # observe float activations
+    try:
+        ranges = input_ranges(model, quants, batches, max_batches, percentile, task)
+    finally:
         for q in quants:
             q.bits = saved_bits[q]
-        model.train(was_training)
-    for q in quants:
-        if not stats[q]:
-            raise ValueError("calibration saw no data: pass at least one batch")
-        amax = torch.stack(stats[q]).mean().clamp_min(1e-8)
-        levels = 2 ** (q.bits - 1) - 1 if signed[q] else 2**q.bits - 1
-        q.scale.fill_(float(amax) / levels)
-        q.signed.fill_(signed[q])
+    for q, (amax, signed) in ranges.items():
+        levels = 2 ** (q.bits - 1) - 1 if signed else 2**q.bits - 1
+        q.scale.fill_(amax / levels)
+        q.signed.fill_(signed)
 
 
 @torch.no_grad()

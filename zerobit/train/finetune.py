@@ -66,7 +66,7 @@ class FinetuneConfig:
 def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | None = None,
              teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None,
              penalty: Callable[[], torch.Tensor] | None = None, steps: int | None = None,
-             task: Task | None = None) -> dict:
+             task: Task | None = None, on_epoch: Callable[[int, float], str] | None = None) -> dict:
     """Fine-tune `model` in place (QAT when its layers are QuantLayers) on its device; returns the loss history.
 
     Args:
@@ -80,6 +80,8 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
         penalty: an extra loss term added at every step (e.g. ADMM's proximal pull).
         steps: overrides both epoch counts with a number of optimiser steps (e.g. a search's cheap recovery).
         task: how batches are run and what the loss is (default: classification, see zerobit.task).
+        on_epoch: called with (epoch, mean loss) after each pass over the data (and after the last step of a
+            shorter run); the text it returns is printed above the progress bar.
 
     Example:
         >>> # finetune(qmodel, splits.train, FinetuneConfig(epochs=1), teacher=model)
@@ -91,7 +93,7 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
                          drop_last=True)
     steps = int(round(epochs * num_batches(batches))) if steps is None else steps
     spec = LoopSpec(steps=steps, lr=config.lr, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
-                    precision=config.precision)
+                    precision=config.precision, steps_per_epoch=min(num_batches(batches), steps))
     torch.manual_seed(config.seed)
     if teacher is not None:
         teacher.eval()
@@ -103,7 +105,8 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
         loss = task.loss(m, batch, t_out, config.distill, config.temperature)
         return loss if penalty is None else loss + penalty()
 
-    return fit(model, batches, spec, loss_fn, progress=progress, desc="fine-tune", after_step=sync)
+    return fit(model, batches, spec, loss_fn, progress=progress, desc="fine-tune", after_step=sync,
+               on_epoch=on_epoch)
 
 
 def _learn_steps(model: nn.Module) -> Callable[[], None]:

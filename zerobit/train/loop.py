@@ -84,10 +84,15 @@ class LoopSpec:
 
 
 def make_optimizer(params: Iterable[nn.Parameter], spec: LoopSpec) -> torch.optim.Optimizer:
-    """SGD or AdamW with weight decay on ≥2-D weights only."""
+    """SGD or AdamW with weight decay on ≥2-D weights only; a parameter with an `lr_scale` attribute learns at
+    that multiple of the rate (e.g. SBS's gate thresholds)."""
     params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": spec.weight_decay},
-              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    groups = []
+    for scale in sorted({getattr(p, "lr_scale", 1.0) for p in params}):
+        same = [p for p in params if getattr(p, "lr_scale", 1.0) == scale]
+        groups += [{"params": [p for p in same if p.dim() > 1], "weight_decay": spec.weight_decay,
+                    "lr": spec.lr * scale},
+                   {"params": [p for p in same if p.dim() <= 1], "weight_decay": 0.0, "lr": spec.lr * scale}]
     groups = [g for g in groups if g["params"]]
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=spec.lr)

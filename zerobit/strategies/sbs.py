@@ -1,0 +1,292 @@
+"""SBS: single-path bit sharing (seed 002) — the policy is trained, not searched.
+
+Every layer's weights and inputs go through the single-path quantizer of zerobit.quant.sbs; gates choose each
+coupled group's weight width, each layer's input width and which output channels stay (a pruning gate per
+block of `channels_per_gate` decisions of a group: keep iff its weight norm, relative to the group's mean, is
+above a learned threshold). Weights, ranges and thresholds train together on
+
+    task loss (+ distillation) + cost_weight · |log(cost / limit)|
+
+with cost the budget's measure (BOPs, MACs or bytes of the file) of what the gates select, differentiable
+through their surrogate gradients; weight gates and activation gates update on alternate steps. Then the gates
+are frozen into a Policy, projected to meet the budget exactly (zerobit.strategies.sbs_project), and the rest of
+the shared fine-tune budget trains the compressed model from the SBS-trained weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zerobit.budget import BOPs, BudgetError, MACs, Size, layer_bops
+from zerobit.data.loaders import batches_of
+from zerobit.policy import ACT_BITS, BIT_CHOICES, FLOAT_BITS, GroupDecision, Policy, tied_scores
+from zerobit.quant.apply import set_module, weights_per_channel
+from zerobit.quant.sbs import (
+    DEFAULT_CHAIN,
+    SBSAct,
+    SBSLayer,
+    Thresholds,
+    check_chain,
+    chosen_bits,
+    expected_bits,
+    hard_gate,
+    residuals,
+)
+from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
+from zerobit.strategies.sbs_project import Margins, project
+from zerobit.device import model_device
+from zerobit.train.calibrate import input_ranges, run_on
+from zerobit.train.finetune import finetune
+
+
+@register_strategy
+@dataclass(frozen=True)
+class SBS(Strategy):
+    """Single-path bit sharing with learnable gates; see the module docstring.
+
+    Attributes:
+        bits: candidate weight widths, each dividing the next (default (2, 4, 8)).
+        act_bits: candidate activation widths (default (2, 4, 8)); () keeps every input at `compress(act_bits=)`.
+        channels_per_gate: decisions of a group sharing one pruning gate (1 = channel-wise).
+        cost_weight: λ, the weight of |log(cost/limit)| in the loss.
+        share: fraction of the shared fine-tune budget spent training the gates (the rest fine-tunes after).
+        temperature: τ of the bit gates' surrogate gradient (their statistic is ≈ 0.25).
+        prune_temperature: τ of the pruning gates (their statistic is ≈ 1, the group's mean norm).
+        gate_lr: the thresholds learn at this multiple of the fine-tune learning rate.
+        start_margin: every gate starts open, this many temperatures above its threshold.
+        min_keep: the strongest blocks of each group, this fraction of them, stay while the gates train (a
+            group's threshold can otherwise sweep past most of its channels at once); the projection goes below
+            it only when the budget cannot be met otherwise.
+
+    Example:
+        >>> # zerobit.compress(model, x, budget=BOPs(fraction=1/128), strategy="sbs", ...)
+    """
+
+    bits: tuple[int, ...] = DEFAULT_CHAIN
+    act_bits: tuple[int, ...] = DEFAULT_CHAIN
+    channels_per_gate: int = 1
+    cost_weight: float = 1.0
+    share: float = 0.5
+    temperature: float = 0.1
+    prune_temperature: float = 0.2
+    gate_lr: float = 1.0
+    start_margin: float = 1.0
+    min_keep: float = 0.25
+    name = "sbs"
+
+    def search(self, problem: Problem) -> SearchResult:
+        if not isinstance(problem.budget, (BOPs, MACs, Size)):
+            raise BudgetError(f"SBS trains under BOPs, MACs or Size budgets, not {type(problem.budget).__name__}; "
+                              "for a latency budget use strategy 'uniform', 'opq' or 'ajpq'")
+        check_chain(self.bits, [b for b in BIT_CHOICES if b > 0], "weight bit-widths")
+        if self.act_bits:
+            check_chain(self.act_bits, [b for b in ACT_BITS if b < FLOAT_BITS], "activation bit-widths")
+        if (self.channels_per_gate < 1 or not 0 <= self.share <= 1 or self.cost_weight < 0
+                or not 0 <= self.min_keep <= 1):
+            raise ValueError("SBS needs channels_per_gate ≥ 1, 0 ≤ share ≤ 1, 0 ≤ min_keep ≤ 1 and cost_weight ≥ 0")
+        net = GatedNet(problem, self)
+        epochs = problem.finetune.epochs * self.share
+        history: list[dict] = []
+
+        def penalty() -> torch.Tensor:
+            cost = net.cost()
+            net.steps += 1
+            return self.cost_weight * torch.log(cost / problem.limit).abs()
+
+        def on_epoch(epoch: int, loss: float) -> str:
+            policy = net.policy()
+            row = {"epoch": epoch, "loss": round(loss, 4), "cost": problem.cost(policy), "limit": problem.limit}
+            row |= net.open_counts(policy)
+            history.append(row)
+            return (f"sbs {epoch}: loss {loss:.3f}, cost {row['cost']:,.0f} / {problem.limit:,.0f} "
+                    f"{problem.budget.unit}, weight bits {row['weight_bits']}, act bits {row['act_bits']}, "
+                    f"channels {row['kept']}/{row['channels']}")
+
+        finetune(net.model, problem.train_data, problem.finetune, teacher=problem.model, progress=problem.progress,
+                 epochs=epochs, penalty=penalty, task=problem.task, on_epoch=on_epoch)
+        net.model.eval()
+        with torch.no_grad():
+            net.refresh()
+        found = net.policy()
+        policy = project(problem, found, net.margins())
+        return SearchResult(policy, None, finetune_epochs_used=epochs, start_model=net.unwrap(),
+                            info={"sbs_history": history, "sbs_policy_cost": problem.cost(found),
+                                  "sbs_steps": net.steps})
+
+
+class GatedNet:
+    """A copy of the problem's model with every quantized layer an SBSLayer, and the gates of every group."""
+
+    def __init__(self, problem: Problem, cfg: SBS) -> None:
+        self.problem, self.cfg, self.graph = problem, cfg, problem.graph
+        self.chain = check_chain(cfg.bits, [b for b in BIT_CHOICES if b > 0])
+        self.act_chain = tuple(sorted(cfg.act_bits))
+        self.model = copy.deepcopy(problem.model)
+        self.steps = 0
+        graph, model = self.graph, self.model
+        ranges = {}
+        if self.act_chain:
+            quantized = [n for n, lay in graph.layers.items() if lay.kind != "embedding"]
+            calib = batches_of(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed)
+            found = input_ranges(model, [model.get_submodule(n) for n in quantized], calib, task=problem.task)
+            ranges = {n: found[model.get_submodule(n)] for n in quantized}
+        self.layers: dict[str, SBSLayer] = {}
+        self.bns: dict[str, nn.Module] = {}
+        for name, layer in graph.layers.items():
+            bn = model.get_submodule(layer.bn) if layer.bn else None
+            act = None
+            if name in ranges:
+                act = SBSAct(self.act_chain, ranges[name][0], ranges[name][1], cfg.temperature, cfg.gate_lr,
+                             cfg.start_margin)
+            q = SBSLayer(model.get_submodule(name), bn, self.chain, act)
+            set_module(model, name, q)
+            if layer.bn:
+                self.bns[layer.bn] = bn
+                set_module(model, layer.bn, nn.Identity())
+            self.layers[name] = q
+        self.bit_gates = nn.ModuleDict({_key(i): Thresholds(len(self.chain) - 1, cfg.gate_lr, cfg.start_margin)
+                                        for i, _ in enumerate(graph.groups)})
+        self.prune_gates = nn.ModuleDict({_key(i): Thresholds(1, cfg.gate_lr, cfg.start_margin)
+                                          for i, g in enumerate(graph.groups.values()) if g.prunable})
+        model.add_module("sbs_bit_gates", self.bit_gates)
+        model.add_module("sbs_prune_gates", self.prune_gates)
+        self.keys = {g: _key(i) for i, g in enumerate(graph.groups)}
+        self.blocks = {g: torch.tensor([grp.decision_index(c) // cfg.channels_per_gate for c in range(grp.channels)])
+                       for g, grp in graph.groups.items()}
+        self.state: dict[str, dict] = {}
+        self._offset, self._hook = 0.0, model.register_forward_pre_hook(lambda m, a: self.refresh())
+        with torch.no_grad():
+            self.refresh()
+            if self.act_chain:  # one batch sets the activation gates (each starts open by start_margin)
+                model.eval()
+                run_on(model, next(iter(calib)), model_device(model), problem.task)
+
+    # -- the forward pass ------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Recompute every group's gates and its layers' quantized weights (before each forward pass)."""
+        weights_phase = self.steps % 2 == 0 or not self.model.training
+        for g, grp in self.graph.groups.items():
+            layers = [self.layers[n] for n in grp.layers]
+            units = [q.unit() for q in layers]
+            parts = [residuals(z, self.chain) for z in units]
+            with torch.no_grad():
+                stats = [sum(p[i].abs().sum() for p in parts) / sum(p[i].numel() for p in parts) *
+                         (2**self.chain[i - 1] - 1) for i in range(1, len(self.chain))]
+            thresholds = self.bit_gates[self.keys[g]]
+            thresholds.frozen = not weights_phase
+            gates = thresholds.gates(stats, self.cfg.temperature)
+            keep, norms = None, None
+            if grp.prunable:
+                norms = self._block_norms(g, layers)
+                prune = self.prune_gates[self.keys[g]]
+                prune.frozen = not weights_phase
+                prune.start(norms.detach().min().view(1), self.cfg.prune_temperature)  # below the weakest block
+                alpha = prune.alpha.detach() if prune.frozen else prune.alpha
+                block_keep = hard_gate(norms - alpha, self.cfg.prune_temperature)
+                floor = max(1, math.ceil(self.cfg.min_keep * len(norms)))
+                forced = torch.zeros_like(block_keep, dtype=torch.bool)
+                forced[torch.topk(norms.detach(), floor).indices] = True
+                block_keep = torch.where(forced, torch.ones_like(block_keep), block_keep)
+                keep = block_keep[self.blocks[g].to(block_keep.device)]
+            for q, z, p in zip(layers, units, parts, strict=True):
+                q.set_weight(z, p, gates, keep)
+            self.state[g] = {"stats": stats, "gates": gates, "keep": keep, "norms": norms}
+        for q in self.layers.values():
+            if q.act is not None:
+                q.act.thresholds.frozen = weights_phase and self.model.training
+
+    def _block_norms(self, group: str, layers: list[SBSLayer]) -> torch.Tensor:
+        """Each gate's weight norm: per channel mean |w| over the group's layers (each relative to its layer's
+        mean), per decision (tied copies, a head's channels), per block of `channels_per_gate`, over the mean."""
+        grp = self.graph.groups[group]
+        per_channel = sum(q.layer.weight.flatten(1).abs().mean(1) / q.layer.weight.abs().mean().detach().clamp_min(
+            1e-12) for q in layers) / len(layers)
+        per_decision = tied_scores(per_channel, grp.tie, grp.span) / (grp.tie * grp.span)
+        blocks = self.blocks[group][:grp.channels // grp.tie:grp.span].to(per_decision.device)
+        per_block = torch.zeros(int(blocks.max()) + 1, device=per_decision.device).index_add(0, blocks, per_decision)
+        per_block = per_block / torch.bincount(blocks).to(per_block.dtype)
+        return per_block / per_block.mean().detach().clamp_min(1e-12)
+
+    # -- the cost ----------------------------------------------------------------------------------------------
+    def cost(self) -> torch.Tensor:
+        """The budget's measure of what the gates select (differentiable), in the budget's unit."""
+        graph, budget = self.graph, self.problem.budget
+        kept = {g: (s["keep"].sum() if s["keep"] is not None else torch.tensor(float(graph.groups[g].channels)))
+                for g, s in self.state.items()}
+        wbits = {g: expected_bits(self.chain, s["gates"]) for g, s in self.state.items()}
+        total = torch.zeros(())
+        for name, layer in graph.layers.items():
+            q, out = self.layers[name], layer.out_group
+            abits = q.act.bits() if q.act is not None else torch.tensor(
+                float(self.problem.act_bits if layer.kind != "embedding" else FLOAT_BITS))
+            if isinstance(budget, BOPs):
+                total = total + layer_bops(graph, name, kept, kept[out] * wbits[out], abits)
+            elif isinstance(budget, MACs):
+                total = total + layer_bops(graph, name, kept, kept[out], 1.0)
+            else:
+                total = total + kept[out] * wbits[out] * weights_per_channel(graph, kept, name) / 8
+        if self.steps % 20 == 0:  # what the differentiable count leaves out (headers, scales, biases), exactly
+            self._offset = self.problem.cost(self.policy()) - float(total.detach())
+        return (total + self._offset).clamp_min(1e-6)
+
+    # -- reading the gates -----------------------------------------------------------------------------------
+    def policy(self) -> Policy:
+        """The policy the gates select now."""
+        groups = {}
+        for g, grp in self.graph.groups.items():
+            s = self.state[g]
+            bits = chosen_bits(self.chain, s["gates"])
+            keep = s["keep"].detach().cpu().tolist() if s["keep"] is not None else [1.0] * grp.channels
+            groups[g] = GroupDecision(tuple(bits if k > 0.5 else 0 for k in keep))
+            if groups[g].kept == 0:  # a group keeps its strongest gate's channels
+                best = int(torch.argmax(s["norms"]))
+                groups[g] = GroupDecision(tuple(bits if int(b) == best else 0 for b in self.blocks[g]))
+        act = {n: chosen_bits(self.act_chain, q.act.gates) for n, q in self.layers.items() if q.act is not None}
+        return Policy(groups, self.problem.act_bits, {"strategy": "sbs"}, act=act)
+
+    def margins(self) -> Margins:
+        """How far each gate is from flipping, in units of its temperature (positive = open)."""
+        cfg = self.cfg
+        weight = {g: [m / cfg.temperature for m in self.bit_gates[self.keys[g]].margins(s["stats"])]
+                  for g, s in self.state.items()}
+        channel = {g: ((s["norms"] - self.prune_gates[self.keys[g]].alpha).detach().cpu() / cfg.prune_temperature)
+                   for g, s in self.state.items() if s["norms"] is not None}
+        act = {n: [m / cfg.temperature for m in q.act.thresholds.margins(q.act.stats)]
+               for n, q in self.layers.items() if q.act is not None}
+        floor = {g: max(1, math.ceil(cfg.min_keep * len(v))) for g, v in channel.items()}
+        return Margins(self.chain, self.act_chain, weight, channel, act, self.blocks, floor)
+
+    def open_counts(self, policy: Policy) -> dict:
+        """Groups per weight width, layers per input width, channels kept (for progress output)."""
+        wb: dict[int, int] = {}
+        for d in policy.groups.values():
+            b = max(d.kept_bits())
+            wb[b] = wb.get(b, 0) + 1
+        ab: dict[int, int] = {}
+        for n in self.layers:
+            b = policy.act_of(n)
+            ab[b] = ab.get(b, 0) + 1
+        return {"weight_bits": dict(sorted(wb.items())), "act_bits": dict(sorted(ab.items())),
+                "kept": sum(d.kept for d in policy.groups.values()),
+                "channels": sum(d.channels for d in policy.groups.values())}
+
+    def unwrap(self) -> nn.Module:
+        """The model with its own layers and BatchNorms back (the trained weights), gates removed."""
+        self._hook.remove()
+        model = self.model
+        for name, q in self.layers.items():
+            set_module(model, name, q.layer)
+        for name, bn in self.bns.items():
+            set_module(model, name, bn)
+        del model.sbs_bit_gates, model.sbs_prune_gates
+        return model.eval()
+
+
+def _key(i: int) -> str:
+    return f"g{i}"
+
