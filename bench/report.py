@@ -252,6 +252,33 @@ def deploy_section(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sbs_layers_section(runs: dict) -> str:
+    """Per-layer choices of SBS runs: one column per run, a cell = kept/total channels · weight bits · input bits."""
+    if not runs:
+        return ""
+    keys = sorted(runs, key=lambda k: (runs[k]["model"], _budget_key(runs[k]["budget"])))
+    lines = ["## SBS: what it chose, layer by layer", "",
+             "Each cell: output channels kept / total · weight bits (`w`) · input activation bits (`a`, f = float). "
+             "Layers of one coupled group (a residual stream) share its channels and weight bits; input bits are "
+             "per layer. From `python bench/sbs_layers.py runs/bench/sbs_*` after `bench/compression.py`.", ""]
+    for model in sorted({runs[k]["model"] for k in keys}):
+        cols = [k for k in keys if runs[k]["model"] == model]
+        lines += [f"**{model}**", "", "| layer | " + " | ".join(
+            f"{runs[k]['budget']}, {runs[k]['epochs']:g} ep, {runs[k]['device']}: {100 * runs[k]['accuracy']:.2f}%"
+            for k in cols) + " |", "|---|" + "---|" * len(cols)]
+        names = [row["layer"] for row in runs[cols[0]]["layers"]]
+        for i, name in enumerate(names):
+            cells = []
+            for k in cols:
+                row = runs[k]["layers"][i]
+                wb = "/".join("f" if b == 32 else str(b) for b in row["weight_bits"])
+                ab = "f" if row["act_bits"] == 32 else row["act_bits"]
+                cells.append(f"{row['kept']}/{row['channels']} · w{wb} · a{ab}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -269,6 +296,9 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     rerank = RESULTS / "ajpq_rerank.json"
     if rerank.exists():
         text += rerank_section(json.loads(rerank.read_text()))
+    sbs = RESULTS / "sbs_layers.json"
+    if sbs.exists():
+        text += sbs_layers_section(json.loads(sbs.read_text()))
     deploy = RESULTS / "deploy.json"
     if deploy.exists():
         text += deploy_section(json.loads(deploy.read_text()))

@@ -30,7 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def parse_options(items: list[str]) -> dict:
-    """['episodes=300', 'checkpoint=a.state', 'prune=false'] → typed strategy options."""
+    """['episodes=300', 'checkpoint=a.state', 'prune=false', 'bits=2,4,8'] → typed strategy options."""
     options = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -39,6 +39,9 @@ def parse_options(items: list[str]) -> dict:
         low = text.lower()
         if low in ("true", "false"):
             options[key] = low == "true"
+            continue
+        if "," in text and all(part.strip().isdigit() for part in text.split(",")):  # bits=2,4,8
+            options[key] = tuple(int(part) for part in text.split(","))
             continue
         for kind in (int, float):
             try:

@@ -47,7 +47,7 @@ def _initializer_types(path) -> set[int]:
     return {t.data_type for t in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "sequential", "opq", "admm", "ajpq"])
+@pytest.mark.parametrize("strategy", ["uniform", "sequential", "opq", "admm", "ajpq", "sbs"])
 @pytest.mark.parametrize("name", ["plain", "residual", "depthwise"])
 def test_exact_export_computes_what_the_zbit_computes(tmp_path, digits, trained, name, strategy):
     result, path = _compressed(tmp_path, digits, trained[name], strategy)

@@ -101,7 +101,7 @@ def test_cost_weight_moves_the_cost_to_the_target(trained_residual, digits, kind
     ratios = []
     for fraction in fractions:
         problem = _problem(trained_residual, digits, kind(fraction=fraction))
-        net = GatedNet(problem, SBS(cost_weight=2.0, gate_lr=5.0))
+        net = GatedNet(problem, SBS(cost_weight=2.0, gate_lr=10.0))
         assert problem.cost(net.policy()) > 1.5 * problem.limit
 
         def penalty(net=net, problem=problem):
@@ -222,3 +222,11 @@ def test_fast_activation_path_matches_the_autograd_one(signed, open_gates):
     assert torch.allclose(fast[1], xb.grad, atol=1e-5)
     assert torch.allclose(fast[2], act.v.grad, rtol=1e-4, atol=1e-4)
     assert torch.allclose(fast[3], act.thresholds.alpha.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_command_line_options_give_chains():
+    from zerobit.cli import parse_options
+    from zerobit.strategies import get_strategy
+
+    strat = get_strategy("sbs", **parse_options(["bits=3,6", "act_bits=8", "min_keep=0.5"]))
+    assert (strat.bits, strat.act_bits, strat.min_keep) == ((3, 6), (8,), 0.5)

@@ -131,6 +131,12 @@ class Thresholds(nn.Module):
             self.alpha.copy_(stats.to(self.alpha) - self.start_margin * temperature)
             self.started.fill_(True)
 
+    @torch.no_grad()
+    def place(self, stats: torch.Tensor, margins: torch.Tensor, temperature: float) -> None:
+        """Put each threshold `margins[i]` temperatures below its statistic."""
+        self.alpha.copy_(stats.to(self.alpha) - margins.to(self.alpha) * temperature)
+        self.started.fill_(True)
+
     def gates(self, stats: Sequence[torch.Tensor], temperature: float) -> list[torch.Tensor]:
         if stats:
             self.start(torch.stack([torch.as_tensor(t) for t in stats]), temperature)
@@ -141,7 +147,7 @@ class Thresholds(nn.Module):
         return [float(t - self.alpha[i].detach()) for i, t in enumerate(stats)]
 
 
-def _prefix_tails(parts: Sequence[torch.Tensor], gates: Sequence[float]) -> list[torch.Tensor]:
+def prefix_tails(parts: Sequence[torch.Tensor], gates: Sequence[float]) -> list[torch.Tensor]:
     """∂ẑ/∂g_i for every gate: (g₂⋯g_{i−1})·(ε_i + g_{i+1}(ε_{i+1} + …))."""
     tails, out = [], torch.zeros_like(parts[0])
     for part, gate in zip(reversed(parts[1:]), reversed(gates), strict=True):
@@ -162,7 +168,7 @@ class _SinglePathActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, chain: tuple[int, ...],
-                signed: bool) -> torch.Tensor:
+                signed: bool, recorder: SBSAct | None = None) -> torch.Tensor:
         bits = chosen_bits(chain, list(gates))
         z = (torch.clamp(x / v, -1, 1) + 1) / 2 if signed else torch.clamp(x / v, 0, 1)
         zq = torch.round(z / step(bits)) * step(bits)
@@ -170,9 +176,9 @@ class _SinglePathActivation(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
-        x, v, gates, chain, signed = inputs
+        x, v, gates, chain, signed, recorder = inputs
         ctx.save_for_backward(x, v, gates, output)
-        ctx.chain, ctx.signed = chain, signed
+        ctx.chain, ctx.signed, ctx.recorder = chain, signed, recorder
 
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> tuple:
@@ -185,9 +191,12 @@ class _SinglePathActivation(torch.autograd.Function):
         with torch.no_grad():
             parts = residuals(z, ctx.chain)
         scale = 2 * v if ctx.signed else v
-        grad_g = torch.stack([(grad * d).sum() * scale for d in _prefix_tails(parts, gates.tolist())]) \
-            if len(gates) else torch.zeros_like(gates)
-        return grad_x, grad_v, grad_g, None, None
+        tails = prefix_tails(parts, gates.tolist())
+        grad_g = torch.stack([(grad * d).sum() * scale for d in tails]) if len(gates) else torch.zeros_like(gates)
+        rec = ctx.recorder
+        if rec is not None and rec.sensitivity is not None and len(gates):
+            rec.sensitivity += torch.stack([((grad * d * scale).float() ** 2).sum() for d in tails])
+        return grad_x, grad_v, grad_g, None, None, None
 
 
 def _statistic_sample(x: torch.Tensor, n: int = 65536) -> torch.Tensor:
@@ -209,6 +218,7 @@ class SBSAct(nn.Module):
         self.thresholds = Thresholds(len(chain) - 1, lr_scale, start_margin)
         self.gates: list[torch.Tensor] = []
         self.stats: list[torch.Tensor] = []
+        self.sensitivity: torch.Tensor | None = None  # Σ (∂L/∂g_i per element)² while recording
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.v.clamp_min(1e-8)
@@ -218,7 +228,7 @@ class SBSAct(nn.Module):
             self.stats = residual_statistic(residuals(z, self.chain), self.chain)
         self.gates = self.thresholds.gates(self.stats, self.temperature)
         gates = torch.stack(self.gates) if self.gates else v.new_zeros(0)
-        return _SinglePathActivation.apply(x, v.to(x.dtype), gates.to(x.dtype), self.chain, self.signed)
+        return _SinglePathActivation.apply(x, v.to(x.dtype), gates.to(x.dtype), self.chain, self.signed, self)
 
     def bits(self) -> torch.Tensor:
         return expected_bits(self.chain, self.gates)
@@ -237,19 +247,21 @@ class SBSLayer(nn.Module):
         w = layer.weight.detach()
         self.v = nn.Parameter(w.flatten(1).abs().amax(1).clamp_min(1e-8))
         self.weight_q: torch.Tensor | None = None
+        self.cached_parts: list[torch.Tensor] | None = None  # kept while SBS measures sensitivities
         self.keep: torch.Tensor | None = None
 
-    def _range(self) -> torch.Tensor:
+    def weight_range(self) -> torch.Tensor:
+        """The per-channel range v, shaped to broadcast over the weight."""
         return self.v.clamp_min(1e-8).view((-1,) + (1,) * (self.layer.weight.dim() - 1))
 
     def unit(self) -> torch.Tensor:
         """The weight mapped to [0, 1] by its per-channel range."""
-        return (torch.clamp(self.layer.weight / self._range(), -1, 1) + 1) / 2
+        return (torch.clamp(self.layer.weight / self.weight_range(), -1, 1) + 1) / 2
 
     def set_weight(self, z: torch.Tensor, parts: list[torch.Tensor], gates: list[torch.Tensor],
                    keep: torch.Tensor | None) -> None:
         """The weight for the next forward passes: `z`'s single path under `gates`, channels kept by `keep`."""
-        self.weight_q, self.keep = self._range() * (2 * single_path(z, parts, gates) - 1), keep
+        self.weight_q, self.keep = self.weight_range() * (2 * single_path(z, parts, gates) - 1), keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:

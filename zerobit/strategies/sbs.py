@@ -24,6 +24,7 @@ from torch import nn
 
 from zerobit.budget import BOPs, BudgetError, MACs, Size, layer_bops
 from zerobit.data.loaders import batches_of
+from zerobit.device import model_device
 from zerobit.policy import ACT_BITS, BIT_CHOICES, FLOAT_BITS, GroupDecision, Policy, tied_scores
 from zerobit.quant.apply import set_module, weights_per_channel
 from zerobit.quant.sbs import (
@@ -35,11 +36,11 @@ from zerobit.quant.sbs import (
     chosen_bits,
     expected_bits,
     hard_gate,
+    prefix_tails,
     residuals,
 )
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.strategies.sbs_project import Margins, project
-from zerobit.device import model_device
 from zerobit.train.calibrate import input_ranges, run_on
 from zerobit.train.finetune import finetune
 
@@ -58,7 +59,10 @@ class SBS(Strategy):
         temperature: τ of the bit gates' surrogate gradient (their statistic is ≈ 0.25).
         prune_temperature: τ of the pruning gates (their statistic is ≈ 1, the group's mean norm).
         gate_lr: the thresholds learn at this multiple of the fine-tune learning rate.
-        start_margin: every gate starts open, this many temperatures above its threshold.
+        start_margin: every gate starts open, this many temperatures above its threshold (times its sensitivity
+            factor with `by_sensitivity`).
+        by_sensitivity: scale each bit gate's starting margin by how much closing it would raise the loss
+            (measured on 4 batches before training), so the cost term closes the least sensitive gates first.
         min_keep: the strongest blocks of each group, this fraction of them, stay while the gates train (a
             group's threshold can otherwise sweep past most of its channels at once); the projection goes below
             it only when the budget cannot be met otherwise.
@@ -76,8 +80,14 @@ class SBS(Strategy):
     prune_temperature: float = 0.2
     gate_lr: float = 1.0
     start_margin: float = 1.0
-    min_keep: float = 0.25
+    by_sensitivity: bool = True
+    min_keep: float = 0.5
     name = "sbs"
+
+    def __post_init__(self) -> None:  # one width may come as an int (--option act_bits=8)
+        for key in ("bits", "act_bits"):
+            value = getattr(self, key)
+            object.__setattr__(self, key, (value,) if isinstance(value, int) else tuple(value))
 
     def search(self, problem: Problem) -> SearchResult:
         if not isinstance(problem.budget, (BOPs, MACs, Size)):
@@ -160,11 +170,59 @@ class GatedNet:
                        for g, grp in graph.groups.items()}
         self.state: dict[str, dict] = {}
         self._offset, self._hook = 0.0, model.register_forward_pre_hook(lambda m, a: self.refresh())
+        self.recording = False
         with torch.no_grad():
             self.refresh()
             if self.act_chain:  # one batch sets the activation gates (each starts open by start_margin)
                 model.eval()
                 run_on(model, next(iter(calib)), model_device(model), problem.task)
+        if cfg.by_sensitivity:
+            self._place_by_sensitivity(batches_of(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed))
+
+    def _place_by_sensitivity(self, batches, max_batches: int = 4) -> None:
+        """Start each bit gate open by a margin that grows with what closing it would cost: Σ (∂L/∂x · Δx)² over
+        a few batches (Δx what the gate's residuals add; the loss is the task's Fisher loss), relative to the
+        median gate's (square root, clipped to ¼–4×). The cost term then closes the cheapest gates first."""
+        model, task, device = self.model, self.problem.task, model_device(self.model)
+        acts = [q.act for q in self.layers.values() if q.act is not None and len(q.act.chain) > 1]
+        for a in acts:
+            a.sensitivity = torch.zeros(len(a.chain) - 1, device=device)
+        weights = {g: torch.zeros(len(self.chain) - 1, device=device) for g in self.graph.groups}
+        self.recording = True
+        model.eval()
+        try:
+            for i, batch in enumerate(batches):
+                if i >= max_batches:
+                    break
+                batch = task.to_device(batch, device)
+                task.fisher_loss(task.forward(model, batch).float(), batch).backward()
+                for g, grp in self.graph.groups.items():
+                    for n in grp.layers:
+                        q = self.layers[n]
+                        if q.weight_q.grad is None or len(self.chain) < 2:
+                            continue
+                        scale = 2 * q.weight_range()
+                        ones = [1.0] * (len(self.chain) - 1)
+                        weights[g] += torch.stack([((q.weight_q.grad * d * scale) ** 2).sum()
+                                                   for d in prefix_tails(q.cached_parts, ones)])
+                model.zero_grad(set_to_none=True)
+        finally:
+            self.recording = False
+        found = [s for s in [*weights.values(), *(a.sensitivity for a in acts)] if len(s)]
+        if not found:
+            return
+        median = torch.cat(found).median().clamp_min(1e-30)
+
+        def margins(sens: torch.Tensor) -> torch.Tensor:
+            return self.cfg.start_margin * (sens / median).sqrt().clamp(0.25, 4.0)
+
+        for g, sens in weights.items():
+            if len(sens):
+                self.bit_gates[self.keys[g]].place(torch.stack(self.state[g]["stats"]), margins(sens),
+                                                   self.cfg.temperature)
+        for a in acts:
+            a.thresholds.place(torch.stack(a.stats), margins(a.sensitivity), self.cfg.temperature)
+            a.sensitivity = None
 
     # -- the forward pass ------------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -195,6 +253,9 @@ class GatedNet:
                 keep = block_keep[self.blocks[g].to(block_keep.device)]
             for q, z, p in zip(layers, units, parts, strict=True):
                 q.set_weight(z, p, gates, keep)
+                if self.recording:
+                    q.weight_q.retain_grad()
+                    q.cached_parts = p
             self.state[g] = {"stats": stats, "gates": gates, "keep": keep, "norms": norms}
         for q in self.layers.values():
             if q.act is not None:

@@ -1,0 +1,57 @@
+"""Per-layer choices of SBS runs: kept channels, weight bits and input bits of every layer.
+
+Reads the policy.json that `bench/compression.py` wrote for each SBS run and writes bench/results/sbs_layers.json
+(rendered in BENCHMARKS.md):
+
+    python bench/sbs_layers.py runs/bench/sbs_bops_1over64 runs/bench/sbs_1over32 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_benchmarks_md  # noqa: E402
+from zerobit import zoo  # noqa: E402
+from zerobit.graph import analyse  # noqa: E402
+from zerobit.policy import Policy  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "sbs_layers.json"
+
+
+def layer_rows(model_name: str, policy: Policy) -> list[dict]:
+    """One row per quantized layer: kept/total output channels, weight bits of the kept ones, input bits."""
+    graph = analyse(zoo.load_pretrained(model_name), zoo.example_input(model_name))
+    rows = []
+    for name, layer in graph.layers.items():
+        d = policy[layer.out_group]
+        rows.append({"layer": name, "group": layer.out_group, "kept": d.kept, "channels": d.channels,
+                     "weight_bits": sorted(set(d.kept_bits())), "act_bits": policy.act_of(name)})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="output folders of SBS runs (policy.json + result.json)")
+    args = ap.parse_args()
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for run in map(Path, args.runs):
+        result = json.loads((run / "result.json").read_text())
+        policy = Policy.load(str(run / "policy.json"))
+        key = f"{result['model']} {result['budget_text']} {result['finetune_epochs']:g} ep"
+        stored[key] = {"model": result["model"], "budget": result["budget_text"], "epochs": result["finetune_epochs"],
+                       "accuracy": result["accuracy"], "device": result.get("device", "cpu"),
+                       "layers": layer_rows(result["model"], policy)}
+        print(key, f"{100 * result['accuracy']:.2f}%")
+    RESULTS.write_text(json.dumps(stored, indent=1))
+    write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
