@@ -264,7 +264,8 @@ def sbs_layers_section(runs: dict) -> str:
     for model in sorted({runs[k]["model"] for k in keys}):
         cols = [k for k in keys if runs[k]["model"] == model]
         lines += [f"**{model}**", "", "| layer | " + " | ".join(
-            f"{runs[k]['budget']}, {runs[k]['epochs']:g} ep, {runs[k]['device']}: {100 * runs[k]['accuracy']:.2f}%"
+            f"{runs[k]['budget']}{', ' + runs[k]['label'] if runs[k].get('label') else ''}, {runs[k]['epochs']:g} ep, "
+            f"{runs[k]['device']}: {100 * runs[k]['accuracy']:.2f}%"
             for k in cols) + " |", "|---|" + "---|" * len(cols)]
         names = [row["layer"] for row in runs[cols[0]]["layers"]]
         for i, name in enumerate(names):

@@ -3,7 +3,7 @@
 Reads the policy.json that `bench/compression.py` wrote for each SBS run and writes bench/results/sbs_layers.json
 (rendered in BENCHMARKS.md):
 
-    python bench/sbs_layers.py runs/bench/sbs_bops_1over64 runs/bench/sbs_1over32 ...
+    python bench/sbs_layers.py runs/bench/sbs_bops_1over64 runs/bench/sbs_1over32 "runs/act48=inputs 4/8 bits" ...
 """
 
 from __future__ import annotations
@@ -37,14 +37,18 @@ def layer_rows(model_name: str, policy: Policy) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="output folders of SBS runs (policy.json + result.json)")
+    ap.add_argument("runs", nargs="+", help="output folders of SBS runs (policy.json + result.json), each "
+                    "optionally =LABEL (the strategy options that differ from the defaults)")
     args = ap.parse_args()
     stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for run in map(Path, args.runs):
+    for arg in args.runs:
+        folder, _, label = arg.partition("=")
+        run = Path(folder)
         result = json.loads((run / "result.json").read_text())
         policy = Policy.load(str(run / "policy.json"))
-        key = f"{result['model']} {result['budget_text']} {result['finetune_epochs']:g} ep"
+        key = f"{result['model']} {result['budget_text']} {result['finetune_epochs']:g} ep {label}".strip()
         stored[key] = {"model": result["model"], "budget": result["budget_text"], "epochs": result["finetune_epochs"],
+                       "label": label,
                        "accuracy": result["accuracy"], "device": result.get("device", "cpu"),
                        "layers": layer_rows(result["model"], policy)}
         print(key, f"{100 * result['accuracy']:.2f}%")

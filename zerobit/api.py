@@ -208,6 +208,8 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
               ignored_layers: list[str] | None, task: Task) -> CompressResult:
     clock: dict[str, float] = {}
     t = time.perf_counter()
+    strat = get_strategy(strategy)
+    strat.check_budget(budget)  # before anything is traced or measured
     graph = analyse(model, example_inputs, ignored_layers)
     graph.model_name = model_name
     if isinstance(budget, Latency):  # a fraction of fp32's latency is measured, not predicted
@@ -221,7 +223,6 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
     baseline = task.metric(model, report_data)
     clock["analyse"] = time.perf_counter() - t
     t = time.perf_counter()
-    strat = get_strategy(strategy)
     found = strat.search(problem)
     if isinstance(budget, Latency):
         found = _meet_latency(problem, strat, found)

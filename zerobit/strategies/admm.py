@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from zerobit.budget import BudgetError, Size
+from zerobit.budget import Budget, BudgetError, Size
 from zerobit.export.layout import layer_layouts
 from zerobit.policy import GroupDecision, LayerDecision, Policy, tied_scores
 from zerobit.quant.apply import magnitude_mask
@@ -63,9 +63,12 @@ class ADMM(Strategy):
     share: float = 0.5
     name = "admm"
 
-    def search(self, problem: Problem) -> SearchResult:
-        if not isinstance(problem.budget, Size):
+    def check_budget(self, budget: Budget) -> None:
+        if not isinstance(budget, Size):
             raise BudgetError("ADMM constrains the file size (bits · nonzeros); give a Size budget")
+
+    def search(self, problem: Problem) -> SearchResult:
+        self.check_budget(problem.budget)
         graph = problem.graph
         model = copy.deepcopy(problem.model)
         weights = {n: model.get_submodule(n).weight for n in graph.layers}

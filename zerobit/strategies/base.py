@@ -67,6 +67,9 @@ class Strategy:
 
     name = ""
 
+    def check_budget(self, budget: Budget) -> None:
+        """Raise BudgetError when this strategy cannot serve this kind of budget (called before any work)."""
+
     def search(self, problem: Problem) -> SearchResult:
         raise NotImplementedError
 

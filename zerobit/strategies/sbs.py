@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zerobit.budget import BOPs, BudgetError, MACs, Size, layer_bops
+from zerobit.budget import BOPs, Budget, BudgetError, MACs, Size, layer_bops
 from zerobit.data.loaders import batches_of
 from zerobit.device import model_device
 from zerobit.policy import ACT_BITS, BIT_CHOICES, FLOAT_BITS, GroupDecision, Policy, tied_scores
@@ -89,10 +89,13 @@ class SBS(Strategy):
             value = getattr(self, key)
             object.__setattr__(self, key, (value,) if isinstance(value, int) else tuple(value))
 
+    def check_budget(self, budget: Budget) -> None:
+        if not isinstance(budget, (BOPs, MACs, Size)):
+            raise BudgetError(f"SBS trains under BOPs, MACs or Size budgets, not {type(budget).__name__}; "
+                              "for a latency budget use strategy 'uniform', 'sequential' or 'ajpq'")
+
     def search(self, problem: Problem) -> SearchResult:
-        if not isinstance(problem.budget, (BOPs, MACs, Size)):
-            raise BudgetError(f"SBS trains under BOPs, MACs or Size budgets, not {type(problem.budget).__name__}; "
-                              "for a latency budget use strategy 'uniform', 'opq' or 'ajpq'")
+        self.check_budget(problem.budget)
         check_chain(self.bits, [b for b in BIT_CHOICES if b > 0], "weight bit-widths")
         if self.act_bits:
             check_chain(self.act_bits, [b for b in ACT_BITS if b < FLOAT_BITS], "activation bit-widths")
