@@ -101,14 +101,14 @@ def test_cost_weight_moves_the_cost_to_the_target(trained_residual, digits, kind
     ratios = []
     for fraction in fractions:
         problem = _problem(trained_residual, digits, kind(fraction=fraction))
-        net = GatedNet(problem, SBS(cost_weight=2.0, gate_lr=10.0))
+        net = GatedNet(problem, SBS(cost_weight=2.0, gate_lr=10.0, min_keep=0.25))
         assert problem.cost(net.policy()) > 1.5 * problem.limit
 
         def penalty(net=net, problem=problem):
             net.steps += 1
             return 2.0 * torch.log(net.cost() / problem.limit).abs()
 
-        finetune(net.model, digits.train, problem.finetune, progress=False, steps=80, penalty=penalty)
+        finetune(net.model, digits.train, problem.finetune, progress=False, steps=120, penalty=penalty)
         with torch.no_grad():
             net.model(digits.train.x[:64])
         ratios.append(problem.cost(net.policy()) / problem.limit)

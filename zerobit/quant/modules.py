@@ -99,7 +99,21 @@ def mask_channels(layer: nn.Module, y: torch.Tensor, keep: torch.Tensor) -> torc
     return y * keep.view((1, -1) + (1,) * (y.dim() - 2))
 
 
-class QuantLayer(nn.Module):
+class WrapsLayer(nn.Module):
+    """Base of modules that wrap a layer as `self.layer`: the wrapped layer's attributes (stride, out_channels, …)
+    stay readable, for model code that reads them."""
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if layer is None or name.startswith("__"):
+                raise
+            return getattr(layer, name)
+
+
+class QuantLayer(WrapsLayer):
     """A Conv2d, Linear or Embedding, its optional following BatchNorm2d, per-channel weight bits (an Embedding's
     channels are its rows) and input quantizer (float for an Embedding: its inputs are token ids)."""
 
@@ -117,16 +131,6 @@ class QuantLayer(nn.Module):
         self.register_buffer("fixed_scale", None)  # frozen per-channel steps
         self.register_buffer("book", None)  # sorted codebook centroids
         self.log_step: nn.Parameter | None = None  # log of the learned per-channel steps (after `learn_steps`)
-
-    def __getattr__(self, name: str) -> object:
-        """Attributes of the wrapped layer (stride, out_channels, …) stay readable, for model code that reads them."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self.__dict__.get("_modules", {}).get("layer")
-            if layer is None or name.startswith("__"):
-                raise
-            return getattr(layer, name)
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Fix which weights are kept (None = all)."""

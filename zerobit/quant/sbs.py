@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from zerobit.quant.modules import layer_op, mask_channels
+from zerobit.quant.modules import WrapsLayer, layer_op, mask_channels
 from zerobit.quant.uniform import round_ste
 
 DEFAULT_CHAIN = (2, 4, 8)
@@ -234,7 +234,7 @@ class SBSAct(nn.Module):
         return expected_bits(self.chain, self.gates)
 
 
-class SBSLayer(nn.Module):
+class SBSLayer(WrapsLayer):
     """A Conv2d/Linear/Embedding (and its following BatchNorm) whose weights and inputs are single-path quantized.
 
     Its group's gates decide the weight width and which output channels stay (`set_weight` each step); its own
