@@ -93,9 +93,13 @@ def expected_bits(chain: Sequence[int], gates: Sequence[torch.Tensor]) -> torch.
 
 
 @torch.no_grad()
-def residual_statistic(parts: Sequence[torch.Tensor], chain: Sequence[int]) -> list[torch.Tensor]:
-    """For each wider width: the mean |residual| in units of the next narrower step (≈ 0.25 for spread values)."""
-    return [parts[i].abs().mean() / step(chain[i - 1]) for i in range(1, len(parts))]
+def residual_statistic(parts: Sequence[torch.Tensor], chain: Sequence[int],
+                       more: Sequence[Sequence[torch.Tensor]] = ()) -> list[torch.Tensor]:
+    """For each wider width: the mean |residual| in units of the next narrower step (≈ 0.25 for spread values),
+    over `parts` and the decompositions in `more` together (a group's layers)."""
+    every = [parts, *more]
+    return [sum(p[i].abs().sum() for p in every) / sum(p[i].numel() for p in every) / step(chain[i - 1])
+            for i in range(1, len(parts))]
 
 
 def chosen_bits(chain: Sequence[int], gates: Sequence[torch.Tensor]) -> int:

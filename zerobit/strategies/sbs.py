@@ -35,8 +35,8 @@ from zerobit.quant.sbs import (
     check_chain,
     chosen_bits,
     expected_bits,
-    hard_gate,
     prefix_tails,
+    residual_statistic,
     residuals,
 )
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
@@ -235,9 +235,7 @@ class GatedNet:
             layers = [self.layers[n] for n in grp.layers]
             units = [q.unit() for q in layers]
             parts = [residuals(z, self.chain) for z in units]
-            with torch.no_grad():
-                stats = [sum(p[i].abs().sum() for p in parts) / sum(p[i].numel() for p in parts) *
-                         (2**self.chain[i - 1] - 1) for i in range(1, len(self.chain))]
+            stats = residual_statistic(parts[0], self.chain, parts[1:])
             thresholds = self.bit_gates[self.keys[g]]
             thresholds.frozen = not weights_phase
             gates = thresholds.gates(stats, self.cfg.temperature)
@@ -247,8 +245,7 @@ class GatedNet:
                 prune = self.prune_gates[self.keys[g]]
                 prune.frozen = not weights_phase
                 prune.start(norms.detach().min().view(1), self.cfg.prune_temperature)  # below the weakest block
-                alpha = prune.alpha.detach() if prune.frozen else prune.alpha
-                block_keep = hard_gate(norms - alpha, self.cfg.prune_temperature)
+                block_keep = prune.gates([norms], self.cfg.prune_temperature)[0]
                 floor = max(1, math.ceil(self.cfg.min_keep * len(norms)))
                 forced = torch.zeros_like(block_keep, dtype=torch.bool)
                 forced[torch.topk(norms.detach(), floor).indices] = True
