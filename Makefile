@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 WHEELS := $(wildcard /opt/wheels)
 PIPFLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: setup data demo test test-fast bench lint clean
+.PHONY: setup data browser demo test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,14 @@ data: setup
 demo: data
 	$(VENV)/bin/zerobit demo
 
-test: data
+# The report test renders the HTML in headless Chromium (Debian's chromium-headless-shell) when it can be had.
+browser:
+	@if ! command -v chromium-headless-shell chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell) \
+	    >/dev/null 2>&1 || echo "apt-get could not install chromium-headless-shell; its test will be skipped"; fi
+
+test: data browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup

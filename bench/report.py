@@ -280,6 +280,42 @@ def sbs_layers_section(runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_section(r: dict) -> str:
+    """A sweep on the local Ray cluster vs the same runs in turn (bench/sweep.py)."""
+    opts = "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in r["options"].items())
+    lines = ["## Sweeps: Ray vs one run after another", "",
+             f"{r['runs']} runs ({', '.join(r['strategies'])} × {', '.join(r['budgets'])}) of {r['model']}, "
+             f"{r['epochs']:g} fine-tune epochs, seed {r['seed']}, {r['device']}{'; ' + opts if opts else ''}. "
+             "Ray: a local Ray instance, one CPU per run (two runs at once); in turn: `zerobit sweep` without "
+             "`--ray-address`, each run with every core. From `python bench/sweep.py`; the Ray sweep's report is "
+             "[docs/sweep/report.html](docs/sweep/report.html).", "",
+             "| sweep | wall time (s) |", "|---|---|", f"| Ray, local cluster | {r['ray_seconds']:.0f} |"]
+    if r.get("serial_seconds"):
+        lines += [f"| in turn | {r['serial_seconds']:.0f} |", "",
+                  f"Ray finishes the sweep {r['speedup']:.2f}× as fast as running the runs in turn."]
+    lines += ["", "| run | accuracy % (Ray) | accuracy % (in turn) | file bytes | ratio | run s (Ray) | run s (in turn) |",
+              "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        serial = row.get("serial_accuracy")
+        lines.append(f"| {row['name']} | {100 * row['accuracy']:.2f} | "
+                     f"{'' if serial is None else f'{100 * serial:.2f}'} | {row['file_bytes']:,} | {row['ratio']:.1f}× | "
+                     f"{row['ray_run_seconds']:.0f} | {row.get('serial_run_seconds') or 0:.0f} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def ajpq_workers_section(r: dict) -> str:
+    """AJPQ episodes per second with K parallel scorers (bench/ajpq_workers.py)."""
+    lines = ["## AJPQ with K parallel scorers", "",
+             f"{r['model']}, budget {r['budget']}, {r['episodes']} episodes, seed {r['seed']}, {r['device']}. "
+             f"K = 1: the serial search in one process with every core; K > 1: K Ray actors with one CPU each score "
+             f"the K policies the agent proposes at once. {r['note']}.", "",
+             "| K | episodes | seconds | episodes/s | best reward | mean reward, last quarter |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['workers']} | {row['episodes']} | {row['seconds']:.0f} | {row['episodes_per_s']:.3f} | "
+                     f"{row['best_reward']:.2f} | {row['mean_last_quarter']:.2f} |")
+    return "\n".join(lines) + "\n\n"
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -303,6 +339,9 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     deploy = RESULTS / "deploy.json"
     if deploy.exists():
         text += deploy_section(json.loads(deploy.read_text()))
+    for name, section in (("sweep.json", sweep_section), ("ajpq_workers.json", ajpq_workers_section)):
+        if (RESULTS / name).exists():
+            text += section(json.loads((RESULTS / name).read_text()))
     fuzz = RESULTS / "fuzz_zbit.json"
     if fuzz.exists():
         text += fuzz_section(json.loads(fuzz.read_text()))

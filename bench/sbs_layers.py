@@ -20,18 +20,19 @@ from bench.report import write_benchmarks_md  # noqa: E402
 from zerobit import zoo  # noqa: E402
 from zerobit.graph import analyse  # noqa: E402
 from zerobit.policy import Policy  # noqa: E402
+from zerobit.report.runs import layer_rows as report_rows  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sbs_layers.json"
 
 
 def layer_rows(model_name: str, policy: Policy) -> list[dict]:
-    """One row per quantized layer: kept/total output channels, weight bits of the kept ones, input bits."""
+    """zerobit's per-layer rows, with "weight_bits" the sorted distinct bits of the kept channels (what
+    bench/report.py's table shows) and their mean under "weight_bits_mean"."""
     graph = analyse(zoo.load_pretrained(model_name), zoo.example_input(model_name))
-    rows = []
-    for name, layer in graph.layers.items():
-        d = policy[layer.out_group]
-        rows.append({"layer": name, "group": layer.out_group, "kept": d.kept, "channels": d.channels,
-                     "weight_bits": sorted(set(d.kept_bits())), "act_bits": policy.act_of(name)})
+    rows = report_rows(graph, policy)
+    for row in rows:
+        row["weight_bits_mean"] = row["weight_bits"]
+        row["weight_bits"] = sorted(set(policy[row["group"]].kept_bits()))
     return rows
 
 

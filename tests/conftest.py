@@ -43,3 +43,16 @@ def trained_plain(digits):
 
 
 __all__ = ["EXAMPLE", "TINY_MODELS", "train_tiny"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with 2 CPUs for the whole session (its workers can import the tests' models)."""
+    import os
+
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'zerobit[ray]'")
+    here = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -20,6 +20,7 @@ from zerobit.export.zbit import ZbitFormatError
 from zerobit.graph import UntraceableModelError, analyse
 from zerobit.policy import GroupDecision, Policy
 from zerobit.strategies import STRATEGIES, Sequential, Uniform, register_strategy
+from zerobit.sweeps import sweep
 from zerobit.task import Classification, Distillation, Task
 from zerobit.train.finetune import FinetuneConfig
 
@@ -35,4 +36,4 @@ __all__ = ["BOPs", "BudgetError", "Classification", "CompressResult", "Distillat
            "GroupDecision", "Latency", "MACs", "OnnxReport", "Policy", "STRATEGIES", "Sequential", "Size", "Task",
            "Uniform", "UntraceableModelError",
            "ZbitFormatError", "analyse", "compress", "export_onnx", "load", "parse_budget", "read_zbit",
-           "register_strategy", "save"]
+           "register_strategy", "save", "sweep"]

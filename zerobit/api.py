@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from zerobit.graph import ModelGraph, analyse
 from zerobit.importance import group_scores
 from zerobit.policy import Policy
 from zerobit.quant.apply import apply_policy, inference_copy, quant_layers
+from zerobit.report.runs import layer_rows
 from zerobit.strategies import Problem, Strategy, get_strategy
 from zerobit.strategies.base import SearchResult
 from zerobit.task import DEFAULT_TASK, Classification, Task, first_tensor, get_task, map_tensors
@@ -66,7 +69,7 @@ class CompressResult:
             "baseline_accuracy": self.baseline_accuracy, "metric": self.task.name, "bops": bops(g, p), "fp32_bops": bops(g, ref),
             "macs": macs(g, p), "fp32_macs": macs(g, ref), "seconds": sum(self.seconds.values()),
             "seconds_by_stage": self.seconds, "info": self.info, "model": g.model_name,
-            "device": str(model_device(self.model)),
+            "device": str(model_device(self.model)), "layers": layer_rows(g, p),
         }
 
     def summary(self) -> str:
@@ -88,6 +91,21 @@ class CompressResult:
     def save(self, path: str | os.PathLike) -> int:
         """Write the .zbit file; returns its size in bytes."""
         return save_zbit(self.model, self.graph, self.policy, path)
+
+    def save_folder(self, out: str | os.PathLike, extra: dict | None = None) -> dict:
+        """Write OUT/model.zbit, OUT/policy.json and, last, OUT/result.json (the numbers, plus `extra`); returns
+        what result.json holds. result.json appears only complete (written aside, then renamed), so its presence
+        marks a finished run (sweeps resume by it)."""
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = self.save(folder / "model.zbit")
+        self.policy.save(str(folder / "policy.json"))
+        summary = self.to_dict() | {"file_bytes": os.path.getsize(folder / "model.zbit"), "written_bytes": written}
+        summary |= extra or {}
+        tmp = folder / "result.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, folder / "result.json")
+        return summary
 
 
 def _check_inputs(model: nn.Module, example_inputs: Any, budget: Budget, data: Any, eval_data: Any) -> None:

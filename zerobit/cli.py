@@ -1,4 +1,4 @@
-"""Command line: zerobit train | compress | eval | export | demo."""
+"""Command line: zerobit train | compress | eval | export | sweep | report | demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -56,11 +55,13 @@ def parse_options(items: list[str]) -> dict:
 
 def run_compress(model_name: str, data: str, budget: str, strategy: str, finetune_epochs: float, out: str,
                  act_bits: int = 8, seed: int = 0, progress: bool = True, options: dict | None = None,
-                 device: str = "auto", finetune: dict | None = None, task: str = "classification") -> dict:
+                 device: str = "auto", finetune: dict | None = None, task: str = "classification",
+                 extra: dict | None = None) -> dict:
     """Compress a zoo model and write DIR/model.zbit, DIR/policy.json and DIR/result.json; returns the result.
 
-    `finetune` sets other FinetuneConfig fields (e.g. {"lr": 0.02}). `task` "distillation" never reads the labels
-    (the metric is the output similarity); `top1_accuracy` is then measured on the test labels afterwards.
+    `finetune` sets other FinetuneConfig fields (e.g. {"lr": 0.02}); `extra` is added to result.json. `task`
+    "distillation" never reads the labels (the metric is the output similarity); `top1_accuracy` is then measured
+    on the test labels afterwards.
     """
     from zerobit import FinetuneConfig, compress, parse_budget, zoo
     from zerobit.data import get_splits
@@ -74,20 +75,13 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
                       train_data=splits.train, eval_data=splits.val, test_data=splits.test,
                       finetune_config=FinetuneConfig(**({"epochs": finetune_epochs, "seed": seed} | (finetune or {}))),
                       act_bits=act_bits, model_name=model_name, progress=progress, device=device, task=task)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = result.save(out_dir / "model.zbit")
-    result.policy.save(str(out_dir / "policy.json"))
-    summary = result.to_dict() | {"file_bytes": os.path.getsize(out_dir / "model.zbit"), "written_bytes": written,
-                                  "budget_text": budget, "finetune_epochs": finetune_epochs, "data": data,
-                                  "task": task}
+    fields = {"budget_text": budget, "finetune_epochs": finetune_epochs, "data": data, "task": task, "seed": seed}
     if task != "classification":  # judged without labels; the labels say how well it still classifies
         from zerobit.train.evaluate import accuracy
 
-        summary |= {"task_metric": result.accuracy, "top1_accuracy": accuracy(result.model, splits.test),
-                    "baseline_top1_accuracy": accuracy(model, splits.test)}
-    with open(out_dir / "result.json", "w") as f:
-        json.dump(summary, f, indent=1)
+        fields |= {"task_metric": result.accuracy, "top1_accuracy": accuracy(result.model, splits.test),
+                   "baseline_top1_accuracy": accuracy(model, splits.test)}
+    summary = result.save_folder(out, fields | (extra or {}))
     summary["_result"] = result
     return summary
 
@@ -101,6 +95,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"wrote {args.out}/model.zbit ({summary['file_bytes']:,} bytes; budget {summary['budget_limit']:,.0f} "
           f"{summary['budget_unit']})")
+    print(_report_of(args.out))
     return 0
 
 
@@ -138,6 +133,58 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_budgets(text: str) -> list[str]:
+    """'1/16,1/32,latency=1/4,batch=64' → ['1/16', '1/32', 'latency=1/4,batch=64'] (a latency's settings stay)."""
+    budgets: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.startswith(("batch=", "threads=")) and budgets:
+            budgets[-1] += "," + part
+        elif part:
+            budgets.append(part)
+    return budgets
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from zerobit.sweeps import sweep
+
+    options: dict[str, list[str]] = {}
+    for item in args.option:
+        strategy, sep, setting = item.partition(":")
+        if not sep:
+            raise ValueError(f"sweep option {item!r} must look like STRATEGY:KEY=VALUE (e.g. ajpq:episodes=60)")
+        options.setdefault(strategy, []).append(setting)
+    summary = sweep(split_budgets(args.budgets), [s.strip() for s in args.strategies.split(",") if s.strip()],
+                    args.out, model=args.model, data=args.data, finetune_epochs=args.finetune_epochs,
+                    seed=args.seed, options={k: parse_options(v) for k, v in options.items()}, device=args.device,
+                    ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                    progress=not args.quiet)
+    failed = [r for r in summary["runs"] if r["status"] != "done"]
+    print(f"sweep: {len(summary['runs']) - len(failed)} of {len(summary['runs'])} runs done in "
+          f"{summary['wall_seconds']:.0f} s; results in {args.out}/runs")
+    for r in failed:
+        print(f"  {r['name']}: {r['status']} {r.get('error', '')}")
+    if "report" in summary:
+        print(f"report: {summary['report']}")
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from zerobit.report import write_report
+
+    print(f"report: {write_report(args.folder, run=args.run, out=args.out)}")
+    return 0
+
+
+def _report_of(folder: str) -> str:
+    """Write FOLDER/report.html for a compress run; returns a line saying where (or why not)."""
+    try:
+        from zerobit.report import write_report
+
+        return f"report: {write_report(folder)}"
+    except ImportError as exc:  # matplotlib missing
+        return f"(no report: {exc})"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zerobit.device import resolve
 
@@ -152,6 +199,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"\nfile {args.out}/model.zbit: {summary['file_bytes']:,} bytes "
           f"(budget {summary['budget_limit']:,.0f}); total {time.perf_counter() - start:.0f} s")
+    print(_report_of(args.out))
     return 0
 
 
@@ -197,13 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", default="fashion-mnist", help="calibration and parity data ('' for none)")
     x.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs .zbit parity check")
     x.set_defaults(func=_cmd_export)
+    w = sub.add_parser("sweep", help="compress under several budgets with several strategies (Ray or here)")
+    w.add_argument("--model", default="resnet20")
+    w.add_argument("--data", default="fashion-mnist")
+    w.add_argument("--budgets", required=True, help="comma-separated, as --budget of compress: 1/16,1/32,bops=1/64")
+    w.add_argument("--strategies", default="uniform,opq,ajpq", help="comma-separated strategy names")
+    w.add_argument("--option", action="append", default=[], metavar="STRATEGY:KEY=VALUE",
+                   help="a strategy's setting, repeatable (e.g. --option ajpq:episodes=60)")
+    w.add_argument("--finetune-epochs", type=float, default=1.0)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--out", required=True, help="folder of the sweep (started again, it resumes)")
+    w.add_argument("--ray-address", default=None, help="run each compress as a Ray task: 'local' (a Ray instance "
+                   "here), 'auto' (this machine's cluster) or HOST:PORT; default: here, one run after another")
+    w.add_argument("--cpus-per-run", type=float, default=1.0, help="Ray CPUs of each run")
+    w.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray GPUs of each run (0.25: four share one)")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=_cmd_sweep)
+    r = sub.add_parser("report", help="write DIR/report.html (Pareto fronts, per-layer maps, every number)")
+    r.add_argument("folder", help="a sweep folder or a compress --out folder")
+    r.add_argument("--run", default=None, help="the run whose per-layer choices are drawn (default: chosen)")
+    r.add_argument("--out", default=None, help="the HTML file (default: FOLDER/report.html)")
+    r.set_defaults(func=_cmd_report)
     d = sub.add_parser("demo", help="compress the pretrained ResNet-20 and print a before/after table")
     d.add_argument("--budget", default="1/32")
     d.add_argument("--strategy", default="sequential")
     d.add_argument("--finetune-epochs", type=float, default=0.5)
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=_cmd_demo)
-    for command in (t, c, e, d):
+    for command in (t, c, e, w, d):
         command.add_argument("--device", default="auto",
                              help="where to compute: auto (CUDA when available), cpu, cuda, cuda:N")
     return p

@@ -85,7 +85,8 @@ class ADMM(Strategy):
             def penalty(proj=proj) -> torch.Tensor:
                 return self.rho / 2 * sum(((weights[n] - proj[n] + dual[n]) ** 2).sum() for n in weights)
 
-            cfg = replace(problem.finetune, seed=problem.finetune.seed + k)
+            # the proximal pull is a closure: this search step trains in this process (the final fine-tune may not)
+            cfg = replace(problem.finetune, seed=problem.finetune.seed + k, processes=1)
             finetune(model, problem.train_data, cfg, teacher=problem.model, progress=problem.progress,
                      epochs=epochs, penalty=penalty, task=problem.task)
             for n, w in weights.items():

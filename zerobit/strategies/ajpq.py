@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from zerobit.device import model_device
+from zerobit.parallel import ScorePool
 from zerobit.policy import GroupDecision, Policy, repeat, tied_scores
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.strategies.ddpg import DDPG, DDPGConfig
@@ -108,6 +109,15 @@ class _Episode:
         return sparsity, lvl
 
 
+def score_policy(context: tuple, item: tuple[dict, int]) -> float:
+    """The proxy reward of one episode's policy: `context` = (problem, reference, proxy config), `item` =
+    (policy dict, seed). Module-level so that Ray actors can run it."""
+    problem, reference, proxy = context
+    policy, seed = item
+    scores = proxy_scores(problem, reference, Policy.from_dict(policy), proxy, seed)
+    return proxy_reward(scores, reference, proxy.metric)
+
+
 def _keep_top(top: list, reward: float, policy: dict, k: int) -> None:
     """Keep the k best distinct policies seen, best first, as [reward, policy dict] pairs."""
     for entry in top:
@@ -158,6 +168,8 @@ class AJPQ(Strategy):
     final: ProxyConfig | None = None  # the re-rank's proxy; None: the search's proxy on ≥ 2,000 images
     checkpoint: str | None = None
     seed: int = 0
+    workers: int = 1  # K: policies proposed per batch and scored in parallel on K Ray actors (1: here, in order)
+    ray_address: str | None = None  # a Ray cluster for the scorers ("auto", "HOST:PORT"); None: a local one
     name = "ajpq"
 
     def search(self, problem: Problem) -> SearchResult:
@@ -170,32 +182,39 @@ class AJPQ(Strategy):
             state.setdefault("top", [])
         reference = proxy_reference(problem, self.proxy, self.seed)
         bar = tqdm(total=self.episodes, initial=state["episode"], desc="ajpq", disable=not problem.progress)
-        while state["episode"] < self.episodes:
-            ep = state["episode"]
-            warm = ep < self.warmup
-            policy, states, actions = self._episode(problem, agent, feats, warm)
-            scores = proxy_scores(problem, reference, policy, self.proxy, self.seed + ep)
-            reward = proxy_reward(scores, reference, self.proxy.metric)
-            agent.remember(states, actions, reward)
-            if not warm:
-                agent.update(steps=len(states))
-            agent.end_episode(warm)
-            state["rewards"].append(reward)
-            stored = policy.to_dict()
-            if state["best_reward"] is None or reward > state["best_reward"]:
-                state["best_reward"], state["best_policy"] = reward, stored
-            _keep_top(state["top"], reward, stored, self.rerank)
-            state["episode"] = ep + 1
-            if self.checkpoint:
-                self._save(agent, state, problem)
-            bar.update(1)
-            bar.set_postfix(best=f"{state['best_reward']:.2f}", budget=f"{problem.cost(policy) / problem.limit:.0%}")
-        bar.close()
-        best, final = self._rerank(problem, state, reference)
+        context = (replace(problem, progress=False), reference, self.proxy)
+        with ScorePool(score_policy, context, self.workers, self.ray_address) as pool:
+            while state["episode"] < self.episodes:
+                batch = [(ep, ep < self.warmup, *self._episode(problem, agent, feats, ep < self.warmup))
+                         for ep in range(state["episode"], min(state["episode"] + self.workers, self.episodes))]
+                rewards = pool.map([(policy.to_dict(), self.seed + ep) for ep, _, policy, _, _ in batch])
+                for (ep, warm, policy, states, actions), reward in zip(batch, rewards, strict=True):
+                    self._learn(agent, state, ep, warm, policy, states, actions, reward)
+                    if self.checkpoint:
+                        self._save(agent, state, problem)
+                    bar.update(1)
+                    bar.set_postfix(best=f"{state['best_reward']:.2f}",
+                                    budget=f"{problem.cost(policy) / problem.limit:.0%}")
+            bar.close()
+            best, final = self._rerank(problem, state, reference, pool)
         dtype = self.proxy.dtype(model_device(problem.model))
         return SearchResult(best, info={"episodes": state["episode"], "best_reward": state["best_reward"],
                                         "rewards": state["rewards"], "reference_accuracy": reference.accuracy,
                                         "proxy_dtype": str(dtype).removeprefix("torch."), "rerank": final})
+
+    def _learn(self, agent: DDPG, state: dict, ep: int, warm: bool, policy: Policy, states: list[np.ndarray],
+               actions: list[np.ndarray], reward: float) -> None:
+        """Teach the agent one scored episode and record it in the search state."""
+        agent.remember(states, actions, reward)
+        if not warm:
+            agent.update(steps=len(states))
+        agent.end_episode(warm)
+        state["rewards"].append(reward)
+        stored = policy.to_dict()
+        if state["best_reward"] is None or reward > state["best_reward"]:
+            state["best_reward"], state["best_policy"] = reward, stored
+        _keep_top(state["top"], reward, stored, self.rerank)
+        state["episode"] = ep + 1
 
     def _episode(self, problem: Problem, agent: DDPG, feats: np.ndarray,
                  warm: bool) -> tuple[Policy, list[np.ndarray], list[np.ndarray]]:
@@ -214,7 +233,8 @@ class AJPQ(Strategy):
             actions.append(prev)
         return episode.policy(), states, actions
 
-    def _rerank(self, problem: Problem, state: dict, search_ref: ProxyReference) -> tuple[Policy, list[dict]]:
+    def _rerank(self, problem: Problem, state: dict, search_ref: ProxyReference,
+                pool: ScorePool) -> tuple[Policy, list[dict]]:
         """Score the `rerank` best distinct policies again with the `final` proxy; return the best of them.
 
         The search's best proxy reward is the maximum of many noisy scores, so it tends to belong to a policy
@@ -225,11 +245,10 @@ class AJPQ(Strategy):
             return Policy.from_dict(state["best_policy"]), []
         config = self.final or replace(self.proxy, samples=max(2000, self.proxy.samples))
         reference = proxy_reference(problem, config, self.seed, ranges=search_ref.ranges)
-        final = []
-        for reward, policy in leaders:
-            scores = proxy_scores(problem, reference, policy, config, self.seed)
-            final.append({"search_reward": reward, "final_reward": proxy_reward(scores, reference, config.metric),
-                          "cost": problem.cost(policy)})
+        pool.set_context((replace(problem, progress=False), reference, config))
+        rewards = pool.map([(policy.to_dict(), self.seed) for _, policy in leaders])
+        final = [{"search_reward": reward, "final_reward": again, "cost": problem.cost(policy)}
+                 for (reward, policy), again in zip(leaders, rewards, strict=True)]
         pick = max(range(len(leaders)), key=lambda i: final[i]["final_reward"])
         return leaders[pick][1], final
 
@@ -247,7 +266,8 @@ class AJPQ(Strategy):
             meta = f.metadata()
         saved = json.loads(meta["config"])
         mine = json.loads(json.dumps(asdict(self)))
-        if {k: v for k, v in saved.items() if k != "episodes"} != {k: v for k, v in mine.items() if k != "episodes"}:
+        free = ("episodes", "workers", "ray_address")  # a search may go on longer, or on other scorers
+        if {k: v for k, v in saved.items() if k not in free} != {k: v for k, v in mine.items() if k not in free}:
             raise ValueError(f"{self.checkpoint} belongs to a search with other settings; delete it or use "
                              "another checkpoint path")
         if "problem" in meta and json.loads(meta["problem"]) != json.loads(json.dumps(_identity(problem))):

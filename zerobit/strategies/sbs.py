@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -120,7 +120,8 @@ class SBS(Strategy):
                     f"{problem.budget.unit}, weight bits {row['weight_bits']}, act bits {row['act_bits']}, "
                     f"channels {row['kept']}/{row['channels']}")
 
-        finetune(net.model, problem.train_data, problem.finetune, teacher=problem.model, progress=problem.progress,
+        search = replace(problem.finetune, processes=1)  # gates train here (closures); the final fine-tune may not
+        finetune(net.model, problem.train_data, search, teacher=problem.model, progress=problem.progress,
                  epochs=epochs, penalty=penalty, task=problem.task, on_epoch=on_epoch)
         net.model.eval()
         with torch.no_grad():

@@ -1,4 +1,9 @@
-"""Quantization-aware fine-tuning with knowledge distillation from the uncompressed model."""
+"""Quantization-aware fine-tuning with knowledge distillation from the uncompressed model.
+
+Data-parallel fine-tuning (see zerobit.train.distributed): ``FinetuneConfig(processes=2)`` trains in 2 local
+processes, or run your script under ``torchrun --nproc_per_node=2 your_script.py`` with a process group initialized
+(every rank runs the same `zerobit.compress` under the same seed; only rank 0 should save).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from zerobit.data.loaders import batches_of, num_batches
 from zerobit.device import PRECISIONS
 from zerobit.quant.modules import ActQuant, QuantLayer
 from zerobit.task import Task, get_task
+from zerobit.train.distributed import initialized, spawn_finetune
 from zerobit.train.loop import MAX_RESTARTS, LoopSpec, fit
 
 __all__ = ["MAX_RESTARTS", "QUANTIZERS", "FinetuneConfig", "finetune"]
@@ -39,6 +45,11 @@ class FinetuneConfig:
         quantizer: how quantization steps are set while training: "mse" = per channel from max|w| times the clip
             ratio that minimised the squared error at apply time, activations fixed at calibration; "lsq" = the
             steps (per output channel for weights, per tensor for activations) start there and are learned.
+        processes: local processes that fine-tune data-parallel (each takes a share of every batch of
+            `batch_size`; the cores are split between them). With processes > 1 the model, teacher, data and task
+            are pickled to the processes (classes at module level), and fine-tunes that take callbacks (SBS,
+            ADMM) refuse to run: run those under torchrun instead. Ignored under torchrun, which already runs
+            one process per rank.
     """
 
     epochs: float = 1.0
@@ -52,12 +63,15 @@ class FinetuneConfig:
     clip_norm: float = 10.0
     precision: str = "auto"
     quantizer: str = "mse"
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if (self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.distill <= 1
-                or self.clip_norm < 0 or self.precision not in PRECISIONS or self.quantizer not in QUANTIZERS):
+                or self.clip_norm < 0 or self.precision not in PRECISIONS or self.quantizer not in QUANTIZERS
+                or self.processes < 1):
             raise ValueError(f"invalid FinetuneConfig {self}: need epochs ≥ 0, lr > 0, batch_size ≥ 1, "
-                             f"0 ≤ distill ≤ 1, clip_norm ≥ 0, precision in {PRECISIONS}, quantizer in {QUANTIZERS}")
+                             f"0 ≤ distill ≤ 1, clip_norm ≥ 0, precision in {PRECISIONS}, quantizer in {QUANTIZERS}, "
+                             "processes ≥ 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,8 +97,16 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
         on_epoch: called with (epoch, mean loss) after each pass over the data (and after the last step of a
             shorter run); the text it returns is printed above the progress bar.
 
+    Data-parallel: with `config.processes` > 1 and no process group initialized, the fine-tune runs in that many
+    local processes (`spawn_finetune`); with a group initialized (torchrun), in this process as one rank of it.
+
+    Raises:
+        ValueError: `config.processes` > 1 with a `penalty` or `on_epoch` callback (they cannot be sent to other
+            processes): run the script under torchrun, or use processes=1.
+
     Example:
         >>> # finetune(qmodel, splits.train, FinetuneConfig(epochs=1), teacher=model)
+        >>> # finetune(qmodel, splits.train, FinetuneConfig(epochs=1, processes=2), teacher=model)  # 2 processes
     """
     config = config or FinetuneConfig()
     epochs = config.epochs if epochs is None else epochs
@@ -92,6 +114,14 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
     batches = batches_of(train_data, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed,
                          drop_last=True)
     steps = int(round(epochs * num_batches(batches))) if steps is None else steps
+    if config.processes > 1 and steps > 0 and not initialized():
+        if penalty is not None or on_epoch is not None:
+            raise ValueError(f"FinetuneConfig.processes={config.processes}: this fine-tune takes a callback "
+                             "(penalty or on_epoch, as the SBS and ADMM searches do) that cannot be sent to other "
+                             "processes; run your script under torchrun --nproc_per_node="
+                             f"{config.processes} instead (see zerobit.train.distributed), or use processes=1")
+        return spawn_finetune(model, train_data, config, teacher, processes=config.processes, task=task,
+                              steps=steps, progress=progress)
     spec = LoopSpec(steps=steps, lr=config.lr, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
                     precision=config.precision, steps_per_epoch=min(num_batches(batches), steps))
     torch.manual_seed(config.seed)

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zerobit.device import autocast, model_device, move
+from zerobit.train.distributed import Replicas, world
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
@@ -111,6 +112,11 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
             returns is shown on the progress bar.
         after_step: called after every optimiser step (e.g. to keep parameters in their valid range).
 
+    Data-parallel: when a torch.distributed group of more than one process is initialized (torchrun, or
+    `FinetuneConfig.processes`), every rank must call `fit` with the same global batches; each trains on its
+    slice of every batch under DistributedDataParallel (`loss_fn` gets the DDP wrapper, callable like the model)
+    and the history holds the global batch's loss (see zerobit.train.distributed).
+
     Returns:
         History: ``loss`` per step, ``steps``, ``restarts`` (steps where a non-finite step was undone),
         ``clipped`` (steps whose gradient norm was clipped) and ``grad_norm`` (the largest seen).
@@ -121,19 +127,31 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, spec)
-    bar = tqdm(total=spec.steps, desc=desc, disable=not progress, leave=False, mininterval=1.0)
-    guard = _Guard(model, opt, bar, history["restarts"])
+    rank, size = world()
+    show = progress and rank == 0
+    bar = tqdm(total=spec.steps, desc=desc, disable=not show, leave=False, mininterval=1.0)
+    guard = _Guard(model, opt, bar, history["restarts"], speak=rank == 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: guard.scale * spec.lr_factor(s))
     model.train()
+    replicas = Replicas(model) if size > 1 and params else None
+    net = model if replicas is None else replicas.net
     step, running, epoch_loss = 0, None, []
     try:
         while step < spec.steps:
             for batch in batches:
+                if replicas is not None:
+                    batch = replicas.shard(batch)
                 batch = move(batch, device)
                 with autocast(device, spec.precision):
-                    loss = loss_fn(model, batch)
+                    loss = loss_fn(net, batch)
                 opt.zero_grad(set_to_none=True)
-                norm = _backward_and_clip(loss, params, spec.clip_norm)
+                if replicas is None:
+                    seen = loss.detach()
+                    norm = _backward_and_clip(loss, seen, params, spec.clip_norm)
+                else:  # every rank takes or skips the step: a lone skip would leave the others in an all-reduce
+                    seen = replicas.mean_loss(loss)
+                    norm = _backward_and_clip(replicas.scaled(loss), seen, params, spec.clip_norm)
+                    norm = norm if norm is not None and replicas.all_finite(norm) else None
                 if norm is None:
                     guard.recover(step)
                     continue
@@ -143,7 +161,7 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
                 if after_step is not None:
                     after_step()
                 sched.step()
-                value = loss.item()
+                value = seen.item()
                 running = value if running is None else 0.95 * running + 0.05 * value
                 history["loss"].append(value)
                 epoch_loss.append(value)
@@ -154,9 +172,9 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
                 if on_epoch is not None and spec.steps_per_epoch and step % spec.steps_per_epoch == 0:
                     text = on_epoch(step // spec.steps_per_epoch, sum(epoch_loss) / len(epoch_loss))
                     epoch_loss = []
-                    if progress and text:
+                    if show and text:
                         bar.write(text)
-                    model.train()
+                    net.train()
                 if step >= spec.steps:
                     break
     finally:
@@ -165,9 +183,11 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     return history
 
 
-def _backward_and_clip(loss: torch.Tensor, params: list[nn.Parameter], clip_norm: float) -> float | None:
-    """Backpropagate and clip; the gradient's norm, or None when the loss or gradient is not finite."""
-    if not torch.isfinite(loss):
+def _backward_and_clip(loss: torch.Tensor, value: torch.Tensor, params: list[nn.Parameter],
+                       clip_norm: float) -> float | None:
+    """Backpropagate `loss` and clip; the gradient's norm, or None when `value` (the loss, or the global batch's
+    loss) or the gradient is not finite."""
+    if not torch.isfinite(value):
         return None
     loss.backward()
     grads = [p for p in params if p.grad is not None]
@@ -184,8 +204,9 @@ class _Guard:
     MAX_RESTARTS = 3
     EVERY = 50  # steps between saved good states (a copy of the weights: cheap next to 50 steps)
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, bar: tqdm, restarts: list[int]) -> None:
-        self.model, self.opt, self.bar = model, opt, bar
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, bar: tqdm, restarts: list[int],
+                 speak: bool = True) -> None:
+        self.model, self.opt, self.bar, self.speak = model, opt, bar, speak
         self.scale = 1.0  # of the scheduled learning rate
         self.restarts = restarts
         self.good = self._snapshot()
@@ -210,7 +231,8 @@ class _Guard:
         self.scale /= 2
         for g, lr in zip(self.opt.param_groups, lrs, strict=True):  # the schedule's current rate, halved
             g["lr"] = lr / 2
-        self.bar.write(f"non-finite loss or gradient at step {step}; restored the last good weights, "
+        if self.speak:
+            self.bar.write(f"non-finite loss or gradient at step {step}; restored the last good weights, "
                        f"learning rate now {self.scale:g}× the schedule")
 
 

@@ -1,0 +1,100 @@
+"""A budget sweep on a local Ray cluster vs the same runs one after another, and the report of it under docs/.
+
+Both sweeps run the same (strategy, budget) runs with the same settings: first as Ray tasks of a local Ray
+instance (one CPU per run, so the 2-core machine runs two at once), then here in turn (each run using every
+core). Writes bench/results/sweep.json (wall times, their ratio, every run's accuracy and bytes), copies the Ray
+sweep's report.html and figures to docs/sweep/, and re-renders BENCHMARKS.md:
+
+    python bench/sweep.py --budgets 1/16,1/32,1/64,1/128 --strategies uniform,opq,ajpq --epochs 0.1 \\
+        --option ajpq:episodes=30 --option ajpq:warmup=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_benchmarks_md  # noqa: E402
+from zerobit.cli import parse_options, split_budgets  # noqa: E402
+from zerobit.sweeps import sweep  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "sweep.json"
+DOCS = ROOT / "docs" / "sweep"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--budgets", default="1/16,1/32,1/64,1/128")
+    ap.add_argument("--strategies", default="uniform,opq,ajpq")
+    ap.add_argument("--option", action="append", default=[], metavar="STRATEGY:KEY=VALUE")
+    ap.add_argument("--epochs", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/bench_sweep")
+    ap.add_argument("--skip-serial", action="store_true", help="only the Ray sweep (no ratio)")
+    args = ap.parse_args()
+    options: dict[str, list[str]] = {}
+    for item in args.option:
+        strategy, _, setting = item.partition(":")
+        options.setdefault(strategy, []).append(setting)
+    common = {"model": args.model, "finetune_epochs": args.epochs, "seed": args.seed, "device": "cpu",
+              "options": {k: parse_options(v) for k, v in options.items()}}
+    budgets, strategies = split_budgets(args.budgets), args.strategies.split(",")
+    walls = {}
+    for mode, address in (("ray", "local"), ("serial", None)):
+        if mode == "serial" and args.skip_serial:
+            continue
+        out = Path(args.out) / mode
+        shutil.rmtree(out, ignore_errors=True)  # timed from scratch
+        start = time.perf_counter()
+        summary = sweep(budgets, strategies, out, ray_address=address, cpus_per_run=1, report=mode == "ray",
+                        **common)
+        walls[mode] = {"wall_seconds": time.perf_counter() - start, "summary": summary, "out": out}
+        if address:
+            import ray
+
+            ray.shutdown()  # nothing of it stays to share the cores with the serial sweep
+        print(f"{mode}: {walls[mode]['wall_seconds']:.0f} s")
+        failed = [r for r in summary["runs"] if r["status"] != "done"]
+        if failed:
+            print("failed runs:", failed)
+            return 1
+    ray_runs = {r["name"]: json.loads((walls["ray"]["out"] / r["dir"] / "result.json").read_text())
+                for r in walls["ray"]["summary"]["runs"] if r["status"] == "done"}
+    serial_runs = {}
+    if "serial" in walls:
+        serial_runs = {r["name"]: json.loads((walls["serial"]["out"] / r["dir"] / "result.json").read_text())
+                       for r in walls["serial"]["summary"]["runs"] if r["status"] == "done"}
+    record = {
+        "model": args.model, "budgets": budgets, "strategies": strategies, "epochs": args.epochs, "seed": args.seed,
+        "options": common["options"], "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or 'x86_64'})",
+        "runs": len(budgets) * len(strategies),
+        "ray_seconds": walls["ray"]["wall_seconds"], "serial_seconds": walls.get("serial", {}).get("wall_seconds"),
+        "rows": [{"name": name, "strategy": r["strategy"], "budget": r["budget_text"], "accuracy": r["accuracy"],
+                  "file_bytes": r["file_bytes"], "ratio": r["ratio"], "ray_run_seconds": r["seconds"],
+                  "serial_accuracy": serial_runs.get(name, {}).get("accuracy"),
+                  "serial_run_seconds": serial_runs.get(name, {}).get("seconds")}
+                 for name, r in ray_runs.items()],
+        "baseline_accuracy": walls["ray"]["summary"]["baseline_accuracy"]}
+    if record["serial_seconds"]:
+        record["speedup"] = record["serial_seconds"] / record["ray_seconds"]
+    RESULTS.write_text(json.dumps(record, indent=1))
+    shutil.rmtree(DOCS, ignore_errors=True)
+    shutil.copytree(walls["ray"]["out"] / "figures", DOCS / "figures")
+    shutil.copy(walls["ray"]["out"] / "report.html", DOCS / "report.html")
+    write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
+    print(json.dumps({k: v for k, v in record.items() if k != "rows"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
