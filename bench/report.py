@@ -300,6 +300,8 @@ def sweep_section(r: dict) -> str:
         lines.append(f"| {row['name']} | {100 * row['accuracy']:.2f} | "
                      f"{'' if serial is None else f'{100 * serial:.2f}'} | {row['file_bytes']:,} | {row['ratio']:.1f}× | "
                      f"{row['ray_run_seconds']:.0f} | {row.get('serial_run_seconds') or 0:.0f} |")
+    for name, error in r.get("failed", {}).items():
+        lines.append(f"| {name} | not run: {error} | | | | | |")
     return "\n".join(lines) + "\n\n"
 
 

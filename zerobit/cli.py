@@ -89,7 +89,7 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
 def _cmd_compress(args: argparse.Namespace) -> int:
     summary = run_compress(args.model, args.data, args.budget, args.strategy, args.finetune_epochs, args.out,
                            args.act_bits, args.seed, not args.quiet, parse_options(args.option), args.device,
-                           task=args.task)
+                           finetune=_processes(args), task=args.task)
     result = summary.pop("_result")
     print(result.policy)
     print(result.summary())
@@ -133,6 +133,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _processes(args: argparse.Namespace) -> dict:
+    """FinetuneConfig fields of --processes (only when it asks for more than one process)."""
+    return {"processes": args.processes} if args.processes != 1 else {}
+
+
 def split_budgets(text: str) -> list[str]:
     """'1/16,1/32,latency=1/4,batch=64' → ['1/16', '1/32', 'latency=1/4,batch=64'] (a latency's settings stay)."""
     budgets: list[str] = []
@@ -155,7 +160,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         options.setdefault(strategy, []).append(setting)
     summary = sweep(split_budgets(args.budgets), [s.strip() for s in args.strategies.split(",") if s.strip()],
                     args.out, model=args.model, data=args.data, finetune_epochs=args.finetune_epochs,
-                    seed=args.seed, options={k: parse_options(v) for k, v in options.items()}, device=args.device,
+                    seed=args.seed, options={k: parse_options(v) for k, v in options.items()},
+                    finetune=_processes(args), device=args.device,
                     ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                     progress=not args.quiet)
     failed = [r for r in summary["runs"] if r["status"] != "done"]
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--finetune-epochs", type=float, default=0.5)
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=_cmd_demo)
+    for command in (c, w):
+        command.add_argument("--processes", type=int, default=1, help="fine-tune with DDP in this many local "
+                             "processes (gloo on the CPU, nccl with one GPU each)")
     for command in (t, c, e, w, d):
         command.add_argument("--device", default="auto",
                              help="where to compute: auto (CUDA when available), cpu, cuda, cuda:N")

@@ -139,3 +139,21 @@ def test_a_run_past_its_timeout_is_stopped(digits):
     with pytest.raises(TimeoutError, match="did not finish within 0.5 s"):
         spawn_finetune(MLP(), digits.train, FinetuneConfig(epochs=50, precision="float32"), processes=2,
                        timeout=0.5)
+
+
+def test_compress_fine_tunes_in_two_processes_end_to_end(tmp_path, trained_residual, digits):
+    import zerobit as zb
+    from zerobit.budget import Size
+
+    def run(processes: int):
+        torch.manual_seed(0)
+        return zb.compress(trained_residual, EXAMPLE, Size(fraction=1 / 4), "uniform", train_data=digits.train,
+                           eval_data=digits.val, test_data=digits.test, progress=False,
+                           finetune_config=FinetuneConfig(epochs=2, processes=processes))
+
+    one, two = run(1), run(2)
+    assert two.policy == one.policy
+    assert abs(two.accuracy - one.accuracy) < 0.03 and two.accuracy > 0.85
+    two.save(tmp_path / "m.zbit")  # the weights trained in the processes are the ones saved and measured
+    loaded = zb.load(tmp_path / "m.zbit", copy.deepcopy(trained_residual))
+    assert accuracy(loaded, digits.test) == pytest.approx(two.accuracy, abs=1e-9)
