@@ -90,7 +90,7 @@ def test_batchnorm_model_trains_in_two_processes_close_to_one(digits):
 
 
 def test_a_non_finite_loss_in_one_process_is_skipped_by_all(digits):
-    batches = list(Batches(digits.train.subset(192), 32))
+    batches = [(x.clone(), y.clone()) for x, y in Batches(digits.train.subset(192), 32)]  # not the shared data
     batches[2][0][16:] = float("nan")  # the half of batch 2 that process 1 reads
     config = FinetuneConfig(epochs=1, lr=0.05, batch_size=32, precision="float32")
     torch.manual_seed(0)
