@@ -209,6 +209,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The `zerobit sweep` command and its flags."""
+    w = sub.add_parser("sweep", help="compress under several budgets with several strategies (Ray or here)")
+    w.add_argument("--model", default="resnet20")
+    w.add_argument("--data", default="fashion-mnist")
+    w.add_argument("--budgets", required=True, help="comma-separated, as --budget of compress: 1/16,1/32,bops=1/64")
+    w.add_argument("--strategies", default="uniform,opq,ajpq", help="comma-separated strategy names")
+    w.add_argument("--option", action="append", default=[], metavar="STRATEGY:KEY=VALUE",
+                   help="a strategy's setting, repeatable (e.g. --option ajpq:episodes=60)")
+    w.add_argument("--finetune-epochs", type=float, default=1.0)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--out", required=True, help="folder of the sweep (started again, it resumes)")
+    w.add_argument("--ray-address", default=None, help="run each compress as a Ray task: 'local' (a Ray instance "
+                   "here), 'auto' (this machine's cluster) or HOST:PORT; default: here, one run after another")
+    w.add_argument("--cpus-per-run", type=float, default=1.0, help="Ray CPUs of each run")
+    w.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray GPUs of each run (0.25: four share one)")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=_cmd_sweep)
+    return w
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zerobit", description="Joint pruning + quantization under a real budget.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,22 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", default="fashion-mnist", help="calibration and parity data ('' for none)")
     x.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs .zbit parity check")
     x.set_defaults(func=_cmd_export)
-    w = sub.add_parser("sweep", help="compress under several budgets with several strategies (Ray or here)")
-    w.add_argument("--model", default="resnet20")
-    w.add_argument("--data", default="fashion-mnist")
-    w.add_argument("--budgets", required=True, help="comma-separated, as --budget of compress: 1/16,1/32,bops=1/64")
-    w.add_argument("--strategies", default="uniform,opq,ajpq", help="comma-separated strategy names")
-    w.add_argument("--option", action="append", default=[], metavar="STRATEGY:KEY=VALUE",
-                   help="a strategy's setting, repeatable (e.g. --option ajpq:episodes=60)")
-    w.add_argument("--finetune-epochs", type=float, default=1.0)
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--out", required=True, help="folder of the sweep (started again, it resumes)")
-    w.add_argument("--ray-address", default=None, help="run each compress as a Ray task: 'local' (a Ray instance "
-                   "here), 'auto' (this machine's cluster) or HOST:PORT; default: here, one run after another")
-    w.add_argument("--cpus-per-run", type=float, default=1.0, help="Ray CPUs of each run")
-    w.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray GPUs of each run (0.25: four share one)")
-    w.add_argument("--quiet", action="store_true")
-    w.set_defaults(func=_cmd_sweep)
+    w = _add_sweep(sub)
     r = sub.add_parser("report", help="write DIR/report.html (Pareto fronts, per-layer maps, every number)")
     r.add_argument("folder", help="a sweep folder or a compress --out folder")
     r.add_argument("--run", default=None, help="the run whose per-layer choices are drawn (default: chosen)")

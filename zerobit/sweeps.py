@@ -141,23 +141,12 @@ def sweep(budgets: Sequence[str], strategies: Sequence[str], out: str | os.PathL
     Example:
         >>> # zerobit.sweep(["1/32", "1/64"], ["uniform", "opq"], "runs/sweep", ray_address="local")
     """
-    if not budgets or not strategies:
-        raise ValueError("a sweep needs at least one budget and one strategy")
-    from zerobit.budget import parse_budget
-    from zerobit.strategies import get_strategy
-
-    for b in budgets:  # a typo fails now, not after hours of other runs
-        try:
-            parse_budget(b)
-        except ValueError as exc:
-            raise ValueError(f"sweep budget {b!r}: {exc}") from exc
-    for s in strategies:
-        get_strategy(s, **(options or {}).get(s, {}))
     objects = None
     if isinstance(model, nn.Module):
         if example_inputs is None or train_data is None or eval_data is None:
             raise ValueError("a model of your own needs example_inputs, train_data and eval_data")
         objects, model = (model, example_inputs, train_data, eval_data, test_data), type(model).__name__
+    _check(budgets, strategies, options or {})
     settings = SweepSettings(model, data, float(finetune_epochs), seed, act_bits, device,
                              tuple((s, tuple(sorted((options or {}).get(s, {}).items()))) for s in strategies),
                              tuple(sorted((finetune or {}).items())))
@@ -195,13 +184,7 @@ def sweep(budgets: Sequence[str], strategies: Sequence[str], out: str | os.PathL
         if ray_address:
             _on_ray(settings, todo, root, objects, ray_address, cpus_per_run, gpus_per_run, finish, show)
         else:
-            for run in todo:
-                show(1)
-                try:
-                    files, error = run_one(settings, run, str(root / "runs" / run.name), objects), None
-                except Exception as exc:  # one failed run does not stop the others
-                    files, error = None, f"{type(exc).__name__}: {exc}"
-                finish(run, files, error)
+            _here(settings, todo, root, objects, finish, show)
     finally:
         bar.close()
     summary = _save_meta(root, meta, runs, status, errors, time.perf_counter() - start)
@@ -210,6 +193,34 @@ def sweep(budgets: Sequence[str], strategies: Sequence[str], out: str | os.PathL
 
         summary["report"] = str(write_report(root))
     return summary
+
+
+def _check(budgets: Sequence[str], strategies: Sequence[str], options: dict[str, dict]) -> None:
+    """Every budget and strategy must be readable before the first run: a typo fails now, not hours later."""
+    if not budgets or not strategies:
+        raise ValueError("a sweep needs at least one budget and one strategy")
+    from zerobit.budget import parse_budget
+    from zerobit.strategies import get_strategy
+
+    for b in budgets:
+        try:
+            parse_budget(b)
+        except ValueError as exc:
+            raise ValueError(f"sweep budget {b!r}: {exc}") from exc
+    for s in strategies:
+        get_strategy(s, **options.get(s, {}))
+
+
+def _here(settings: SweepSettings, todo: list[SweepRun], root: Path, objects: tuple | None, finish: Any,
+          show: Any) -> None:
+    """The runs one after another in this process; one failed run does not stop the others."""
+    for run in todo:
+        show(1)
+        try:
+            files, error = run_one(settings, run, str(root / "runs" / run.name), objects), None
+        except Exception as exc:
+            files, error = None, f"{type(exc).__name__}: {exc}"
+        finish(run, files, error)
 
 
 def _on_ray(settings: SweepSettings, todo: list[SweepRun], root: Path, objects: tuple | None, address: str,

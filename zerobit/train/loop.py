@@ -145,13 +145,7 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
                 with autocast(device, spec.precision):
                     loss = loss_fn(net, batch)
                 opt.zero_grad(set_to_none=True)
-                if replicas is None:
-                    seen = loss.detach()
-                    norm = _backward_and_clip(loss, seen, params, spec.clip_norm)
-                else:  # every rank takes or skips the step: a lone skip would leave the others in an all-reduce
-                    seen = replicas.mean_loss(loss)
-                    norm = _backward_and_clip(replicas.scaled(loss), seen, params, spec.clip_norm)
-                    norm = norm if norm is not None and replicas.all_finite(norm) else None
+                norm, seen = _backward(loss, replicas, params, spec.clip_norm)
                 if norm is None:
                     guard.recover(step)
                     continue
@@ -181,6 +175,18 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
         bar.close()
     model.eval()
     return history
+
+
+def _backward(loss: torch.Tensor, replicas: Replicas | None, params: list[nn.Parameter],
+              clip_norm: float) -> tuple[float | None, torch.Tensor]:
+    """Backpropagate one step (this rank's weighted share of it under DDP) and clip. Returns the gradient's norm,
+    or None when the step must be skipped, and the loss to record (the global batch's under DDP)."""
+    if replicas is None:
+        seen = loss.detach()
+        return _backward_and_clip(loss, seen, params, clip_norm), seen
+    seen = replicas.mean_loss(loss)  # every rank takes or skips the step: a lone skip would hang the all-reduce
+    norm = _backward_and_clip(replicas.scaled(loss), seen, params, clip_norm)
+    return (norm if norm is not None and replicas.all_finite(norm) else None), seen
 
 
 def _backward_and_clip(loss: torch.Tensor, value: torch.Tensor, params: list[nn.Parameter],
@@ -233,7 +239,7 @@ class _Guard:
             g["lr"] = lr / 2
         if self.speak:
             self.bar.write(f"non-finite loss or gradient at step {step}; restored the last good weights, "
-                       f"learning rate now {self.scale:g}× the schedule")
+                           f"learning rate now {self.scale:g}× the schedule")
 
 
 MAX_RESTARTS = _Guard.MAX_RESTARTS
