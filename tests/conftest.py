@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)  # tiny models run fastest on one thread, and tests never oversubscribe the 2 cores
 
 from tiny_models import EXAMPLE, TINY_MODELS  # noqa: E402
+
+
+@contextmanager
+def all_cores():
+    """Full-size models (ResNet-20 on 10k test images) run on up to 2 cores inside, then back to one thread."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

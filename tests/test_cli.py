@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from conftest import all_cores
 
 from zerobit.cli import main
 
@@ -15,10 +16,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     out = tmp_path_factory.mktemp("r20")
-    code = main(["compress", "--model", "resnet20", "--data", "fashion-mnist", "--budget", "1/32",
-                 "--strategy", "sequential", "--finetune-epochs", "0.02", "--out", str(out), "--quiet"])
+    with all_cores():
+        code = main(["compress", "--model", "resnet20", "--data", "fashion-mnist", "--budget", "1/32",
+                     "--strategy", "uniform", "--finetune-epochs", "0.02", "--out", str(out), "--quiet"])
     assert code == 0
     return out
+
+
+@pytest.fixture
+def cores():
+    with all_cores():
+        yield
 
 
 def test_compress_writes_the_promised_file(compressed):
@@ -33,7 +41,7 @@ def test_compress_writes_the_promised_file(compressed):
     assert (compressed / "policy.json").exists()
 
 
-def test_eval_of_the_file_matches_the_reported_accuracy(compressed, capsys):
+def test_eval_of_the_file_matches_the_reported_accuracy(compressed, capsys, cores):
     assert main(["eval", str(compressed / "model.zbit"), "--data", "fashion-mnist", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     result = json.loads((compressed / "result.json").read_text())
@@ -55,7 +63,7 @@ def test_corrupt_file_exits_with_clear_message(tmp_path, capsys):
     assert "bad.zbit is corrupt" in err and err.count("\n") == 1
 
 
-def test_export_writes_an_onnx_file_onnxruntime_agrees_with(compressed, capsys):
+def test_export_writes_an_onnx_file_onnxruntime_agrees_with(compressed, capsys, cores):
     pytest.importorskip("onnxruntime")
     import onnx
 

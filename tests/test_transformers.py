@@ -179,13 +179,3 @@ def test_a_label_free_encoder_keeps_its_returned_width_and_quantizes_its_tables(
     assert r.accuracy > 0.8  # another random BERT scores ~0.05
     assert r.file_bytes <= r.budget.limit(r.graph) < r.graph.fp32_bytes / 7  # only possible with 8-bit tables
     assert max(r.policy["embeddings.word_embeddings"].bits) <= 8
-
-
-def test_gpt2_style_fused_conv1d_layers_get_an_error_that_names_them() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=60, n_positions=24, n_embd=HIDDEN, n_layer=1, n_head=HEADS, bos_token_id=0,
-                     eos_token_id=0)
-    model = GPT2LMHeadModel(cfg).eval()
-    with pytest.raises(zb.UntraceableModelError, match="Conv1D"):
-        zb.analyse(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})

@@ -20,6 +20,7 @@ from zerobit.device import DeviceLike, model_device, move, resolve
 from zerobit.export.runtime import save_zbit
 from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import ModelGraph, analyse
+from zerobit.graph.linears import linearized
 from zerobit.importance import group_scores
 from zerobit.policy import Policy
 from zerobit.quant.apply import apply_policy, inference_copy, quant_layers
@@ -211,7 +212,7 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
     dev = resolve(device)
     home, was_training = model_device(model), model.training
     try:
-        result = _compress(model.to(dev).eval(), move(example_inputs, dev), budget, strategy, train_data, eval_data,
+        result = _compress(linearized(model.to(dev).eval()), move(example_inputs, dev), budget, strategy, train_data, eval_data,
                            test_data, finetune_config or FinetuneConfig(), act_bits, model_name, progress,
                            ignored_layers, task)
         result.original, result.train_data = model, train_data

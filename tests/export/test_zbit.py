@@ -9,7 +9,7 @@ from tiny_models import EXAMPLE, TINY_MODELS
 
 from zerobit.export.layout import layer_layouts
 from zerobit.export.runtime import load, read_zbit, save_zbit
-from zerobit.export.zbit import ZbitFormatError, estimate_bytes
+from zerobit.export.zbit import ZbitFormatError, estimate_bytes, safetensors_bytes
 from zerobit.graph import analyse
 from zerobit.policy import GroupDecision, LayerDecision, Policy
 from zerobit.quant import apply_policy
@@ -234,3 +234,19 @@ def test_position_codes_of_every_width_round_trip(k):
             code = encode_positions(mask)
             assert len(code) == position_bytes(channels, per, int(mask.sum()))
             assert np.array_equal(decode_positions(code, channels, per, int(mask.sum())), mask)
+
+
+def test_file_size_is_computed_without_building_the_file() -> None:
+    """estimate_bytes counts bytes instead of writing a file: equal to safetensors' own writer, for any blobs."""
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.float16, torch.int16, torch.uint8]
+    names = ["codes", "scales", "biases", "floats", "pos", "bits", "act", "ldec", "x.h.0.ln_1.weight", "x.é"]
+    for trial in range(200):
+        picked = [n for n in names if torch.rand(1, generator=g) < 0.5] or ["codes"]
+        sizes = {n: (dtypes[int(torch.randint(4, (1,), generator=g))], int(torch.randint(1, 10 ** int(
+            torch.randint(1, 6, (1,), generator=g)), (1,), generator=g))) for n in picked}
+        meta = {"format": "zbit", "groups": '[["a",3],["b\\n\\"",4]]', "crc32": "00000000", "n": str(trial)}
+        written = save({n: torch.zeros(k, dtype=dt) for n, (dt, k) in sizes.items()}, metadata=meta)
+        assert safetensors_bytes(meta, sizes) == len(written), sizes

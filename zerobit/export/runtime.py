@@ -34,6 +34,7 @@ from zerobit.export.zbit import (
 )
 from zerobit.graph import ModelGraph, analyse
 from zerobit.graph.analysis import input_shape
+from zerobit.graph.linears import linearized
 from zerobit.policy import FLOAT_BITS, Policy
 from zerobit.quant.apply import prune_structure, set_module
 from zerobit.quant.modules import ActQuant, attach_input_quant
@@ -280,6 +281,7 @@ def decode(path: str | os.PathLike, model: nn.Module | None = None, example_inpu
         model = _zoo_model(path, zf)
     elif model_device(model).type != "cpu":  # decoded on the CPU; the caller's model stays where it is
         model = copy.deepcopy(model).cpu()
+    model = linearized(model)  # GPT-2-style Conv1D layers were compressed as nn.Linear
     with torch.inference_mode(False), torch.enable_grad():  # tracing needs autograd
         graph = _graph_of(path, model, zf, example_inputs)
         try:

@@ -79,8 +79,26 @@ def estimate_bytes(graph: ModelGraph, policy: Policy) -> int:
     Example:
         >>> # estimate_bytes(graph, policy) == os.path.getsize("model.zbit")
     """
-    blobs = {k: torch.zeros(n, dtype=dt) for k, (dt, n) in blob_sizes(graph, policy).items()}
-    return len(st_save(blobs, metadata=_metadata(graph, policy, 0)))
+    return safetensors_bytes(_metadata(graph, policy, 0), blob_sizes(graph, policy))
+
+
+# safetensors writes the metadata keys sorted, then the tensors by dtype (widest first: its dtype order,
+# descending) and by name, as compact JSON padded with spaces to 8 bytes; the data follows in that order
+_SAFETENSORS_DTYPES = {torch.float32: ("F32", 3), torch.float16: ("F16", 2), torch.int16: ("I16", 1),
+                       torch.uint8: ("U8", 0)}
+
+
+def safetensors_bytes(meta: dict[str, str], sizes: dict[str, tuple[torch.dtype, int]]) -> int:
+    """Bytes of the safetensors file of 1-D tensors of these (dtype, elements) with this metadata, without
+    building it (a large model's file would be hundreds of MB per estimate)."""
+    header: dict = {"__metadata__": dict(sorted(meta.items()))}
+    offset = 0
+    for name, (dtype, n) in sorted(sizes.items(), key=lambda kv: (-_SAFETENSORS_DTYPES[kv[1][0]][1], kv[0])):
+        end = offset + n * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype][0], "shape": [n], "data_offsets": [offset, end]}
+        offset = end
+    text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + text + (-text % 8) + offset
 
 
 def _bits_blob(policy: Policy) -> np.ndarray:

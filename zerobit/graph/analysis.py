@@ -17,11 +17,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from zerobit.graph.heads import head_size
+from zerobit.graph.heads import head_size, update_head_counts
+from zerobit.graph.linears import linearize_
+from zerobit.graph.tp_compat import CouplingLoopError, pruning_group
 from zerobit.task import call, first_tensor, main_output, map_tensors
 
 QUANT_TYPES = (nn.Conv2d, nn.Linear, nn.Embedding)
-UNSUPPORTED_LINEARS = ("Conv1D",)  # transformers.pytorch_utils.Conv1D: weight (in, out), GPT-2's fused c_attn
 
 
 class UntraceableModelError(ValueError):
@@ -144,11 +145,17 @@ class ModelGraph:
 
 
 def fp32_file_bytes(model: nn.Module) -> int:
-    """Bytes of the model's float32 state_dict written as a safetensors file (the "fp32 file")."""
+    """Bytes of the model's float32 state_dict written as a safetensors file (the "fp32 file"); a tensor tied to
+    another (GPT-2's lm_head and token embedding) is written once."""
     from safetensors.torch import save
 
-    state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-             for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        where = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if v.numel() and where in seen:
+            continue
+        seen.add(where)
+        state[k] = v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
     return len(save(state))
 
 
@@ -158,14 +165,10 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.Dependen
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False,
                                                      output_transform=main_output)
     except Exception as exc:  # torch-pruning raises many kinds; the user needs one message
-        fused = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in UNSUPPORTED_LINEARS})
-        hint = (f" The model has {', '.join(fused)} layers (GPT-2-style transposed linears with fused q/k/v), which "
-                "zerobit does not handle yet; models built from nn.Linear (BERT- and ViT-style) are."
-                if fused else "")
         raise UntraceableModelError(
             f"zerobit could not trace the model ({type(exc).__name__}: {exc}). The model must run on "
             "`example_inputs` with standard nn.Conv2d/nn.Linear/nn.Embedding/nn.BatchNorm2d modules; "
-            f"data-dependent control flow and in-place ops on residual paths are not supported.{hint}"
+            f"data-dependent control flow and in-place ops on residual paths are not supported."
         ) from exc
 
 
@@ -285,7 +288,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         >>> list(g.groups)
         ['0', '2']
     """
-    model = copy.deepcopy(model).eval()
+    model = linearize_(copy.deepcopy(model)).eval()
     names = {m: n for n, m in model.named_modules()}
     areas, returned = _output_areas(model, example_inputs)
     ignored = _default_ignored(model, returned)
@@ -328,8 +331,12 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             layers[name].out_group = name
             groups[name] = ChannelGroup(name, channels, [name], prunable=False)
             continue
-        pruner = dg.get_pruner_of_module(module)
-        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        try:
+            group = pruning_group(dg, module, list(range(channels)))
+        except CouplingLoopError:  # e.g. q/k projections feeding rotary embeddings: quantized, never pruned
+            layers[name].out_group = name
+            groups[name] = ChannelGroup(name, channels, [name], prunable=False)
+            continue
         members, prunable = [], module not in ignored
         for item in group:
             dep, idxs = item.dep, item.idxs
@@ -420,21 +427,55 @@ def _find_pruned_dims(model: nn.Module, example_inputs: Any, groups: dict[str, C
     """Which dimensions of the extra tensors each group's channels shorten, found by removing one channel.
 
     Pruning is done by Torch-Pruning exactly as `prune_structure` does it, group after group on one copy, so
-    the sizes the file estimate uses are the sizes the pruned model has.
+    the sizes the file estimate uses are the sizes the pruned model has. After each group the copy is run: a
+    group whose removal the model's own code does not follow (a reshape to fixed sizes, such as Swin's patch
+    merging) keeps every channel (it is only quantized), and the copy is pruned again without it.
     """
-    probe = copy.deepcopy(model)
-    dg = build_dependency_graph(probe, example_inputs)
-    modules = dict(probe.named_modules())
+    done: list[str] = []
+    probe, dg = _pruned_copy(model, example_inputs, groups, done)
     shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
     for name, group in groups.items():
         if not group.prunable or group.block < 2:
             continue
-        root = modules[name]
-        one_class = [c for c in range(group.channels) if group.decision_index(c) == 0]  # what decision 0 removes
-        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, one_class).prune()
+        _remove_decision_0(probe, dg, groups, name)
+        if not _runs(probe, example_inputs):
+            group.prunable = False
+            probe, dg = _pruned_copy(model, example_inputs, groups, done)
+            continue
+        done.append(name)
         now = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
+        removed = sum(1 for c in range(group.channels) if group.decision_index(c) == 0)
         for key, shape in now.items():
             for dim, (before, after) in enumerate(zip(shapes[key], shape, strict=True)):
                 if after != before:
-                    extra[key].pruned_dims.append((dim, name, (before - after) // len(one_class)))
+                    extra[key].pruned_dims.append((dim, name, (before - after) // removed))
         shapes = now
+
+
+def _remove_decision_0(probe: nn.Module, dg: tp.DependencyGraph, groups: dict[str, ChannelGroup],
+                       name: str) -> None:
+    """Remove the channels decision 0 of group `name` covers, and update the head counts it changes."""
+    group = groups[name]
+    pruning_group(dg, probe.get_submodule(name), [c for c in range(group.channels) if group.decision_index(c) == 0]
+                  ).prune()
+    if group.span > 1:
+        update_head_counts(probe, {layer: group.span for layer in group.layers})
+
+
+def _pruned_copy(model: nn.Module, example_inputs: Any, groups: dict[str, ChannelGroup],
+                 names: list[str]) -> tuple[nn.Module, tp.DependencyGraph]:
+    """A copy of `model` with decision 0 of each group in `names` removed, and its dependency graph."""
+    probe = copy.deepcopy(model)
+    dg = build_dependency_graph(probe, example_inputs)
+    for name in names:
+        _remove_decision_0(probe, dg, groups, name)
+    return probe, dg
+
+
+def _runs(model: nn.Module, example_inputs: Any) -> bool:
+    try:
+        with torch.no_grad():
+            call(model, example_inputs)
+    except Exception:  # any failure of the model's own code on the pruned widths
+        return False
+    return True

@@ -15,6 +15,7 @@ from zerobit.device import model_device
 from zerobit.graph import ModelGraph, build_dependency_graph
 from zerobit.graph.analysis import run_or_explain
 from zerobit.graph.heads import update_head_counts
+from zerobit.graph.tp_compat import pruning_group
 from zerobit.policy import GroupDecision, Policy, kept_weights, tied_scores
 from zerobit.quant.codebook import kmeans_1d
 from zerobit.quant.modules import QuantLayer
@@ -84,9 +85,7 @@ def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example
     for name, decision in policy.groups.items():
         removed = decision.removed_indices()
         if removed:
-            root = model.get_submodule(name)
-            fn = dg.get_pruner_of_module(root).prune_out_channels
-            dg.get_pruning_group(root, fn, removed).prune()
+            pruning_group(dg, model.get_submodule(name), removed).prune()
     update_head_counts(model, {n: graph.groups[layer.out_group].span for n, layer in graph.layers.items()
                                if graph.groups[layer.out_group].span > 1})
     for name, layer in graph.layers.items():

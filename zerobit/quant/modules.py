@@ -8,10 +8,12 @@ scale with the BatchNorm folded in, and a float16 bias — so the exported model
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from zerobit.quant.codebook import nearest
 from zerobit.quant.uniform import (
@@ -80,9 +82,17 @@ class DeployTensors:
     book: torch.Tensor | None = None  # (2^b,) float16 centroids of a codebook layer
 
 
+STANDARD_FORWARDS = (nn.Linear.forward, nn.Embedding.forward, nn.Conv2d.forward)
+
+
 def layer_op(layer: nn.Conv2d | nn.Linear | nn.Embedding, x: torch.Tensor, w: torch.Tensor,
-             b: torch.Tensor | None) -> torch.Tensor:
-    """What `layer` computes on `x`, with weight `w` and bias `b` in place of its own."""
+             b: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """What `layer` computes on `x` (and any further arguments its forward takes), with weight `w` and bias `b`
+    in place of its own. A subclass with its own forward (OPT's positional embedding takes the attention mask and
+    `position_ids`) runs that forward on the substituted tensors."""
+    if type(layer).forward not in STANDARD_FORWARDS:
+        tensors = {"weight": w} if getattr(layer, "bias", None) is None else {"weight": w, "bias": b}
+        return functional_call(layer, tensors, (x, *args), kwargs)
     if isinstance(layer, nn.Linear):
         return F.linear(x, w, b)
     if isinstance(layer, nn.Embedding):
@@ -182,21 +192,19 @@ class QuantLayer(WrapsLayer):
             with torch.no_grad():
                 self.log_step.copy_(scales(self.masked_weight(), self.bits, self.clip).log())
 
-    def _linear_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return layer_op(self.layer, x, w, b)
 
     def _keep_mask(self, y: torch.Tensor) -> torch.Tensor:
         if bool((self.bits > 0).all()):
             return y
         return mask_channels(self.layer, y, (self.bits > 0).to(y.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = self.act(x)
         if not self.training:
             d = self.deploy()
             bias = d.bias.float() if d.bias is not None else None
-            return self._keep_mask(self._linear_op(x, d.weight, bias))
-        y = self._linear_op(x, self._quantized_weight(), getattr(self.layer, "bias", None))
+            return self._keep_mask(layer_op(self.layer, x, d.weight, bias, *args, **kwargs))
+        y = layer_op(self.layer, x, self._quantized_weight(), getattr(self.layer, "bias", None), *args, **kwargs)
         if self.bn is not None:
             y = self.bn(y)
         return self._keep_mask(y)

@@ -19,6 +19,7 @@ the sigmoid surrogate σ'((t − α)/τ)/τ.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -267,10 +268,10 @@ class SBSLayer(WrapsLayer):
         """The weight for the next forward passes: `z`'s single path under `gates`, channels kept by `keep`."""
         self.weight_q, self.keep = self.weight_range() * (2 * single_path(z, parts, gates) - 1), keep
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x)
-        y = layer_op(self.layer, x, self.weight_q, getattr(self.layer, "bias", None))
+        y = layer_op(self.layer, x, self.weight_q, getattr(self.layer, "bias", None), *args, **kwargs)
         if self.bn is not None:
             y = self.bn(y)
         if self.keep is None or isinstance(self.layer, nn.Embedding):  # an Embedding's rows are tokens, not outputs

@@ -9,7 +9,7 @@ opening per unit of cost is opened again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,7 +29,7 @@ class Margins:
     weight: dict[str, list[float]]  # group → one per wider weight width
     channel: dict[str, torch.Tensor]  # prunable group → one per block of channels
     act: dict[str, list[float]]  # layer → one per wider input width
-    blocks: dict[str, torch.Tensor]  # group → block of each channel
+    blocks: dict[str, torch.Tensor | list[int]]  # group → block of each channel
     floor: dict[str, int] = field(default_factory=dict)  # group → blocks kept unless the budget forces fewer
 
 
@@ -42,7 +42,7 @@ class _State:
 
 
 def _policy(problem: Problem, m: Margins, s: _State, meta: dict) -> Policy:
-    groups = {g: GroupDecision(tuple(s.wbits[g] if int(b) in s.kept[g] else 0 for b in m.blocks[g]))
+    groups = {g: GroupDecision(tuple(s.wbits[g] if b in s.kept[g] else 0 for b in m.blocks[g]))
               for g in problem.graph.groups}
     return Policy(groups, problem.act_bits, meta, act=dict(s.abits))
 
@@ -107,6 +107,8 @@ def _step(problem: Problem, m: Margins, s: _State, down: bool, meta: dict, floor
 def project(problem: Problem, found: Policy, margins: Margins) -> Policy:
     """`found` changed as little as the gates' margins say until it fits the budget, then filled up to it."""
     meta = dict(found.meta)
+    # plain ints: the policy is rebuilt for every trial move, and iterating a tensor element by element is slow
+    margins = replace(margins, blocks={g: [int(b) for b in t.tolist()] for g, t in margins.blocks.items()})
     kept = {g: {int(margins.blocks[g][c]) for c, b in enumerate(found[g].bits) if b > 0} for g in margins.blocks}
     wbits = {g: max(found[g].kept_bits()) for g in found.groups}
     s = _State(wbits, {n: found.act_of(n) for n in margins.act}, kept)

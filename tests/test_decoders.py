@@ -1,0 +1,161 @@
+"""Model code as Hugging Face writes it beyond BERT/ViT: GPT-2 (transposed Conv1D linears, fused q/k/v, a key/value
+cache, lm_head tied to the token embedding), LLaMA-style rotary attention with grouped key/value heads, OPT's
+positional embedding (an nn.Embedding whose forward takes other arguments) and Swin's patch merging (a reshape
+the pruned widths cannot follow). Each compresses, writes a file of the promised size and loads back to the same
+outputs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import zerobit as zb
+from zerobit.graph.linears import linearized
+
+transformers = pytest.importorskip("transformers", reason="these cases need `pip install transformers`")
+torch.set_num_threads(1)
+
+HIDDEN, HEADS, VOCAB = 32, 4, 60
+
+
+def gpt2_lm() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_positions=24,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def llama_gqa() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                                        num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64,
+                                        max_position_embeddings=24, bos_token_id=0, eos_token_id=0,
+                                        pad_token_id=0)).eval()
+
+
+def opt_classifier() -> nn.Module:
+    from transformers import OPTConfig, OPTForSequenceClassification
+
+    torch.manual_seed(0)
+    return OPTForSequenceClassification(OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                                                  num_attention_heads=HEADS, ffn_dim=64, max_position_embeddings=30,
+                                                  word_embed_proj_dim=HIDDEN, num_labels=3, pad_token_id=1,
+                                                  bos_token_id=2, eos_token_id=2)).eval()
+
+
+def swin() -> nn.Module:
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16,
+                                                 depths=[1, 1], num_heads=[2, 2], window_size=4,
+                                                 num_labels=3)).eval()
+
+
+def tokens(n: int, size: int, seed: int, labels: bool) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        batch = {"input_ids": torch.randint(3, VOCAB, (size, 12), generator=g),
+                 "attention_mask": torch.ones(size, 12, dtype=torch.long)}
+        if labels:
+            batch["labels"] = torch.randint(0, 3, (size,), generator=g)
+        out.append(batch)
+    return out
+
+
+def images(n: int, size: int, seed: int) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+
+
+def _logits(model: nn.Module, example) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**example) if isinstance(example, dict) else model(example)
+    return out.logits
+
+
+def _compress_and_reload(build, data, example, budget, strategy, task, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = zb.compress(build(), example, budget, strategy, train_data=data[0], eval_data=data[1], task=task,
+                        finetune_config=zb.FinetuneConfig(epochs=0.5), progress=False)
+        assert r.budget.cost(r.graph, r.policy) <= r.budget.limit(r.graph)
+        path = tmp_path / "m.zbit"
+        r.save(path)
+        assert os.path.getsize(path) == r.file_bytes
+        loaded = zb.load(path, build(), example_inputs=example)
+    torch.testing.assert_close(_logits(loaded, example), _logits(r.model.eval(), example), atol=1e-5, rtol=1e-5)
+    return r, loaded
+
+
+def test_a_conv1d_is_swapped_for_an_equal_linear_on_a_copy() -> None:
+    model = gpt2_lm()
+    swapped = linearized(model)
+    example = {"input_ids": torch.randint(0, VOCAB, (2, 10))}
+    torch.testing.assert_close(_logits(swapped, example), _logits(model, example), atol=1e-5, rtol=1e-5)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the original is untouched
+    assert type(swapped.transformer.h[0].attn.c_attn) is nn.Linear
+    assert swapped.transformer.h[0].attn.c_attn.weight.shape == (3 * HIDDEN, HIDDEN)
+    plain = nn.Sequential(nn.Linear(3, 2))
+    assert linearized(plain) is plain  # nothing to swap: no copy
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "sbs"])
+def test_gpt2_language_model_compresses_without_labels(strategy: str, tmp_path) -> None:
+    example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
+    r, loaded = _compress_and_reload(gpt2_lm, (tokens(4, 8, 1, False), tokens(2, 16, 2, False)), example,
+                                     zb.Size(fraction=1 / 4), strategy, "distillation", tmp_path)
+    # lm_head shares its weight with the token embedding: the fp32 file holds it once
+    state = gpt2_lm().state_dict()
+    assert r.graph.fp32_bytes < 4 * sum(v.numel() for v in state.values())
+    assert r.graph.fp32_bytes > 4 * (sum(v.numel() for v in state.values()) - state["lm_head.weight"].numel())
+    # the fused q/k/v projection is quantized, never cut (its rows are three tensors split by the model's code)
+    assert not r.graph.groups["transformer.h.0.attn.c_attn"].prunable
+    assert type(loaded.transformer.h[0].attn.c_attn) is nn.Linear
+    assert r.accuracy > 0.5  # cosine similarity of the logits with the original's
+
+
+def test_rotary_attention_with_grouped_kv_heads_compresses(tmp_path) -> None:
+    example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
+    r, loaded = _compress_and_reload(llama_gqa, (tokens(4, 8, 1, False), tokens(2, 16, 2, False)), example,
+                                     zb.BOPs(fraction=1 / 32), "uniform", "distillation", tmp_path)
+    groups = r.graph.groups
+    # q and k feed the rotary embedding, whose coupling Torch-Pruning cannot close: quantized only
+    assert not groups["model.layers.0.self_attn.q_proj"].prunable
+    # MLP neurons (gate and up rows, down columns) are one prunable group
+    mlp = groups["model.layers.0.mlp.gate_proj"]
+    assert mlp.prunable and set(mlp.layers) == {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"}
+
+
+def test_uniform_removes_mlp_neurons_of_a_rotary_model(tmp_path) -> None:
+    example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
+    r, loaded = _compress_and_reload(llama_gqa, (tokens(4, 8, 1, False), tokens(2, 16, 2, False)), example,
+                                     zb.Size(fraction=1 / 8), "uniform", "distillation", tmp_path)
+    assert r.policy["model.layers.0.mlp.gate_proj"].kept < 64
+    assert loaded.model.layers[0].mlp.up_proj.out_features == r.policy["model.layers.0.mlp.gate_proj"].kept
+
+
+def test_an_embedding_subclass_with_its_own_forward_is_quantized(tmp_path) -> None:
+    example = {k: v[:2] for k, v in tokens(1, 2, 0, False)[0].items()}
+    r, _ = _compress_and_reload(opt_classifier, (tokens(4, 8, 1, True), tokens(2, 16, 2, True)), example,
+                                zb.Size(fraction=1 / 4), "uniform", "classification", tmp_path)
+    # OPT's learned positional embedding runs forward(attention_mask, past_key_values_length, position_ids)
+    assert r.graph.layers["model.decoder.embed_positions"].kind == "embedding"
+    assert max(r.policy["model.decoder.embed_positions"].bits) <= 8
+
+
+def test_groups_the_model_code_cannot_follow_keep_their_channels(tmp_path) -> None:
+    example = images(1, 2, 0)[0][0]
+    r, _ = _compress_and_reload(swin, (images(4, 8, 1), images(2, 16, 2)), example, zb.Size(fraction=1 / 4),
+                                "uniform", "classification", tmp_path)
+    # patch merging concatenates 4 strided slices and reshapes to fixed widths: the stream feeding it is kept
+    assert not r.graph.groups["swin.embeddings.patch_embeddings.projection"].prunable
+    assert r.graph.groups["swin.encoder.layers.0.blocks.0.mlp.fc1"].prunable
