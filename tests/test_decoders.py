@@ -1,8 +1,8 @@
 """Model code as Hugging Face writes it beyond BERT/ViT: GPT-2 (transposed Conv1D linears, fused q/k/v, a key/value
 cache, lm_head tied to the token embedding), LLaMA-style rotary attention with grouped key/value heads, OPT's
 positional embedding (an nn.Embedding whose forward takes other arguments) and Swin's patch merging (a reshape
-the pruned widths cannot follow). Each compresses, writes a file of the promised size and loads back to the same
-outputs."""
+the pruned widths cannot follow), and a model held in bfloat16. Each compresses, writes a file of the promised
+size and loads back to the same outputs."""
 
 from __future__ import annotations
 
@@ -159,3 +159,23 @@ def test_groups_the_model_code_cannot_follow_keep_their_channels(tmp_path) -> No
     # patch merging concatenates 4 strided slices and reshapes to fixed widths: the stream feeding it is kept
     assert not r.graph.groups["swin.embeddings.patch_embeddings.projection"].prunable
     assert r.graph.groups["swin.encoder.layers.0.blocks.0.mlp.fc1"].prunable
+
+
+def test_a_bfloat16_model_is_compressed_in_float32_and_left_as_it_was(tmp_path) -> None:
+    def build() -> nn.Module:
+        return gpt2_lm().to(torch.bfloat16)
+
+    model = build()
+    example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = zb.compress(model, example, zb.Size(fraction=1 / 4), "uniform", train_data=tokens(4, 8, 1, False),
+                        eval_data=tokens(2, 16, 2, False), task="distillation",
+                        finetune_config=zb.FinetuneConfig(epochs=0.5), progress=False)
+        r.save(tmp_path / "m.zbit")
+        loaded = zb.load(tmp_path / "m.zbit", build(), example_inputs=example)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the caller's model is untouched
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert r.graph.fp32_bytes == zb.analyse(gpt2_lm(), example).fp32_bytes  # sized as the float32 file
+    assert next(loaded.parameters()).dtype == torch.float32  # codes × float16 scales are exact in float32
+    torch.testing.assert_close(_logits(loaded, example), _logits(r.model.eval(), example), atol=1e-5, rtol=1e-5)

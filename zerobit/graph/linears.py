@@ -56,7 +56,15 @@ def linearize_(model: nn.Module) -> nn.Module:
 
 
 def linearized(model: nn.Module) -> nn.Module:
-    """`model` itself when it has no transposed linears, else a copy with each one swapped for an nn.Linear."""
-    if not any(is_transposed_linear(m) for m in model.modules()):
+    """The model zerobit works on: `model` itself when it has no transposed linears and all its floating-point
+    tensors are float32; else a copy with each transposed linear swapped for an nn.Linear, in float32.
+
+    A model loaded in bfloat16/float16 is compressed and measured in float32, and `load` returns it in float32:
+    dequantized weights (codes × float16 scales) are exact in float32, not in bfloat16.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    low = any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors)
+    if not low and not any(is_transposed_linear(m) for m in model.modules()):
         return model
-    return linearize_(copy.deepcopy(model))
+    copied = linearize_(copy.deepcopy(model))
+    return copied.float() if low else copied
