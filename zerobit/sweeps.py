@@ -4,7 +4,7 @@ Layout of the output folder DIR:
 
     DIR/sweep.json              settings, the runs and their status (done / failed / left), wall time
     DIR/runs/NAME/result.json   each run's numbers (written last: a run with it is finished and never redone)
-    DIR/runs/NAME/model.zbit    each run's file; policy.json; ajpq.state (an AJPQ search's progress)
+    DIR/runs/NAME/model.zbit    each run's file; policy.json; ajpq.state / sbs.state (a search's progress)
     DIR/report.html             `zerobit report DIR` (written at the end of a sweep)
 
 A killed sweep started again with the same settings skips finished runs, and an AJPQ search picks up from its
@@ -82,8 +82,8 @@ def run_one(settings: SweepSettings, run: SweepRun, folder: str, objects: tuple 
 
     options = settings.options_for(run.strategy)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    if run.strategy == "ajpq":  # a killed sweep resumes the search too
-        options.setdefault("checkpoint", str(Path(folder) / "ajpq.state"))
+    if run.strategy in ("ajpq", "sbs"):  # a killed sweep resumes the search too
+        options.setdefault("checkpoint", str(Path(folder) / f"{run.strategy}.state"))
     extra = {"sweep_key": settings.key(run), "budget_text": run.budget, "finetune_epochs": settings.finetune_epochs,
              "seed": settings.seed}
     if objects is None:

@@ -238,3 +238,30 @@ def test_command_line_options_give_chains():
 
     strat = get_strategy("sbs", **parse_options(["bits=3,6", "act_bits=8", "min_keep=0.5"]))
     assert (strat.bits, strat.act_bits, strat.min_keep) == ((3, 6), (8,), 0.5)
+
+
+def test_a_killed_gate_training_resumes_from_its_checkpoint(tmp_path, trained_residual, digits, monkeypatch):
+    """The search dies right after its 2nd of 4 epochs is saved; started again with the file it goes on from there
+    and ends where an uninterrupted search ends (same step count, history and policy)."""
+    from zerobit.train.loop import Checkpoint
+
+    problem = _problem(trained_residual, digits, zb.BOPs(fraction=1 / 48), epochs=8.0)
+    fresh = SBS(gate_lr=20.0).search(problem)
+    path, saves, save = tmp_path / "sbs.ckpt", [], Checkpoint.save
+
+    def save_then_die_after_two(self, *args):
+        save(self, *args)
+        saves.append(args[-2])  # the step
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_die_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        SBS(gate_lr=20.0, checkpoint=str(path)).search(problem)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    resumed = SBS(gate_lr=20.0, checkpoint=str(path)).search(problem)
+    assert 0 < saves[1] < resumed.info["sbs_steps"] == fresh.info["sbs_steps"]
+    assert resumed.info["sbs_history"] == fresh.info["sbs_history"]
+    assert resumed.policy == fresh.policy
+    with pytest.raises(ValueError, match="belongs to another run"):
+        SBS(gate_lr=10.0, checkpoint=str(path)).search(problem)

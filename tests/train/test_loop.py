@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +102,59 @@ def test_a_second_fine_tune_keeps_the_learned_steps(teacher, digits):
     steps = {n: q.log_step.detach().clone() for n, q in quant_layers(r.model).items()}
     finetune(r.model, digits.train, FinetuneConfig(quantizer="lsq", lr=1e-9), progress=False, steps=2)
     assert all(torch.allclose(q.log_step, steps[n], atol=1e-6) for n, q in quant_layers(r.model).items())
+
+
+class _Killed(Exception):
+    pass
+
+
+def _resumable_fit(model, data, path, kill_after: int | None = None, lr: float = 0.05):
+    from zerobit.train.loop import Checkpoint
+
+    def on_epoch(epoch: int, loss: float) -> str:
+        if kill_after is not None and epoch > kill_after:
+            raise _Killed  # the process dies after this epoch's work, before its checkpoint is written
+        return ""
+
+    batches = Batches(data, 32, shuffle=True, augment=True, seed=3)
+    spec = LoopSpec(steps=4 * len(batches), lr=lr, steps_per_epoch=len(batches))
+    return fit(model, batches, spec, lambda m, b: F.cross_entropy(m(b[0]), b[1]), progress=False,
+               on_epoch=on_epoch, checkpoint=None if path is None else Checkpoint(path, {"run": "a"}))
+
+
+def test_a_killed_fit_resumes_from_its_last_epoch_as_if_never_stopped(digits, tmp_path):
+    small = digits.train.subset(200)
+    torch.manual_seed(0)
+    start = TINY_MODELS["plain"]()
+    whole = copy.deepcopy(start)
+    _resumable_fit(whole, small, None)
+    killed = copy.deepcopy(start)
+    with pytest.raises(_Killed):
+        _resumable_fit(killed, small, tmp_path / "fit.ckpt", kill_after=2)
+    resumed = copy.deepcopy(start)  # a new process: the original weights, and the file
+    history = _resumable_fit(resumed, small, tmp_path / "fit.ckpt")
+    assert len(history["loss"]) == 4 * 7  # the 2 epochs before the kill come from the file
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(killed.state_dict().values(), whole.state_dict().values(),
+                                                       strict=True))
+
+
+def test_a_checkpoint_of_another_run_or_a_damaged_one_is_refused(digits, tmp_path):
+    from zerobit.train.loop import Checkpoint
+
+    small = digits.train.subset(64)
+    path = tmp_path / "fit.ckpt"
+    _resumable_fit(TINY_MODELS["plain"](), small, path)
+    spec = LoopSpec(steps=4, lr=0.05, steps_per_epoch=2)
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    with pytest.raises(ValueError, match="belongs to another run"):
+        fit(TINY_MODELS["plain"](), Batches(small, 32), spec, loss, progress=False,
+            checkpoint=Checkpoint(path, {"run": "b"}))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable zerobit training checkpoint"):
+        fit(TINY_MODELS["plain"](), Batches(small, 32), spec, loss, progress=False,
+            checkpoint=Checkpoint(path, {"run": "a"}))

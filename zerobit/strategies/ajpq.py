@@ -130,12 +130,6 @@ def _keep_top(top: list, reward: float, policy: dict, k: int) -> None:
     del top[max(k, 1):]
 
 
-def _identity(problem: Problem) -> dict:
-    """What a checkpoint must match to be resumed besides the settings: the budget and the model's groups."""
-    return {"budget": repr(problem.budget), "limit": problem.limit,
-            "groups": {n: g.channels for n, g in problem.graph.groups.items()}}
-
-
 def _static_features(problem: Problem) -> np.ndarray:
     """Per group: index, type, c_in, c_out, stride, kernel, params, feature-map area (min-max normalized)."""
     rows = []
@@ -254,7 +248,7 @@ class AJPQ(Strategy):
 
     def _save(self, agent: DDPG, state: dict, problem: Problem) -> None:
         meta = {"state": json.dumps(state), "agent": json.dumps(agent.scalars()),
-                "config": json.dumps(asdict(self)), "problem": json.dumps(_identity(problem))}
+                "config": json.dumps(asdict(self)), "problem": json.dumps(problem.identity())}
         tmp = f"{self.checkpoint}.tmp"
         save_file(agent.tensors(), tmp, metadata=meta)
         os.replace(tmp, self.checkpoint)
@@ -270,7 +264,7 @@ class AJPQ(Strategy):
         if {k: v for k, v in saved.items() if k not in free} != {k: v for k, v in mine.items() if k not in free}:
             raise ValueError(f"{self.checkpoint} belongs to a search with other settings; delete it or use "
                              "another checkpoint path")
-        if "problem" in meta and json.loads(meta["problem"]) != json.loads(json.dumps(_identity(problem))):
+        if "problem" in meta and json.loads(meta["problem"]) != json.loads(json.dumps(problem.identity())):
             raise ValueError(f"{self.checkpoint} belongs to a search of another model or budget "
                              f"({json.loads(meta['problem'])['budget']}); delete it or use another checkpoint path")
         agent.restore(load_file(self.checkpoint), json.loads(meta["agent"]))

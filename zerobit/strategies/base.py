@@ -43,6 +43,11 @@ class Problem:
     def cost(self, policy: Policy) -> float:
         return self.budget.cost(self.graph, policy)
 
+    def identity(self) -> dict:
+        """What a search's checkpoint must match to be resumed besides its settings: the budget and the groups."""
+        return {"budget": repr(self.budget), "limit": self.limit,
+                "groups": {n: g.channels for n, g in self.graph.groups.items()}}
+
     def fits(self, policy: Policy) -> bool:
         return self.cost(policy) <= self.limit
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ from zerobit.strategies.base import Problem, SearchResult, Strategy, register_st
 from zerobit.strategies.sbs_project import Margins, project
 from zerobit.train.calibrate import input_ranges, run_on
 from zerobit.train.finetune import finetune
+from zerobit.train.loop import Checkpoint
 
 
 @register_strategy
@@ -66,9 +67,11 @@ class SBS(Strategy):
         min_keep: the strongest blocks of each group, this fraction of them, stay while the gates train (a
             group's threshold can otherwise sweep past most of its channels at once); the projection goes below
             it only when the budget cannot be met otherwise.
+        checkpoint: a file where the gate training keeps its progress after every epoch; a killed search
+            started again with the same file, settings, model and budget goes on from its last epoch.
 
     Example:
-        >>> # zerobit.compress(model, x, budget=BOPs(fraction=1/128), strategy="sbs", ...)
+        >>> # zerobit.compress(model, x, budget=BOPs(fraction=1/128), strategy=SBS(checkpoint="sbs.ckpt"), ...)
     """
 
     bits: tuple[int, ...] = DEFAULT_CHAIN
@@ -82,6 +85,7 @@ class SBS(Strategy):
     start_margin: float = 1.0
     by_sensitivity: bool = True
     min_keep: float = 0.5
+    checkpoint: str | None = None
     name = "sbs"
 
     def __post_init__(self) -> None:  # one width may come as an int (--option act_bits=8)
@@ -93,6 +97,24 @@ class SBS(Strategy):
         if not isinstance(budget, (BOPs, MACs, Size)):
             raise BudgetError(f"SBS trains under BOPs, MACs or Size budgets, not {type(budget).__name__}; "
                               "for a latency budget use strategy 'uniform', 'sequential' or 'ajpq'")
+
+    def _checkpoint(self, problem: Problem, net: GatedNet, history: list[dict], epochs: float) -> Checkpoint | None:
+        """The gate training's checkpoint: the gated model and optimiser (in `fit`), the step count and history."""
+        if not self.checkpoint:
+            return None
+        settings = {k: v for k, v in asdict(self).items() if k != "checkpoint"}
+        identity = {"sbs": settings, "problem": problem.identity(), "epochs": epochs,
+                    "finetune": {k: v for k, v in asdict(problem.finetune).items() if k not in ("epochs", "processes")}}
+
+        def load(extra: dict) -> None:
+            net.steps, net._offset = extra["steps"], extra["offset"]
+            history[:] = [row | {k: {int(b): n for b, n in row[k].items()} for k in ("weight_bits", "act_bits")}
+                          for row in extra["history"]]  # JSON keys are strings; the widths are ints
+
+        def save() -> dict:
+            return {"steps": net.steps, "offset": net._offset, "history": history}
+
+        return Checkpoint(self.checkpoint, identity, save, load)
 
     def search(self, problem: Problem) -> SearchResult:
         self.check_budget(problem.budget)
@@ -122,7 +144,8 @@ class SBS(Strategy):
 
         search = replace(problem.finetune, processes=1)  # gates train here (closures); the final fine-tune may not
         finetune(net.model, problem.train_data, search, teacher=problem.model, progress=problem.progress,
-                 epochs=epochs, penalty=penalty, task=problem.task, on_epoch=on_epoch)
+                 epochs=epochs, penalty=penalty, task=problem.task, on_epoch=on_epoch,
+                 checkpoint=self._checkpoint(problem, net, history, epochs))
         net.model.eval()
         with torch.no_grad():
             net.refresh()

@@ -19,7 +19,7 @@ from zerobit.device import PRECISIONS
 from zerobit.quant.modules import ActQuant, QuantLayer
 from zerobit.task import Task, get_task
 from zerobit.train.distributed import initialized, spawn_finetune
-from zerobit.train.loop import MAX_RESTARTS, LoopSpec, fit
+from zerobit.train.loop import MAX_RESTARTS, Checkpoint, LoopSpec, fit
 
 __all__ = ["MAX_RESTARTS", "QUANTIZERS", "FinetuneConfig", "finetune"]
 QUANTIZERS = ("mse", "lsq")
@@ -80,7 +80,8 @@ class FinetuneConfig:
 def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | None = None,
              teacher: nn.Module | None = None, progress: bool = True, epochs: float | None = None,
              penalty: Callable[[], torch.Tensor] | None = None, steps: int | None = None,
-             task: Task | None = None, on_epoch: Callable[[int, float], str] | None = None) -> dict:
+             task: Task | None = None, on_epoch: Callable[[int, float], str] | None = None,
+             checkpoint: Checkpoint | None = None) -> dict:
     """Fine-tune `model` in place (QAT when its layers are QuantLayers) on its device; returns the loss history.
 
     Args:
@@ -96,6 +97,7 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
         task: how batches are run and what the loss is (default: classification, see zerobit.task).
         on_epoch: called with (epoch, mean loss) after each pass over the data (and after the last step of a
             shorter run); the text it returns is printed above the progress bar.
+        checkpoint: keep progress after every epoch and resume from it (`zerobit.train.loop.Checkpoint`).
 
     Data-parallel: with `config.processes` > 1 and no process group initialized, the fine-tune runs in that many
     local processes (`spawn_finetune`); with a group initialized (torchrun), in this process as one rank of it.
@@ -115,10 +117,10 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
                          drop_last=True)
     steps = int(round(epochs * num_batches(batches))) if steps is None else steps
     if config.processes > 1 and steps > 0 and not initialized():
-        if penalty is not None or on_epoch is not None:
+        if penalty is not None or on_epoch is not None or checkpoint is not None:
             raise ValueError(f"FinetuneConfig.processes={config.processes}: this fine-tune takes a callback "
-                             "(penalty or on_epoch, as the SBS and ADMM searches do) that cannot be sent to other "
-                             "processes; run your script under torchrun --nproc_per_node="
+                             "or a checkpoint (penalty, on_epoch, checkpoint: as the SBS and ADMM searches do) that "
+                             "cannot be sent to other processes; run your script under torchrun --nproc_per_node="
                              f"{config.processes} instead (see zerobit.train.distributed), or use processes=1")
         return spawn_finetune(model, train_data, config, teacher, processes=config.processes, task=task,
                               steps=steps, progress=progress)
@@ -136,7 +138,7 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
         return loss if penalty is None else loss + penalty()
 
     return fit(model, batches, spec, loss_fn, progress=progress, desc="fine-tune", after_step=sync,
-               on_epoch=on_epoch)
+               on_epoch=on_epoch, checkpoint=checkpoint)
 
 
 def _learn_steps(model: nn.Module) -> Callable[[], None]:

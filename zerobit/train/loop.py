@@ -18,7 +18,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +86,60 @@ class LoopSpec:
         return 1.0
 
 
+@dataclass
+class Checkpoint:
+    """Where `fit` keeps its progress: after every epoch (and the last step) the weights, optimiser, schedule and
+    history go to `path` (written atomically); a run that finds the file goes on from there.
+
+    The resumed run continues at the saved step with the saved optimiser and schedule. Over zerobit's `Batches`
+    (what a `TensorData` is fine-tuned with) the epochs left see the order and augmentation an uninterrupted run
+    would; over other iterables they start their pass again, and dropout draws other numbers.
+
+    Attributes:
+        path: the checkpoint file.
+        identity: JSON-able facts the file must match to be resumed (settings, budget, model); a file written by
+            another run is refused with a ValueError.
+        save_extra: the caller's own JSON-able state, kept in the file (called at every save).
+        load_extra: gets that state back when a run resumes, before its first step.
+    """
+
+    path: str | os.PathLike
+    identity: dict
+    save_extra: Callable[[], dict] | None = None
+    load_extra: Callable[[dict], None] | None = None
+
+    def save(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scale: float, step: int,
+             history: dict) -> None:
+        extra = self.save_extra() if self.save_extra is not None else {}
+        tmp = f"{self.path}.tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "scale": scale, "step": step, "history": json.dumps(history),
+                    "identity": json.dumps(self.identity, sort_keys=True), "extra": json.dumps(extra)}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, history: dict) -> tuple[int, float]:
+        """Restore a saved run into these objects: (step, learning-rate scale); (0, 1.0) when there is none."""
+        if not os.path.exists(self.path):
+            return 0, 1.0
+        try:
+            saved = torch.load(self.path, map_location=model_device(model), weights_only=True)
+            mine = json.dumps(json.loads(json.dumps(self.identity)), sort_keys=True)
+            same = saved["identity"] == mine
+        except Exception as exc:  # a damaged or foreign file: say which, never train on it
+            raise ValueError(f"{self.path} is not a readable zerobit training checkpoint ({type(exc).__name__}: "
+                             f"{exc}); delete it to start again") from exc
+        if not same:
+            raise ValueError(f"{self.path} belongs to another run (other settings, budget or model); delete it or "
+                             "use another checkpoint path")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        history.update(json.loads(saved["history"]))
+        if self.load_extra is not None:
+            self.load_extra(json.loads(saved["extra"]))
+        return int(saved["step"]), float(saved["scale"])
+
+
 def make_optimizer(params: Iterable[nn.Parameter], spec: LoopSpec) -> torch.optim.Optimizer:
     """SGD or AdamW with weight decay on ≥2-D weights only; a parameter with an `lr_scale` attribute learns at
     that multiple of the rate (e.g. SBS's gate thresholds)."""
@@ -102,7 +158,7 @@ def make_optimizer(params: Iterable[nn.Parameter], spec: LoopSpec) -> torch.opti
 
 def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, progress: bool = True,
         desc: str = "train", on_epoch: Callable[[int, float], str] | None = None,
-        after_step: Callable[[], None] | None = None) -> dict:
+        after_step: Callable[[], None] | None = None, checkpoint: Checkpoint | None = None) -> dict:
     """Train `model` in place for `spec.steps` steps over `batches` (re-iterated as often as needed).
 
     Args:
@@ -111,6 +167,7 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
         on_epoch: called with (epoch, mean loss) after every `spec.steps_per_epoch` steps; the text it
             returns is shown on the progress bar.
         after_step: called after every optimiser step (e.g. to keep parameters in their valid range).
+        checkpoint: save progress after every epoch and resume from it (see `Checkpoint`; one process only).
 
     Data-parallel: when a torch.distributed group of more than one process is initialized (torchrun, or
     `FinetuneConfig.processes`), every rank must call `fit` with the same global batches; each trains on its
@@ -132,10 +189,19 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     bar = tqdm(total=spec.steps, desc=desc, disable=not show, leave=False, mininterval=1.0)
     guard = _Guard(model, opt, bar, history["restarts"], speak=rank == 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: guard.scale * spec.lr_factor(s))
+    step = 0
+    if checkpoint is not None:
+        if size > 1:
+            raise ValueError("fit: a checkpoint is kept by one process only; run data-parallel fits without one")
+        step, guard.scale = checkpoint.load(model, opt, sched, history)
+        guard.good = guard._snapshot()
+        bar.update(step)
+        if step and spec.steps_per_epoch and isinstance(getattr(batches, "epoch", None), int):
+            batches.epoch = step // spec.steps_per_epoch  # zerobit's Batches: the data the epochs left would see
     model.train()
     replicas = Replicas(model) if size > 1 and params else None
     net = model if replicas is None else replicas.net
-    step, running, epoch_loss = 0, None, []
+    running, epoch_loss = None, []
     try:
         while step < spec.steps:
             for batch in batches:
@@ -169,6 +235,9 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
                     if show and text:
                         bar.write(text)
                     net.train()
+                if checkpoint is not None and (step == spec.steps or (
+                        spec.steps_per_epoch and step % spec.steps_per_epoch == 0)):
+                    checkpoint.save(model, opt, sched, guard.scale, step, history)
                 if step >= spec.steps:
                     break
     finally:
