@@ -179,3 +179,17 @@ def test_a_vision_transformer_exports_with_every_linear_stored_as_codes(tmp_path
     assert sum(kind.startswith(("int", "uint", "codebook")) for kind in report.layers.values()) >= 4
     written = parity(tmp_path / "m.onnx", zb.load(path, fresh), digits.test, optimize=False)
     assert written["max_abs_diff"] < 0.25 and written["agreement"] >= 0.99, written
+
+
+def test_a_text_model_is_refused_with_what_to_use_instead(tmp_path):
+    """Token-id models are not exported yet: the error names the tables and the way to deploy the .zbit."""
+    pytest.importorskip("transformers")
+    from test_transformers import bert, token_batches
+
+    train = token_batches(2, 8, 1)
+    example = {k: v[:2] for k, v in train[0].items() if k != "labels"}
+    r = zb.compress(bert(), example, zb.Size(fraction=1 / 4), "uniform", train_data=train, eval_data=train,
+                    finetune_config=zb.FinetuneConfig(epochs=0), progress=False)
+    with pytest.raises(ValueError, match=r"embedding tables \(bert.embeddings.word_embeddings.*zerobit.load"):
+        export_onnx(r, tmp_path / "bert.onnx")
+    assert not (tmp_path / "bert.onnx").exists()

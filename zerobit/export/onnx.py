@@ -463,6 +463,17 @@ def _source(source, model: nn.Module | None, tmp: Path) -> tuple[Path, nn.Module
                     "to export a model loaded with zerobit.load, export the .zbit file it came from")
 
 
+def _check_one_float_input(model: nn.Module | None, exc: Exception) -> None:
+    """The exporter traces the model on one float tensor: a model that failed there and looks up token ids in
+    embedding tables is refused with what to use instead."""
+    tables = [n for n, m in (model.named_modules() if model is not None else ()) if isinstance(m, nn.Embedding)]
+    if tables:
+        raise ValueError(f"export_onnx handles models that take one float tensor; this one looks up token ids in "
+                         f"embedding tables ({', '.join(tables[:2])}{', …' if len(tables) > 2 else ''}), which it "
+                         "does not export yet. Deploy the .zbit with zerobit.load(path, model, example_inputs=...)"
+                         ) from exc
+
+
 def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = None, calibration_data=None,
                 mode: str = "fast", int4: bool = True, max_calibration: int = 512,
                 percentile: float = 0.9999) -> OnnxReport:
@@ -490,7 +501,11 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
         tmp = Path(tmp_dir)
         zbit_path, model, default_data = _source(source, model, tmp)
         stored: dict[str, LayerCodes] = {}
-        decoded, zf, _graph = decode(zbit_path, model, layer_codes=stored)
+        try:
+            decoded, zf, _graph = decode(zbit_path, model, layer_codes=stored)
+        except ValueError as exc:  # ZbitFormatError, UntraceableModelError: traced on a float tensor of zeros
+            _check_one_float_input(model, exc)
+            raise
         export_float(_without_input_quants(decoded), torch.zeros((1,) + zf.input_shape[1:]), tmp / "float.onnx")
         g = _Graph(onnx.load(str(tmp / "float.onnx")))
         report = OnnxReport(str(path), 0, zbit_path.stat().st_size, mode)
