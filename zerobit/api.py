@@ -30,6 +30,7 @@ from zerobit.strategies.base import SearchResult
 from zerobit.task import DEFAULT_TASK, Classification, Task, first_tensor, get_task, map_tensors
 from zerobit.train.calibrate import calibrate_activations, recalibrate_batchnorm
 from zerobit.train.finetune import FinetuneConfig, finetune
+from zerobit.train.loop import Checkpoint
 
 
 @dataclass
@@ -221,6 +222,17 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
         model.to(home).train(was_training)
 
 
+def _finetune_checkpoint(config: FinetuneConfig, policy: Policy, problem: Problem,
+                         epochs: float) -> Checkpoint | None:
+    """The final fine-tune's checkpoint (FinetuneConfig.checkpoint): it resumes only the same policy, budget,
+    model and settings."""
+    if not config.checkpoint:
+        return None
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("checkpoint", "processes")}
+    return Checkpoint(config.checkpoint, {"policy": policy.to_dict(), "problem": problem.identity(),
+                                          "finetune": settings, "epochs": epochs})
+
+
 def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: str | Strategy,
               train_data: Iterable, eval_data: Iterable, test_data: Iterable | None,
               finetune_config: FinetuneConfig, act_bits: int, model_name: str, progress: bool,
@@ -256,8 +268,9 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
     if found.model is None:
         recalibrate_batchnorm(qmodel, calib, task=task)
     calibrate_activations(qmodel, calib, task=task)
-    finetune(qmodel, train_data, finetune_config, teacher=teacher, progress=progress,
-             epochs=max(0.0, finetune_config.epochs - found.finetune_epochs_used), task=task)
+    epochs = max(0.0, finetune_config.epochs - found.finetune_epochs_used)
+    finetune(qmodel, train_data, finetune_config, teacher=teacher, progress=progress, epochs=epochs, task=task,
+             checkpoint=_finetune_checkpoint(finetune_config, found.policy, problem, epochs))
     clock["finetune"] = time.perf_counter() - t
     _check_finite(qmodel.eval())
     acc = task.metric(qmodel, report_data)

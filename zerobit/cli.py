@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,10 +72,14 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
     strat = get_strategy(strategy, **(options or {}))
     splits = get_splits(data)
     model = zoo.load_pretrained(model_name)
+    config = {"epochs": finetune_epochs, "seed": seed} | (finetune or {})
+    if config.get("processes", 1) == 1:  # a killed run, started again, goes on from its last fine-tune epoch
+        Path(out).mkdir(parents=True, exist_ok=True)
+        config.setdefault("checkpoint", str(Path(out) / "finetune.state"))
     result = compress(model, zoo.example_input(model_name), parse_budget(budget), strat,
                       train_data=splits.train, eval_data=splits.val, test_data=splits.test,
-                      finetune_config=FinetuneConfig(**({"epochs": finetune_epochs, "seed": seed} | (finetune or {}))),
-                      act_bits=act_bits, model_name=model_name, progress=progress, device=device, task=task)
+                      finetune_config=FinetuneConfig(**config), act_bits=act_bits, model_name=model_name,
+                      progress=progress, device=device, task=task)
     fields = {"budget_text": budget, "finetune_epochs": finetune_epochs, "data": data, "task": task, "seed": seed}
     if task != "classification":  # judged without labels; the labels say how well it still classifies
         from zerobit.train.evaluate import accuracy
@@ -82,6 +87,8 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
         fields |= {"task_metric": result.accuracy, "top1_accuracy": accuracy(result.model, splits.test),
                    "baseline_top1_accuracy": accuracy(model, splits.test)}
     summary = result.save_folder(out, fields | (extra or {}))
+    if config.get("checkpoint"):  # the run is done: its files are written
+        Path(config["checkpoint"]).unlink(missing_ok=True)
     summary["_result"] = result
     return summary
 

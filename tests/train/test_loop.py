@@ -158,3 +158,34 @@ def test_a_checkpoint_of_another_run_or_a_damaged_one_is_refused(digits, tmp_pat
     with pytest.raises(ValueError, match="not a readable zerobit training checkpoint"):
         fit(TINY_MODELS["plain"](), Batches(small, 32), spec, loss, progress=False,
             checkpoint=Checkpoint(path, {"run": "a"}))
+
+
+def test_a_killed_compress_resumes_its_fine_tune_and_ends_as_an_uninterrupted_one(digits, tmp_path, monkeypatch):
+    from zerobit.train.loop import Checkpoint
+
+    model = train_tiny("residual", digits, epochs=4)
+
+    def run(checkpoint=None):
+        config = FinetuneConfig(epochs=3, lr=0.02, checkpoint=checkpoint and str(checkpoint))
+        return compress(model, digits.train.x[:1], Size(fraction=1 / 6), "uniform", train_data=digits.train,
+                        eval_data=digits.val, finetune_config=config, progress=False)
+
+    whole = run()
+    saves, save = [], Checkpoint.save
+
+    def save_then_die(self, *args):
+        save(self, *args)
+        saves.append(args[-2])
+        if len(saves) == 1:
+            raise KeyboardInterrupt  # killed right after the first epoch was saved
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "finetune.state")
+    monkeypatch.setattr(Checkpoint, "save", save)
+    resumed = run(tmp_path / "finetune.state")
+    assert resumed.accuracy == whole.accuracy and resumed.policy == whole.policy
+    for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one process"):
+        FinetuneConfig(checkpoint="x", processes=2)

@@ -50,6 +50,9 @@ class FinetuneConfig:
             are pickled to the processes (classes at module level), and fine-tunes that take callbacks (SBS,
             ADMM) refuse to run: run those under torchrun instead. Ignored under torchrun, which already runs
             one process per rank.
+        checkpoint: a file where `compress`'s final fine-tune keeps its progress after every epoch; a killed
+            compress started again with the same file, policy and settings goes on from the last epoch and ends
+            as an uninterrupted run would (one process only). `zerobit compress` keeps it in its --out folder.
     """
 
     epochs: float = 1.0
@@ -64,8 +67,11 @@ class FinetuneConfig:
     precision: str = "auto"
     quantizer: str = "mse"
     processes: int = 1
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
+        if self.checkpoint and self.processes > 1:
+            raise ValueError("FinetuneConfig: a checkpoint is kept by one process; use processes=1 with it")
         if (self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.distill <= 1
                 or self.clip_norm < 0 or self.precision not in PRECISIONS or self.quantizer not in QUANTIZERS
                 or self.processes < 1):
