@@ -159,3 +159,33 @@ def test_macs_match_a_forward_pass(make, shape):
     g = analyse(model, x)
     expected = hooked_macs(model, x)
     assert macs(g, float_policy(g)) == g.macs == expected
+
+
+class FixedWidthHead(nn.Module):
+    """Model code that hard-codes a width: the second conv's output is viewed as (B, 16, H·W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.view(x.shape[0], 16, -1).mean(-1))
+
+
+def test_a_group_the_model_code_cannot_shrink_keeps_its_channels(tmp_path):
+    import zerobit as zb
+    from zerobit.data.loaders import TensorData
+
+    model = FixedWidthHead().eval()
+    graph = analyse(model, EXAMPLE)
+    assert graph.groups["conv1"].prunable and not graph.groups["conv2"].prunable
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(torch.randn(64, *EXAMPLE.shape[1:], generator=g), torch.randint(0, 10, (64,), generator=g))
+    r = zb.compress(model, EXAMPLE, zb.Size(fraction=1 / 8), "uniform", train_data=data, eval_data=data,
+                    finetune_config=zb.FinetuneConfig(epochs=0), progress=False)  # it failed at the end before
+    assert r.policy["conv2"].kept == 16 and r.policy["conv1"].kept < 8
+    r.save(tmp_path / "m.zbit")
+    assert zb.load(tmp_path / "m.zbit", FixedWidthHead(), example_inputs=EXAMPLE)(EXAMPLE).shape == (1, 10)

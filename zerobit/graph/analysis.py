@@ -313,8 +313,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         layer.fixed_in = 0 if layer.kind == "depthwise" else layer.in_features - coupled
     owned = tuple(f"{n}." for layer in layers.values() for n in (layer.name, layer.bn) if n)
     extra = {k: ExtraTensor(tuple(v.shape)) for k, v in model.state_dict().items() if not k.startswith(owned)}
-    if extra:
-        _find_pruned_dims(model, example_inputs, groups, extra)
+    _find_pruned_dims(model, example_inputs, groups, extra)
     return ModelGraph(layers, groups, fp32_file_bytes(model), input_shape(example_inputs),
                       tuple(names[m] for m in ignored), extra)
 
@@ -429,7 +428,8 @@ def _find_pruned_dims(model: nn.Module, example_inputs: Any, groups: dict[str, C
     Pruning is done by Torch-Pruning exactly as `prune_structure` does it, group after group on one copy, so
     the sizes the file estimate uses are the sizes the pruned model has. After each group the copy is run: a
     group whose removal the model's own code does not follow (a reshape to fixed sizes, such as Swin's patch
-    merging) keeps every channel (it is only quantized), and the copy is pruned again without it.
+    merging or ``x.view(B, 16, -1)``) keeps every channel (it is only quantized), and the copy is pruned again
+    without it. (Torch-Pruning builds its graph of a ResNet-20 in ~20 ms; one forward per group follows.)
     """
     done: list[str] = []
     probe, dg = _pruned_copy(model, example_inputs, groups, done)
