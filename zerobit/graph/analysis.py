@@ -168,7 +168,7 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.Dependen
         raise UntraceableModelError(
             f"zerobit could not trace the model ({type(exc).__name__}: {exc}). The model must run on "
             "`example_inputs` with standard nn.Conv2d/nn.Linear/nn.Embedding/nn.BatchNorm2d modules; "
-            f"data-dependent control flow and in-place ops on residual paths are not supported."
+            "data-dependent control flow and in-place ops on residual paths are not supported."
         ) from exc
 
 
@@ -437,8 +437,7 @@ def _find_pruned_dims(model: nn.Module, example_inputs: Any, groups: dict[str, C
     for name, group in groups.items():
         if not group.prunable or group.block < 2:
             continue
-        _remove_decision_0(probe, dg, groups, name)
-        if not _runs(probe, example_inputs):
+        if not _removes_and_runs(probe, dg, groups, name, example_inputs):
             group.prunable = False
             probe, dg = _pruned_copy(model, example_inputs, groups, done)
             continue
@@ -472,10 +471,13 @@ def _pruned_copy(model: nn.Module, example_inputs: Any, groups: dict[str, Channe
     return probe, dg
 
 
-def _runs(model: nn.Module, example_inputs: Any) -> bool:
+def _removes_and_runs(probe: nn.Module, dg: tp.DependencyGraph, groups: dict[str, ChannelGroup], name: str,
+                      example_inputs: Any) -> bool:
+    """Remove decision 0 of group `name` from `probe`; does the model's code still run?"""
     try:
+        _remove_decision_0(probe, dg, groups, name)
         with torch.no_grad():
-            call(model, example_inputs)
-    except Exception:  # any failure of the model's own code on the pruned widths
+            call(probe, example_inputs)
+    except Exception:  # any failure of Torch-Pruning or of the model's own code on the pruned widths
         return False
     return True
