@@ -41,6 +41,7 @@ from zerobit.quant.sbs import (
 )
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.strategies.sbs_project import Margins, project
+from zerobit.strategies.uniform import max_keep
 from zerobit.train.calibrate import input_ranges, run_on
 from zerobit.train.finetune import finetune
 from zerobit.train.loop import Checkpoint
@@ -66,7 +67,8 @@ class SBS(Strategy):
             (measured on 4 batches before training), so the cost term closes the least sensitive gates first.
         min_keep: the strongest blocks of each group, this fraction of them, stay while the gates train (a
             group's threshold can otherwise sweep past most of its channels at once); the projection goes below
-            it only when the budget cannot be met otherwise.
+            it only when the budget cannot be met otherwise. Lowered to 0.9× the keep-ratio of the uniform policy
+            at the lowest weight width where the budget needs fewer channels.
         checkpoint: a file where the gate training keeps its progress after every epoch; a killed search
             started again with the same file, settings, model and budget goes on from its last epoch.
 
@@ -165,6 +167,11 @@ class GatedNet:
         self.act_chain = tuple(sorted(cfg.act_bits))
         self.model = copy.deepcopy(problem.model)
         self.steps = 0
+        # the floor of kept channels, lowered to 0.9× what a uniform policy at the lowest weight width keeps when
+        # the budget is below it: the gates can then reach the budget, and the projection needs no deep cut of
+        # one group (at 1/128 of ResNet-20's bytes it cut the stage-3 residual stream to 2 of 64 channels)
+        most = max_keep(problem, min(self.chain))
+        self.min_keep = cfg.min_keep if most is None else min(cfg.min_keep, 0.9 * most)
         graph, model = self.graph, self.model
         ranges = {}
         if self.act_chain:
@@ -270,7 +277,7 @@ class GatedNet:
                 prune.frozen = not weights_phase
                 prune.start(norms.detach().min().view(1), self.cfg.prune_temperature)  # below the weakest block
                 block_keep = prune.gates([norms], self.cfg.prune_temperature)[0]
-                floor = max(1, math.ceil(self.cfg.min_keep * len(norms)))
+                floor = max(1, math.ceil(self.min_keep * len(norms)))
                 forced = torch.zeros_like(block_keep, dtype=torch.bool)
                 forced[torch.topk(norms.detach(), floor).indices] = True
                 block_keep = torch.where(forced, torch.ones_like(block_keep), block_keep)
@@ -343,7 +350,7 @@ class GatedNet:
                    for g, s in self.state.items() if s["norms"] is not None}
         act = {n: [m / cfg.temperature for m in q.act.thresholds.margins(q.act.stats)]
                for n, q in self.layers.items() if q.act is not None}
-        floor = {g: max(1, math.ceil(cfg.min_keep * len(v))) for g, v in channel.items()}
+        floor = {g: max(1, math.ceil(self.min_keep * len(v))) for g, v in channel.items()}
         return Margins(self.chain, self.act_chain, weight, channel, act, self.blocks, floor)
 
     def open_counts(self, policy: Policy) -> dict:
