@@ -189,15 +189,8 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     bar = tqdm(total=spec.steps, desc=desc, disable=not show, leave=False, mininterval=1.0)
     guard = _Guard(model, opt, bar, history["restarts"], speak=rank == 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: guard.scale * spec.lr_factor(s))
-    step = 0
-    if checkpoint is not None:
-        if size > 1:
-            raise ValueError("fit: a checkpoint is kept by one process only; run data-parallel fits without one")
-        step, guard.scale = checkpoint.load(model, opt, sched, history)
-        guard.good = guard._snapshot()
-        bar.update(step)
-        if step and spec.steps_per_epoch and isinstance(getattr(batches, "epoch", None), int):
-            batches.epoch = step // spec.steps_per_epoch  # zerobit's Batches: the data the epochs left would see
+    step = 0 if checkpoint is None else _resume(checkpoint, size, model, batches, spec, opt, sched, guard, history)
+    bar.update(step)
     model.train()
     replicas = Replicas(model) if size > 1 and params else None
     net = model if replicas is None else replicas.net
@@ -244,6 +237,18 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
         bar.close()
     model.eval()
     return history
+
+
+def _resume(checkpoint: Checkpoint, size: int, model: nn.Module, batches: Iterable, spec: LoopSpec,
+            opt: torch.optim.Optimizer, sched: Any, guard: _Guard, history: dict) -> int:
+    """Load `checkpoint` into the run's objects; the step to go on from (0 without a saved run)."""
+    if size > 1:
+        raise ValueError("fit: a checkpoint is kept by one process only; run data-parallel fits without one")
+    step, guard.scale = checkpoint.load(model, opt, sched, history)
+    guard.good = guard._snapshot()
+    if step and spec.steps_per_epoch and isinstance(getattr(batches, "epoch", None), int):
+        batches.epoch = step // spec.steps_per_epoch  # zerobit's Batches: the data the epochs left would see
+    return step
 
 
 def _backward(loss: torch.Tensor, replicas: Replicas | None, params: list[nn.Parameter],
