@@ -88,3 +88,28 @@ def test_a_model_that_turned_non_finite_is_never_reported():
     q.get_submodule("features.1.0").bn.running_var[3] = -1.0
     with pytest.raises(FloatingPointError, match="features.1.0: weights, scales"):
         _check_finite(q)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "sbs"])
+def test_channel_multiple(tmp_path, trained_plain, digits, strategy):
+    """Kept widths are multiples of 4 (uniform searches over them; SBS's policy is rounded after its search),
+    the file meets the budget and loads back to the model measured."""
+    budget = zb.Size(fraction=1 / 8)
+    result = zb.compress(trained_plain, EXAMPLE, budget, strategy, train_data=digits.train, eval_data=digits.val,
+                         finetune_config=zb.FinetuneConfig(epochs=0.5, lr=0.02), progress=False, channel_multiple=4)
+    kept = {n: result.policy[n].kept for n, g in result.graph.groups.items() if g.prunable}
+    assert kept and all(k % 4 == 0 for k in kept.values()), kept
+    assert zb.save(result, tmp_path / "m.zbit") <= budget.limit(result.graph)
+    loaded = zb.load(tmp_path / "m.zbit", TINY_MODELS["plain"]())
+    assert torch.equal(predictions(loaded, digits.val), predictions(result.model, digits.val))
+    assert loaded.features[0][0].out_channels == kept["features.0.0"]
+
+
+def test_channel_multiple_is_checked(trained_plain, digits):
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="channel_multiple"):
+            zb.compress(trained_plain, EXAMPLE, zb.Size(fraction=1 / 8), train_data=digits.train,
+                        eval_data=digits.val, progress=False, channel_multiple=bad)
+    with pytest.raises(zb.BudgetError, match="multiples of 16"):  # 16 keeps every channel: nothing fits
+        zb.compress(trained_plain, EXAMPLE, zb.Size(fraction=1 / 8), "uniform", train_data=digits.train,
+                    eval_data=digits.val, progress=False, channel_multiple=16)

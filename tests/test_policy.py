@@ -48,3 +48,34 @@ def test_table_lists_every_group():
     p = uniform_policy(g, {n: torch.ones(c.channels) for n, c in g.groups.items()}, keep=0.5, bits=4)
     text = str(p)
     assert all(name in text for name in g.groups) and "6/12" in text and "4b×6" in text
+
+
+def test_aligned_policies_keep_multiples_and_drop_the_least_important():
+    from zerobit.policy import align_policy, aligned_count
+
+    assert [aligned_count(k, 16, 8) for k in (1, 7, 8, 9, 15, 16)] == [8, 8, 8, 8, 8, 16]
+    assert [aligned_count(k, 6, 8) for k in (1, 5, 6)] == [6, 6, 6]  # a group smaller than the multiple: whole
+    assert aligned_count(7, 16, 1) == 7
+    for name, build in TINY_MODELS.items():
+        g = analyse(build(), EXAMPLE)
+        scores = {n: torch.randn(c.channels, generator=torch.Generator().manual_seed(1)) for n, c in g.groups.items()}
+        for keep in (0.2, 0.45, 0.7):
+            p = uniform_policy(g, scores, keep, 4)
+            a = align_policy(g, p, scores, 4)
+            a.validate(g)
+            for n, group in g.groups.items():
+                kept = a[n].kept // group.tie
+                assert kept == aligned_count(p[n].kept // group.tie, group.block, 4), (name, n)
+                assert kept % 4 == 0 or kept == group.block or not group.prunable, (name, n, kept)
+                removed = [i for i, (x, y) in enumerate(zip(p[n].bits, a[n].bits, strict=True)) if x > 0 and y == 0]
+                if removed:  # the channels dropped score lowest among those the policy kept
+                    survivors = [scores[n][i] for i, b in enumerate(a[n].bits) if b > 0]
+                    assert max(scores[n][i] for i in removed) <= min(survivors)
+            assert uniform_policy(g, scores, keep, 4, multiple=4) == align_policy(g, p, scores, 4)
+    # a count rounded up gets the best-scoring removed channels back, at the group's lowest kept width
+    g = analyse(TINY_MODELS["plain"](), EXAMPLE)
+    scores = {n: torch.arange(c.channels, dtype=torch.float) for n, c in g.groups.items()}
+    p = Policy(dict(uniform_policy(g, scores, 1.0, 4).groups) | {"features.0.0": GroupDecision((6, 3) + (0,) * 10)})
+    up = align_policy(g, p, scores, 4)
+    assert up["features.0.0"].bits == (6, 3) + (0,) * 8 + (3, 3)
+    assert align_policy(g, up, scores, 4) is up

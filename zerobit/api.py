@@ -22,7 +22,7 @@ from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import ModelGraph, analyse
 from zerobit.graph.linears import linearized
 from zerobit.importance import group_scores
-from zerobit.policy import Policy
+from zerobit.policy import Policy, align_policy
 from zerobit.quant.apply import apply_policy, inference_copy, quant_layers
 from zerobit.report.runs import layer_rows
 from zerobit.strategies import Problem, Strategy, get_strategy
@@ -140,6 +140,22 @@ LATENCY_TRIES = 3
 LATENCY_CLOSE = 0.9  # a measured latency within 90–100% of the budget is taken at once
 
 
+def _search(strat: Strategy, problem: Problem) -> SearchResult:
+    """The strategy's search, its policy rounded to `problem.channel_multiple` where the strategy did not."""
+    found = strat.search(problem)
+    aligned = align_policy(problem.graph, found.policy, problem.scores, problem.channel_multiple)
+    if aligned is found.policy:
+        return found
+    if not isinstance(problem.budget, Latency) and not problem.fits(aligned):
+        raise BudgetError(f"rounding strategy {strat.name!r}'s policy to multiples of {problem.channel_multiple} "
+                          f"channels costs {problem.cost(aligned):,.0f} {problem.budget.unit}, over the budget "
+                          f"({problem.limit:,.0f}); use a smaller channel_multiple or the uniform strategy")
+    changed = sum(aligned[n] != found.policy[n] for n in problem.graph.groups)
+    # a model the strategy trained under the old policy no longer matches it: start again from its float weights
+    return SearchResult(aligned, None, found.finetune_epochs_used if found.model is None else 0.0,
+                        found.info | {"aligned_groups": changed}, found.start_model)
+
+
 def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> SearchResult:
     """Measure the searched policy's real latency and calibrate the table's predictions on this model: while the
     policy is over the budget, or well under it, search again under the budget scaled by predicted/measured
@@ -165,7 +181,7 @@ def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> Sea
             retry.check_feasible(problem.graph, problem.act_bits)
         except BudgetError:
             break
-        found = strat.search(dataclasses.replace(problem, budget=retry))
+        found = _search(strat, dataclasses.replace(problem, budget=retry))
     if best is None:
         raise BudgetError(f"the policy found takes {measured:.3f} ms measured, over the {limit:.3f} ms budget "
                           f"after {attempt} searches; raise the budget or use more threads")
@@ -176,7 +192,8 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
              *, train_data: Iterable, eval_data: Iterable, test_data: Iterable | None = None,
              finetune_config: FinetuneConfig | None = None, act_bits: int = 8, model_name: str = "",
              progress: bool = True, ignored_layers: list[str] | None = None,
-             device: DeviceLike = "auto", task: Task | str | None = None) -> CompressResult:
+             device: DeviceLike = "auto", task: Task | str | None = None,
+             channel_multiple: int = 1) -> CompressResult:
     """Compress `model` to fit `budget`: choose per-channel bits (0 = removed), fine-tune, measure.
 
     Args:
@@ -202,6 +219,11 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
         task: how batches are run and judged: "classification" (default; labels, top-1 accuracy),
             "distillation" or ``zerobit.Distillation(distance=...)`` (no labels: match the original model's
             outputs), or your own ``zerobit.Task``.
+        channel_multiple: keep a multiple of this many channels in every prunable group (at least this many, or
+            all): onnxruntime's integer convolutions run widths of multiples of 8 or 16 about twice as fast as the
+            widths just below them (measured in BENCHMARKS.md), so 8 suits a model deployed there. Uniform and
+            sequential search over such widths; other strategies' policies are rounded down after their search
+            (lowest-importance channels removed first), which keeps them within the budget.
 
     Example:
         >>> # r = compress(model, torch.zeros(1, 1, 28, 28), Size(fraction=1/32), "sequential",
@@ -209,13 +231,15 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
         >>> # r.save("small.zbit")
     """
     _check_inputs(model, example_inputs, budget, train_data, eval_data)
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValueError(f"channel_multiple must be a whole number ≥ 1 (1 = any width), not {channel_multiple!r}")
     task = get_task(task)
     dev = resolve(device)
     home, was_training = model_device(model), model.training
     try:
         result = _compress(linearized(model.to(dev).eval()), move(example_inputs, dev), budget, strategy, train_data, eval_data,
                            test_data, finetune_config or FinetuneConfig(), act_bits, model_name, progress,
-                           ignored_layers, task)
+                           ignored_layers, task, channel_multiple)
         result.original, result.train_data = model, train_data
         return result
     finally:
@@ -236,7 +260,7 @@ def _finetune_checkpoint(config: FinetuneConfig, policy: Policy, problem: Proble
 def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: str | Strategy,
               train_data: Iterable, eval_data: Iterable, test_data: Iterable | None,
               finetune_config: FinetuneConfig, act_bits: int, model_name: str, progress: bool,
-              ignored_layers: list[str] | None, task: Task) -> CompressResult:
+              ignored_layers: list[str] | None, task: Task, channel_multiple: int = 1) -> CompressResult:
     clock: dict[str, float] = {}
     t = time.perf_counter()
     strat = get_strategy(strategy)
@@ -249,12 +273,12 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
     teacher = inference_copy(model, graph)
     task = task.bind(teacher)
     problem = Problem(model, graph, budget, example_inputs, train_data, eval_data, group_scores(model, graph),
-                      act_bits, finetune_config, progress, task)
+                      act_bits, finetune_config, progress, task, channel_multiple)
     report_data = test_data if test_data is not None else eval_data
     baseline = task.metric(model, report_data)
     clock["analyse"] = time.perf_counter() - t
     t = time.perf_counter()
-    found = strat.search(problem)
+    found = _search(strat, problem)
     if isinstance(budget, Latency):
         found = _meet_latency(problem, strat, found)
     clock["search"] = time.perf_counter() - t

@@ -57,7 +57,7 @@ def parse_options(items: list[str]) -> dict:
 def run_compress(model_name: str, data: str, budget: str, strategy: str, finetune_epochs: float, out: str,
                  act_bits: int = 8, seed: int = 0, progress: bool = True, options: dict | None = None,
                  device: str = "auto", finetune: dict | None = None, task: str = "classification",
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, channel_multiple: int = 1) -> dict:
     """Compress a zoo model and write DIR/model.zbit, DIR/policy.json and DIR/result.json; returns the result.
 
     `finetune` sets other FinetuneConfig fields (e.g. {"lr": 0.02}); `extra` is added to result.json. `task`
@@ -79,8 +79,9 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
     result = compress(model, zoo.example_input(model_name), parse_budget(budget), strat,
                       train_data=splits.train, eval_data=splits.val, test_data=splits.test,
                       finetune_config=FinetuneConfig(**config), act_bits=act_bits, model_name=model_name,
-                      progress=progress, device=device, task=task)
-    fields = {"budget_text": budget, "finetune_epochs": finetune_epochs, "data": data, "task": task, "seed": seed}
+                      progress=progress, device=device, task=task, channel_multiple=channel_multiple)
+    fields = {"budget_text": budget, "finetune_epochs": finetune_epochs, "data": data, "task": task, "seed": seed,
+              "channel_multiple": channel_multiple}
     if task != "classification":  # judged without labels; the labels say how well it still classifies
         from zerobit.train.evaluate import accuracy
 
@@ -96,7 +97,7 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
 def _cmd_compress(args: argparse.Namespace) -> int:
     summary = run_compress(args.model, args.data, args.budget, args.strategy, args.finetune_epochs, args.out,
                            args.act_bits, args.seed, not args.quiet, parse_options(args.option), args.device,
-                           finetune=_processes(args), task=args.task)
+                           finetune=_processes(args), task=args.task, channel_multiple=args.channel_multiple)
     result = summary.pop("_result")
     print(result.policy)
     print(result.summary())
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strategy setting, repeatable (e.g. --option episodes=300 --option checkpoint=s.state)")
     c.add_argument("--finetune-epochs", type=float, default=1.0)
     c.add_argument("--act-bits", type=int, default=8)
+    c.add_argument("--channel-multiple", type=int, default=1, metavar="N",
+                   help="keep a multiple of N channels per group (8: faster onnxruntime kernels; see README)")
     c.add_argument("--task", default="classification", choices=["classification", "distillation"],
                    help="distillation: no labels, match the original model's outputs")
     c.add_argument("--seed", type=int, default=0)

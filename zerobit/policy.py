@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -241,9 +241,53 @@ def keep_top(scores: torch.Tensor, kept: int, bits: int) -> GroupDecision:
     return GroupDecision(tuple(bits if i in chosen else 0 for i in range(len(scores))))
 
 
+def aligned_count(kept: int, block: int, multiple: int) -> int:
+    """`kept` channels rounded down to a multiple of `multiple`; at least `multiple` (or the whole `block` when it
+    is smaller); a group that keeps all its channels stays whole.
+
+    Example:
+        >>> aligned_count(15, 32, 8), aligned_count(5, 32, 8), aligned_count(16, 16, 8), aligned_count(3, 4, 8)
+        (8, 8, 16, 4)
+    """
+    if multiple <= 1 or kept >= block:
+        return kept
+    return max(min(multiple, block), kept // multiple * multiple)
+
+
+def aligns(group, multiple: int) -> bool:
+    """Whether a group's kept-channel count is rounded to `multiple` (heads count by head, not by channel)."""
+    return multiple > 1 and group.prunable and group.span == 1
+
+
+def align_policy(graph: ModelGraph, policy: Policy, scores: Mapping[str, torch.Tensor], multiple: int) -> Policy:
+    """`policy` with every prunable group's kept-channel count rounded as by `aligned_count`: the lowest-scoring
+    kept channels are removed; where the count rises to `multiple`, the highest-scoring removed channels come
+    back at the group's lowest kept bit-width. Runtimes run such widths in faster kernels (see README)."""
+    groups = dict(policy.groups)
+    for name, g in graph.groups.items():
+        if not aligns(g, multiple) or name not in groups:
+            continue
+        decision = decisions_of(groups[name], g.tie)
+        kept, target = decision.kept, aligned_count(decision.kept, g.block, multiple)
+        if target == kept or kept == 0:
+            continue
+        score = tied_scores(scores[name], g.tie).tolist()
+        bits = list(decision.bits)
+        if target < kept:
+            for i in sorted((i for i, b in enumerate(bits) if b > 0), key=lambda i: (score[i], -i))[:kept - target]:
+                bits[i] = 0
+        else:
+            low = min(decision.kept_bits())
+            for i in sorted((i for i, b in enumerate(bits) if b == 0), key=lambda i: (-score[i], i))[:target - kept]:
+                bits[i] = low
+        groups[name] = repeat(GroupDecision(tuple(bits)), g.tie)
+    return replace(policy, groups=groups) if groups != policy.groups else policy
+
+
 def uniform_policy(graph: ModelGraph, scores: Mapping[str, torch.Tensor], keep: float, bits: int,
-                   act_bits: int = 8) -> Policy:
-    """Same keep-ratio and bits in every group; the lowest-scoring channels are removed.
+                   act_bits: int = 8, multiple: int = 1) -> Policy:
+    """Same keep-ratio and bits in every group; the lowest-scoring channels are removed (kept counts rounded by
+    `aligned_count` when `multiple` > 1).
 
     Example:
         >>> # policy = uniform_policy(graph, importance, keep=0.5, bits=4)
@@ -251,5 +295,6 @@ def uniform_policy(graph: ModelGraph, scores: Mapping[str, torch.Tensor], keep: 
     groups = {}
     for name, g in graph.groups.items():
         kept = g.block if not g.prunable else max(1, min(g.block, round(keep * g.block)))
+        kept = aligned_count(kept, g.block, multiple) if aligns(g, multiple) else kept
         groups[name] = repeat(keep_top(tied_scores(scores[name], g.tie, g.span), kept, bits), g.tie, g.span)
     return Policy(groups, act_bits)

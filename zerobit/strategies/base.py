@@ -35,6 +35,7 @@ class Problem:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     progress: bool = True
     task: Task = DEFAULT_TASK
+    channel_multiple: int = 1  # kept channels per group rounded to a multiple of this (policy.aligned_count)
 
     @property
     def limit(self) -> float:
@@ -45,7 +46,8 @@ class Problem:
 
     def identity(self) -> dict:
         """What a search's checkpoint must match to be resumed besides its settings: the budget and the groups."""
-        return {"budget": repr(self.budget), "limit": self.limit,
+        aligned = {"channel_multiple": self.channel_multiple} if self.channel_multiple > 1 else {}
+        return {"budget": repr(self.budget), "limit": self.limit, **aligned,
                 "groups": {n: g.channels for n, g in self.graph.groups.items()}}
 
     def fits(self, policy: Policy) -> bool:

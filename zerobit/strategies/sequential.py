@@ -32,7 +32,7 @@ class Sequential(Strategy):
 
     def search(self, problem: Problem) -> SearchResult:
         keep, bits = solve_uniform(problem, self.bits, self.min_keep)
-        pruned = uniform_policy(problem.graph, problem.scores, keep, FLOAT_BITS, act_bits=FLOAT_BITS)
+        pruned = uniform_policy(problem.graph, problem.scores, keep, FLOAT_BITS, FLOAT_BITS, problem.channel_multiple)
         model = apply_policy(problem.model, problem.graph, pruned, problem.example_inputs)
         recalibrate_batchnorm(model, batches_of(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed),
                               task=problem.task)

@@ -14,7 +14,7 @@ UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
 def max_keep(problem: Problem, bits: int, iterations: int = 24) -> float | None:
     """Largest keep-ratio at which the uniform policy with `bits` fits the budget (None if none does)."""
     def policy(keep: float) -> Policy:
-        return uniform_policy(problem.graph, problem.scores, keep, bits, problem.act_bits)
+        return uniform_policy(problem.graph, problem.scores, keep, bits, problem.act_bits, problem.channel_multiple)
 
     if problem.fits(policy(1.0)):
         return 1.0
@@ -32,7 +32,9 @@ def solve_uniform(problem: Problem, bits: int | None, min_keep: float) -> tuple[
     options = [(b, max_keep(problem, b)) for b in ([bits] if bits else UNIFORM_BITS)]
     options = [(b, k) for b, k in options if k is not None]
     if not options:
-        raise BudgetError(f"no uniform policy meets the budget ({problem.limit:,.0f} {problem.budget.unit})")
+        aligned = (f" with kept channels rounded to multiples of {problem.channel_multiple} (channel_multiple)"
+                   if problem.channel_multiple > 1 else "")
+        raise BudgetError(f"no uniform policy meets the budget ({problem.limit:,.0f} {problem.budget.unit}){aligned}")
     for b, k in options:
         if k >= min_keep:
             return k, b
@@ -58,5 +60,6 @@ class Uniform(Strategy):
 
     def search(self, problem: Problem) -> SearchResult:
         keep, bits = solve_uniform(problem, self.bits, self.min_keep)
-        policy = uniform_policy(problem.graph, problem.scores, keep, bits, problem.act_bits)
+        policy = uniform_policy(problem.graph, problem.scores, keep, bits, problem.act_bits,
+                                problem.channel_multiple)
         return SearchResult(policy, info={"keep": keep, "bits": bits})
