@@ -38,44 +38,53 @@ RESULTS = ROOT / "bench" / "results" / "deploy.json"
 
 
 def build(args: argparse.Namespace, splits) -> None:
-    """Compress, write .zbit and .onnx files (fast mode), record bytes, accuracy and parity."""
+    """Compress, write .zbit and .onnx files (fast mode), record bytes, accuracy and parity. A strategy written
+    "uniform:m8" runs with channel_multiple=8."""
     out = Path(args.out)
     for budget in args.budgets.split(","):
-        for strategy in args.strategies.split(","):
-            run = out / f"{strategy}_{budget.replace('/', 'over')}"
+        for label in args.strategies.split(","):
+            strategy, _, multiple = label.partition(":m")
+            run = out / f"{label.replace(':', '_')}_{budget.replace('/', 'over')}"
             if (run / "row.json").exists():
-                _int8_variant(run, splits)
+                _variants(run, splits)
                 continue
             torch.manual_seed(args.seed)
             try:
                 s = run_compress(args.model, "fashion-mnist", budget, strategy, args.epochs, str(run), seed=args.seed,
-                                 progress=False, device="cpu")
+                                 progress=False, device="cpu", channel_multiple=int(multiple or 1))
             except ValueError as exc:
-                print(f"{budget:>6} {strategy:>10}  refused: {exc}", flush=True)
+                print(f"{budget:>6} {label:>10}  refused: {exc}", flush=True)
                 continue
             s.pop("_result")
-            report = export_onnx(run / "model.zbit", run / "model.onnx", calibration_data=splits.train.subset(512))
+            report = export_onnx(run / "model.zbit", run / "model.onnx", calibration_data=splits.train.subset(512),
+                                 mode="fast")
             found = parity(run / "model.onnx", load(run / "model.zbit"), splits.test)
-            row = {"model": args.model, "budget": budget, "strategy": strategy, "epochs": args.epochs,
+            row = {"model": args.model, "budget": budget, "strategy": label.replace(":", " "), "epochs": args.epochs,
                    "seed": args.seed, "zbit_bytes": report.zbit_bytes, "onnx_bytes": report.onnx_bytes,
                    "accuracy": s["accuracy"], "onnx_agreement": found["agreement"],
                    "onnx_max_abs_diff": found["max_abs_diff"], "macs": s["macs"], "fp32_macs": s["fp32_macs"],
                    "formats": sorted(set(report.layers.values()))}
             (run / "row.json").write_text(json.dumps(row, indent=1))
-            _int8_variant(run, splits)
+            _variants(run, splits)
             print(f"{budget:>6} {strategy:>10}  .zbit {row['zbit_bytes']:>7,} B  .onnx {row['onnx_bytes']:>7,} B  "
                   f"acc {100 * row['accuracy']:.2f}%  parity {100 * found['agreement']:.2f}%", flush=True)
 
 
-def _int8_variant(run: Path, splits) -> None:
-    """Where the file has int4 layers, also write them as int8 (larger; integer kernels throughout) + parity."""
+VARIANTS = {"int8": {"int4": False, "mode": "fast"}, "exact": {"mode": "exact"}}  # file suffix → export_onnx
+
+
+def _variants(run: Path, splits) -> None:
+    """The same .zbit exported other ways, each with its parity: "int8" (where the file has int4 layers: them as
+    int8, larger, integer kernels throughout) and "exact" (computes the .zbit model's numbers)."""
     row = json.loads((run / "row.json").read_text())
-    if (run / "int8.json").exists() or "int4" not in row["formats"]:
-        return
-    export_onnx(run / "model.zbit", run / "model_int8.onnx", int4=False, calibration_data=splits.train.subset(512))
-    found = parity(run / "model_int8.onnx", load(run / "model.zbit"), splits.test)
-    (run / "int8.json").write_text(json.dumps({"onnx_agreement": found["agreement"],
-                                               "onnx_max_abs_diff": found["max_abs_diff"]}))
+    for name, options in VARIANTS.items():
+        if (run / f"{name}.json").exists() or (name == "int8" and "int4" not in row["formats"]):
+            continue
+        export_onnx(run / "model.zbit", run / f"model_{name}.onnx", calibration_data=splits.train.subset(512),
+                    **options)
+        found = parity(run / f"model_{name}.onnx", load(run / "model.zbit"), splits.test)
+        (run / f"{name}.json").write_text(json.dumps({"onnx_agreement": found["agreement"],
+                                                      "onnx_max_abs_diff": found["max_abs_diff"]}))
 
 
 def peer_files(args: argparse.Namespace, splits, model, example) -> dict[str, Path]:
@@ -190,9 +199,10 @@ def measure(args: argparse.Namespace, splits) -> dict:
         row = json.loads(row_file.read_text())
         name = f"{row['strategy']} {row['budget']}"
         files[name], rows[name] = row_file.parent / "model.onnx", row
-        if (row_file.parent / "model_int8.onnx").exists():
-            files[f"{name} int8"] = row_file.parent / "model_int8.onnx"
-            rows[f"{name} int8"] = row | json.loads((row_file.parent / "int8.json").read_text())
+        for variant in VARIANTS:
+            if (row_file.parent / f"{variant}.json").exists():
+                files[f"{name} {variant}"] = row_file.parent / f"model_{variant}.onnx"
+                rows[f"{name} {variant}"] = row | json.loads((row_file.parent / f"{variant}.json").read_text())
     files |= peer_files(args, splits, model, example)
     result = {"model": args.model, "cpu": cpu_name(), "threads": args.threads, "epochs": args.epochs,
               "seed": args.seed, "rows": [], "latency_table": [], "latency_budget": []}
@@ -203,7 +213,7 @@ def measure(args: argparse.Namespace, splits) -> dict:
         for name, ms in timed.items():
             row = rows.get(name, {}) | {"name": name, "batch": batch, "ms": ms, "speedup": timed["fp32"] / ms,
                                         "onnx_bytes": files[name].stat().st_size}
-            if name in rows or name == "fp32":
+            if (name in rows or name == "fp32") and not name.endswith("exact"):  # the table models fast files
                 policy = float_policy(graph) if name == "fp32" else \
                     decode(files[name].parent / "model.zbit")[1].policy
                 row["predicted_ms"] = table.predict(graph, policy, int4=not name.endswith("int8"))

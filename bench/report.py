@@ -205,7 +205,8 @@ def deploy_section(result: dict) -> str:
     Latency-vs-MACs budget comparison."""
     lines = ["## Deployment: onnxruntime latency, ONNX bytes and parity (ResNet-20)", "",
              f"CPU: {result['cpu']}, onnxruntime on {result['threads']} thread(s); zerobit's models fine-tuned "
-             f"{result['epochs']:g} epochs (seed {result['seed']}), exported by `export_onnx` (mode fast); the peer's "
+             f"{result['epochs']:g} epochs (seed {result['seed']}), exported by `export_onnx` in mode fast (*exact* rows: "
+             "mode exact, the .zbit model's own numbers); *m8*: `channel_multiple=8`; the peer's "
              "files are Torch-Pruning + onnxruntime static QDQ at the same byte budget. *ms* is the median of "
              "interleaved calls (every repetition calls every file once, in turn); *×* is fp32's time over the "
              "row's; *parity* the share of the 10,000 test images on which onnxruntime and the .zbit model agree; "

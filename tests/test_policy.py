@@ -79,3 +79,22 @@ def test_aligned_policies_keep_multiples_and_drop_the_least_important():
     up = align_policy(g, p, scores, 4)
     assert up["features.0.0"].bits == (6, 3) + (0,) * 8 + (3, 3)
     assert align_policy(g, up, scores, 4) is up
+
+
+def test_fill_aligned_spends_the_slack_on_the_groups_that_lost_most():
+    from zerobit.policy import align_policy, fill_aligned
+
+    g = analyse(TINY_MODELS["plain"](), EXAMPLE)  # groups of 12 and 16 channels, and the output layer
+    scores = {n: torch.arange(c.channels, dtype=torch.float) for n, c in g.groups.items()}
+    p = uniform_policy(g, scores, 0.7, 4)  # 8/12 and 11/16 kept
+    down = align_policy(g, p, scores, 4)
+    assert (down["features.0.0"].kept, down["features.1.0"].kept) == (8, 8)
+    targets = {n: p[n].kept for n in g.groups}
+    total = lambda q: q["features.0.0"].kept + q["features.1.0"].kept  # noqa: E731
+    # room for one step of 4: it goes to the 16-channel group, which lost 3/16 (the other lost 0/12)
+    one = fill_aligned(g, down, scores, 4, targets, lambda q: total(q) <= 20)
+    assert (one["features.0.0"].kept, one["features.1.0"].kept) == (8, 12)
+    assert one["features.1.0"].bits[4:] == (4,) * 12  # the best-scoring channels came back, at 4 bits
+    assert fill_aligned(g, down, scores, 4, targets, lambda q: total(q) <= 19) == down  # no room: unchanged
+    # a group never grows past its target's share: the 12-channel group keeps 8
+    assert fill_aligned(g, down, scores, 4, targets, lambda q: True)["features.0.0"].kept == 8

@@ -22,7 +22,7 @@ from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import ModelGraph, analyse
 from zerobit.graph.linears import linearized
 from zerobit.importance import group_scores
-from zerobit.policy import Policy, align_policy
+from zerobit.policy import Policy, align_policy, fill_aligned
 from zerobit.quant.apply import apply_policy, inference_copy, quant_layers
 from zerobit.report.runs import layer_rows
 from zerobit.strategies import Problem, Strategy, get_strategy
@@ -143,13 +143,16 @@ LATENCY_CLOSE = 0.9  # a measured latency within 90–100% of the budget is take
 def _search(strat: Strategy, problem: Problem) -> SearchResult:
     """The strategy's search, its policy rounded to `problem.channel_multiple` where the strategy did not."""
     found = strat.search(problem)
-    aligned = align_policy(problem.graph, found.policy, problem.scores, problem.channel_multiple)
+    graph, multiple = problem.graph, problem.channel_multiple
+    aligned = align_policy(graph, found.policy, problem.scores, multiple)
     if aligned is found.policy:
         return found
-    if not isinstance(problem.budget, Latency) and not problem.fits(aligned):
-        raise BudgetError(f"rounding strategy {strat.name!r}'s policy to multiples of {problem.channel_multiple} "
-                          f"channels costs {problem.cost(aligned):,.0f} {problem.budget.unit}, over the budget "
+    if not problem.fits(aligned):
+        raise BudgetError(f"rounding strategy {strat.name!r}'s policy to multiples of {multiple} channels costs "
+                          f"{problem.cost(aligned):,.0f} {problem.budget.unit}, over the budget "
                           f"({problem.limit:,.0f}); use a smaller channel_multiple or the uniform strategy")
+    targets = {n: found.policy[n].kept / g.tie for n, g in graph.groups.items()}
+    aligned = fill_aligned(graph, aligned, problem.scores, multiple, targets, problem.fits)
     changed = sum(aligned[n] != found.policy[n] for n in problem.graph.groups)
     # a model the strategy trained under the old policy no longer matches it: start again from its float weights
     return SearchResult(aligned, None, found.finetune_epochs_used if found.model is None else 0.0,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -259,29 +259,51 @@ def aligns(group, multiple: int) -> bool:
     return multiple > 1 and group.prunable and group.span == 1
 
 
+def _with_count(graph: ModelGraph, policy: Policy, scores: Mapping[str, torch.Tensor], name: str,
+                target: int) -> GroupDecision:
+    """Group `name`'s decision keeping `target` channels per tied block: the lowest-scoring kept channels are
+    removed, or the highest-scoring removed ones come back at the group's lowest kept bit-width."""
+    g = graph.groups[name]
+    decision = decisions_of(policy[name], g.tie)
+    score, bits = tied_scores(scores[name], g.tie).tolist(), list(decision.bits)
+    if target < decision.kept:
+        for i in sorted((i for i, b in enumerate(bits) if b > 0), key=lambda i: (score[i], -i))[:decision.kept - target]:
+            bits[i] = 0
+    else:
+        low = min(decision.kept_bits())
+        for i in sorted((i for i, b in enumerate(bits) if b == 0), key=lambda i: (-score[i], i))[:target - decision.kept]:
+            bits[i] = low
+    return repeat(GroupDecision(tuple(bits)), g.tie)
+
+
 def align_policy(graph: ModelGraph, policy: Policy, scores: Mapping[str, torch.Tensor], multiple: int) -> Policy:
-    """`policy` with every prunable group's kept-channel count rounded as by `aligned_count`: the lowest-scoring
-    kept channels are removed; where the count rises to `multiple`, the highest-scoring removed channels come
-    back at the group's lowest kept bit-width. Runtimes run such widths in faster kernels (see README)."""
+    """`policy` with every prunable group's kept-channel count rounded as by `aligned_count` (`_with_count`).
+    Runtimes run such widths in faster kernels (see README)."""
     groups = dict(policy.groups)
     for name, g in graph.groups.items():
-        if not aligns(g, multiple) or name not in groups:
-            continue
-        decision = decisions_of(groups[name], g.tie)
-        kept, target = decision.kept, aligned_count(decision.kept, g.block, multiple)
-        if target == kept or kept == 0:
-            continue
-        score = tied_scores(scores[name], g.tie).tolist()
-        bits = list(decision.bits)
-        if target < kept:
-            for i in sorted((i for i, b in enumerate(bits) if b > 0), key=lambda i: (score[i], -i))[:kept - target]:
-                bits[i] = 0
-        else:
-            low = min(decision.kept_bits())
-            for i in sorted((i for i, b in enumerate(bits) if b == 0), key=lambda i: (-score[i], i))[:target - kept]:
-                bits[i] = low
-        groups[name] = repeat(GroupDecision(tuple(bits)), g.tie)
+        kept = policy[name].kept // g.tie if name in groups else 0
+        if aligns(g, multiple) and kept and aligned_count(kept, g.block, multiple) != kept:
+            groups[name] = _with_count(graph, policy, scores, name, aligned_count(kept, g.block, multiple))
     return replace(policy, groups=groups) if groups != policy.groups else policy
+
+
+def fill_aligned(graph: ModelGraph, policy: Policy, scores: Mapping[str, torch.Tensor], multiple: int,
+                 targets: Mapping[str, float], fits: Callable[[Policy], bool]) -> Policy:
+    """Spend what rounding down to multiples left of the budget: groups that lost the largest share of their
+    `targets` (kept channels per tied block before rounding) get `multiple` more channels, largest loss first,
+    each while the policy still `fits`."""
+    losses = []
+    for name, g in graph.groups.items():
+        kept = policy[name].kept // g.tie
+        if aligns(g, multiple) and name in targets and kept < min(g.block, targets[name]):
+            losses.append(((targets[name] - kept) / g.block, name))
+    for _, name in sorted(losses, reverse=True):
+        g = graph.groups[name]
+        trial = replace(policy, groups=dict(policy.groups) | {name: _with_count(
+            graph, policy, scores, name, min(g.block, policy[name].kept // g.tie + multiple))})
+        if fits(trial):
+            policy = trial
+    return policy
 
 
 def uniform_policy(graph: ModelGraph, scores: Mapping[str, torch.Tensor], keep: float, bits: int,

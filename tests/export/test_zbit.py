@@ -8,7 +8,7 @@ import torch
 from tiny_models import EXAMPLE, TINY_MODELS
 
 from zerobit.export.layout import layer_layouts
-from zerobit.export.runtime import load, read_zbit, save_zbit
+from zerobit.export.runtime import decode, load, read_zbit, save_zbit
 from zerobit.export.zbit import ZbitFormatError, estimate_bytes, safetensors_bytes
 from zerobit.graph import analyse
 from zerobit.policy import GroupDecision, LayerDecision, Policy
@@ -250,3 +250,37 @@ def test_file_size_is_computed_without_building_the_file() -> None:
         meta = {"format": "zbit", "groups": '[["a",3],["b\\n\\"",4]]', "crc32": "00000000", "n": str(trial)}
         written = save({n: torch.zeros(k, dtype=dt) for n, (dt, k) in sizes.items()}, metadata=meta)
         assert safetensors_bytes(meta, sizes) == len(written), sizes
+
+
+def test_version_2_files_decode_their_biases_as_stored(tmp_path):
+    """Version 3 rounds the biases behind quantized inputs to the accumulator's grid, as the model that was
+    measured does; a version-2 file (written before) still loads to the model it measured: biases as stored."""
+    from safetensors.numpy import save_file
+
+    from zerobit.export.container import checksum, read_container
+    from zerobit.quant.modules import grid_bias
+
+    _model, graph, _policy, _q = applied("plain", 0, 8)
+    policy = Policy({n: GroupDecision(tuple(4 if i % 3 else 0 for i in range(g.channels)) if g.prunable
+                                      else (6,) * g.channels) for n, g in graph.groups.items()}, 8)
+    q = apply_policy(TINY_MODELS["plain"]().eval(), graph, policy, EXAMPLE)
+    calibrate_activations(q, [(torch.randn(32, 1, 8, 8), None)])
+    q.eval()
+    save_zbit(q, graph, policy, tmp_path / "v3.zbit")
+    meta, arrays = read_container(tmp_path / "v3.zbit")
+    assert meta["version"] == "3"
+    meta["version"] = "2"
+    meta["crc32"] = f"{checksum(meta, arrays):08x}"
+    save_file(arrays, str(tmp_path / "v2.zbit"), metadata=meta)
+    new, old = load(tmp_path / "v3.zbit", TINY_MODELS["plain"]()), load(tmp_path / "v2.zbit", TINY_MODELS["plain"]())
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(new(x), q(x))
+    stored = torch.from_numpy(arrays["biases"]).float()
+    old_biases = torch.cat([m.bias.detach() for m in old.modules() if getattr(m, "bias", None) is not None
+                            and isinstance(m, torch.nn.Conv2d | torch.nn.Linear)])
+    assert torch.equal(old_biases, stored)
+    codes: dict = {}
+    decode(tmp_path / "v3.zbit", TINY_MODELS["plain"](), layer_codes=codes)
+    expected = grid_bias(old.fc.bias.detach(), new.fc.input_quant.scale, codes["fc"].scale16)
+    assert torch.equal(new.fc.bias.detach(), expected) and not torch.equal(new.fc.bias, old.fc.bias)

@@ -25,7 +25,7 @@ from zerobit.export.layout import PACKED_BITS, LayerLayout, decode_positions, la
 from zerobit.export.zbit import (
     BLOB_DTYPES,
     DTYPES_BY_TORCH,
-    FORMAT_VERSION,
+    READ_VERSIONS,
     blob_sizes,
     decode_act_bits,
     decode_layer_decisions,
@@ -37,7 +37,7 @@ from zerobit.graph.analysis import input_shape
 from zerobit.graph.linears import linearized
 from zerobit.policy import FLOAT_BITS, Policy
 from zerobit.quant.apply import prune_structure, set_module
-from zerobit.quant.modules import ActQuant, attach_input_quant
+from zerobit.quant.modules import ActQuant, attach_input_quant, grid_bias
 from zerobit.quant.pack import packed_bytes, unpack
 
 
@@ -95,10 +95,10 @@ def read_zbit(path: str | os.PathLike, max_input_elements: int | None = MAX_SAMP
     if meta.get("format") != "zbit":
         raise ZbitFormatError(f"{path} is a safetensors file but not a .zbit file")
     version = meta.get("version")
-    if version not in ("1", FORMAT_VERSION):
-        raise ZbitFormatError(f"{path} has .zbit version {str(version)[:20]!r}; this zerobit reads 1 and "
-                              f"{FORMAT_VERSION}")
-    crc = checksum(meta, arrays) if version == FORMAT_VERSION else checksum_v1(arrays)
+    if version not in READ_VERSIONS:
+        raise ZbitFormatError(f"{path} has .zbit version {str(version)[:20]!r}; this zerobit reads "
+                              f"{', '.join(READ_VERSIONS)}")
+    crc = checksum(meta, arrays) if version != "1" else checksum_v1(arrays)
     if f"{crc:08x}" != meta.get("crc32"):
         raise ZbitFormatError(f"{path} is corrupt: its checksum does not match its contents")
     header = check_metadata(meta, path, max_input_elements)
@@ -220,6 +220,7 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
     example = example_inputs if example_inputs is not None else torch.zeros((1,) + zf.input_shape[1:])
     pruned = prune_structure(model, graph, policy, example)
     cur = {k: _Cursor(zf.blobs.get(k)) for k in ("codes", "scales", "floats", "biases", "act", "pos", "books")}
+    grid = zf.header.version not in ("1", "2")  # older files decode their biases as stored
     for lay in layer_layouts(graph, policy):
         module = pruned.get_submodule(lay.name)
         stored = _layer_codes(lay, cur)
@@ -227,15 +228,19 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
             layer_codes[lay.name] = stored
         weight = stored.weight()
         module.weight = nn.Parameter(weight.view_as(module.weight).contiguous())
-        if lay.has_bias:
-            module.bias = nn.Parameter(cur["biases"].take(len(lay.kept_bits)).float())
+        bias = cur["biases"].take(len(lay.kept_bits)).float() if lay.has_bias else None
         if graph.layers[lay.name].bn:
             set_module(pruned, graph.layers[lay.name].bn, nn.Identity())
         if "act" in zf.blobs:
             s, bits = float(cur["act"].take(1)), policy.act_of(lay.name)
             # an Embedding's inputs are token ids: kept as they are
             if bits < FLOAT_BITS and graph.layers[lay.name].kind != "embedding":
-                attach_input_quant(module, ActQuant(bits, abs(s), s < 0))
+                quant = ActQuant(bits, abs(s), s < 0)
+                attach_input_quant(module, quant)
+                if bias is not None and grid and stored.book16 is None and stored.floats is None:
+                    bias = grid_bias(bias, quant.scale, stored.scale16)
+        if bias is not None:
+            module.bias = nn.Parameter(bias)
     state = pruned.state_dict()
     for key, blob in zf.blobs.items():
         if key.startswith("x."):

@@ -41,7 +41,9 @@ from zerobit.policy import ACT_BITS, ALL_BITS, FLOAT_BITS, GroupDecision, LayerD
 from zerobit.quant.apply import quant_layers
 from zerobit.quant.pack import pack
 
-FORMAT_VERSION = "2"  # 2: the CRC covers the metadata and every tensor's dtype and shape too
+FORMAT_VERSION = "3"  # 2: the CRC covers the metadata and every tensor's dtype and shape too; 3: biases behind
+# quantized inputs decode to the accumulator's grid (quant.modules.grid_bias), as integer runtimes add them
+READ_VERSIONS = ("1", "2", FORMAT_VERSION)
 _BIT_CODE = {b: i for i, b in enumerate(ALL_BITS)}
 
 def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:

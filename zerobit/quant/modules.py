@@ -2,7 +2,8 @@
 
 Training mode: weights are fake-quantized with a straight-through estimator and the BatchNorm uses batch
 statistics. Eval mode computes exactly what the .zbit file stores: integer codes times a float16 per-channel
-scale with the BatchNorm folded in, and a float16 bias — so the exported model's outputs equal these.
+scale with the BatchNorm folded in, and a float16 bias (behind quantized inputs, rounded to the accumulator's
+step as integer runtimes add it: `grid_bias`) — so the exported model's outputs equal these.
 """
 
 from __future__ import annotations
@@ -99,6 +100,15 @@ def layer_op(layer: nn.Conv2d | nn.Linear | nn.Embedding, x: torch.Tensor, w: to
         e = layer
         return F.embedding(x, w, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
     return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def grid_bias(bias: torch.Tensor, in_scale: torch.Tensor | float, w_scale: torch.Tensor) -> torch.Tensor:
+    """The bias an integer runtime adds to a layer with quantized inputs and integer weights: a whole number of
+    accumulator steps (input scale × each output channel's weight scale), as ONNX QLinearConv / QGemm hold it in
+    int32. onnxruntime rounds a float bias so when it fuses such a layer; the model rounds it the same way, so both
+    compute the same numbers. Channels without a scale (removed, float) keep their bias."""
+    step = torch.as_tensor(in_scale, dtype=torch.float32, device=bias.device) * w_scale.float()
+    return torch.where(step > 0, torch.round(bias.float() / step) * step, bias.float())
 
 
 def mask_channels(layer: nn.Module, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -203,6 +213,9 @@ class QuantLayer(WrapsLayer):
         if not self.training:
             d = self.deploy()
             bias = d.bias.float() if d.bias is not None else None
+            if bias is not None and self.act.bits < FLOAT_BITS and self.book is None and \
+                    not bool((self.bits == FLOAT_BITS).any()):
+                bias = grid_bias(bias, self.act.scale, d.scale)
             return self._keep_mask(layer_op(self.layer, x, d.weight, bias, *args, **kwargs))
         y = layer_op(self.layer, x, self._quantized_weight(), getattr(self.layer, "bias", None), *args, **kwargs)
         if self.bn is not None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from zerobit.data.loaders import batches_of
-from zerobit.policy import FLOAT_BITS, uniform_policy
+from zerobit.policy import FLOAT_BITS
 from zerobit.quant.apply import apply_policy, set_policy_bits
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
-from zerobit.strategies.uniform import solve_uniform
+from zerobit.strategies.uniform import final_uniform, solve_uniform
 from zerobit.train.calibrate import recalibrate_batchnorm
 from zerobit.train.finetune import finetune
 
@@ -32,7 +32,7 @@ class Sequential(Strategy):
 
     def search(self, problem: Problem) -> SearchResult:
         keep, bits = solve_uniform(problem, self.bits, self.min_keep)
-        pruned = uniform_policy(problem.graph, problem.scores, keep, FLOAT_BITS, FLOAT_BITS, problem.channel_multiple)
+        pruned = replace(final_uniform(problem, keep, bits).with_bits(FLOAT_BITS), act_bits=FLOAT_BITS, act={})
         model = apply_policy(problem.model, problem.graph, pruned, problem.example_inputs)
         recalibrate_batchnorm(model, batches_of(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed),
                               task=problem.task)

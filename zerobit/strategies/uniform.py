@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zerobit.budget import BudgetError
-from zerobit.policy import Policy, uniform_policy
+from zerobit.policy import Policy, fill_aligned, uniform_policy
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 
 UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
@@ -25,6 +25,16 @@ def max_keep(problem: Problem, bits: int, iterations: int = 24) -> float | None:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if problem.fits(policy(mid)) else (lo, mid)
     return lo
+
+
+def final_uniform(problem: Problem, keep: float, bits: int) -> Policy:
+    """The uniform policy at `keep` and `bits`; with `channel_multiple` > 1, what rounding the widths down left of
+    the budget goes to the groups that lost most (`fill_aligned`)."""
+    policy = uniform_policy(problem.graph, problem.scores, keep, bits, problem.act_bits, problem.channel_multiple)
+    if problem.channel_multiple == 1:
+        return policy
+    targets = {n: keep * g.block for n, g in problem.graph.groups.items()}
+    return fill_aligned(problem.graph, policy, problem.scores, problem.channel_multiple, targets, problem.fits)
 
 
 def solve_uniform(problem: Problem, bits: int | None, min_keep: float) -> tuple[float, int]:
@@ -60,6 +70,5 @@ class Uniform(Strategy):
 
     def search(self, problem: Problem) -> SearchResult:
         keep, bits = solve_uniform(problem, self.bits, self.min_keep)
-        policy = uniform_policy(problem.graph, problem.scores, keep, bits, problem.act_bits,
-                                problem.channel_multiple)
+        policy = final_uniform(problem, keep, bits)
         return SearchResult(policy, info={"keep": keep, "bits": bits})
