@@ -54,7 +54,8 @@ def test_exact_export_computes_what_the_zbit_computes(tmp_path, digits, trained,
     assert report.onnx_bytes == (tmp_path / "m.onnx").stat().st_size
     assert set(report.layers) == set(result.graph.layers)
     loaded = zb.load(path, TINY_MODELS[name]())
-    if all(kind.startswith(("int", "uint")) for kind in report.layers.values()):
+    as_stored = all("not a plain" not in kind for kind in report.layers.values())  # every weight in the graph
+    if as_stored:
         # the graph as written: the same numbers, up to an activation landing one step away where float
         # summation order moves a value across a rounding boundary
         written = parity(tmp_path / "m.onnx", loaded, digits.test, optimize=False)
@@ -62,9 +63,10 @@ def test_exact_export_computes_what_the_zbit_computes(tmp_path, digits, trained,
     found = parity(tmp_path / "m.onnx", loaded, digits.test)  # as deployed: fused integer kernels
     assert found["samples"] == len(digits.test)
     assert found["agreement"] >= 0.98, (found, report.layers)
-    if all(kind.startswith(("int", "uint")) for kind in report.layers.values()):
-        # biases on the accumulator's grid (grid_bias): the fused kernels compute the model's numbers, so on
-        # nearly every image the outputs are equal up to float rounding (before, most differed by 0.05–0.25)
+    if as_stored:
+        # biases on the accumulator's grid (grid_bias), codebook layers' inputs quantized by float operators: the
+        # runtime computes the model's numbers, so on nearly every image the outputs are equal up to float
+        # rounding (before, most differed by 0.05–0.25, and codebook layers by up to 3.8)
         session = onnx_session(tmp_path / "m.onnx")
         out = session.run(None, {session.get_inputs()[0].name: digits.test.x.numpy()})[0]
         with torch.no_grad():

@@ -362,6 +362,24 @@ def _quantize_input(g: _Graph, node, quant: nn.Module, exact: bool) -> str:
     return out
 
 
+def _fake_quantize_input(g: _Graph, node, quant: nn.Module) -> None:
+    """`node`'s data input quantized as the .zbit model does it — Div, Round, Clip, Mul in float32, the very
+    operations of `fake_quant_activation` — where a QDQ pair would make onnxruntime requantize a float weight."""
+    from onnx import helper
+
+    bits, signed = quant.bits, bool(quant.signed)
+    hi = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    scale = g.constant("s", np.array(float(quant.scale), dtype=np.float32))
+    lo_name = g.constant("lo", np.array(-hi if signed else 0, dtype=np.float32))
+    hi_name = g.constant("hi", np.array(hi, dtype=np.float32))
+    names = [g.name("fq") for _ in range(4)]
+    g.insert_before(node, [helper.make_node("Div", [node.input[0], scale], [names[0]]),
+                           helper.make_node("Round", [names[0]], [names[1]]),
+                           helper.make_node("Clip", [names[1], lo_name, hi_name], [names[2]]),
+                           helper.make_node("Mul", [names[2], scale], [names[3]])])
+    node.input[0] = names[3]
+
+
 def _share_quantized_inputs(g: _Graph, quantized: dict[str, str]) -> None:
     """Fast mode: consumers of a float value that a layer quantizes (a residual shortcut) read the quantized copy."""
     for raw, dq in quantized.items():
@@ -523,9 +541,11 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
                 _quantize_weight(g, nodes[layer], layer, codes, kind)
             report.layers[layer] = kind
         for layer, quant in _input_quants(decoded).items():
-            # a float weight behind quantized inputs is requantized to int8 by onnxruntime itself (lossy): such
-            # layers take their input in float instead (one rounding less than the .zbit model)
-            if layer in nodes and report.layers[layer].startswith(("int", "uint")):
+            # a float weight behind QDQ inputs is requantized to int8 by onnxruntime itself (lossy): such layers
+            # (codebooks, float channels) quantize their input with plain float operators it does not fuse
+            if layer in nodes and not report.layers[layer].startswith(("int", "uint")):
+                _fake_quantize_input(g, nodes[layer], quant)
+            elif layer in nodes:
                 raw = nodes[layer].input[0]
                 if mode == "fast" and raw in quantized:  # one quantizer per tensor, or onnxruntime cannot fuse
                     nodes[layer].input[0] = quantized[raw]  # its producer (layers reading one tensor were
