@@ -26,7 +26,8 @@ from zerobit import zoo  # noqa: E402
 from zerobit.cli import run_compress  # noqa: E402
 from zerobit.data import get_splits  # noqa: E402
 from zerobit.export.latency import cpu_name  # noqa: E402
-from zerobit.export.onnx import clean, export_float, export_onnx, parity  # noqa: E402
+from zerobit.export.onnx import export_onnx, parity  # noqa: E402
+from zerobit.export.onnx_file import clean, export_float  # noqa: E402
 from zerobit.export.runtime import load  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "aligned.json"

@@ -29,7 +29,8 @@ from zerobit.budget import Latency, MACs, float_policy, parse_budget  # noqa: E4
 from zerobit.cli import run_compress  # noqa: E402
 from zerobit.data import get_splits  # noqa: E402
 from zerobit.export.latency import LatencyTable, cpu_name, measure_policy  # noqa: E402
-from zerobit.export.onnx import export_float, export_onnx, onnx_session, parity  # noqa: E402
+from zerobit.export.onnx import export_onnx, onnx_session, parity  # noqa: E402
+from zerobit.export.onnx_file import export_float  # noqa: E402
 from zerobit.export.runtime import decode, load  # noqa: E402
 from zerobit.graph import analyse  # noqa: E402
 from zerobit.strategies import Problem, get_strategy  # noqa: E402

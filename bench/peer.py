@@ -35,7 +35,7 @@ from zerobit import zoo  # noqa: E402
 from zerobit.budget import Size, parse_budget  # noqa: E402
 from zerobit.data import get_splits  # noqa: E402
 from zerobit.data.loaders import TensorData  # noqa: E402
-from zerobit.export.onnx import clean, export_float, quiet  # noqa: E402
+from zerobit.export.onnx_file import clean, export_float, quiet  # noqa: E402
 from zerobit.graph import analyse  # noqa: E402
 from zerobit.train.evaluate import accuracy  # noqa: E402
 from zerobit.train.finetune import FinetuneConfig, finetune  # noqa: E402

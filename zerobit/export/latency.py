@@ -305,7 +305,8 @@ def measure_float(model, example, data, batch: int, threads: int) -> float:
     """Measured milliseconds of one onnxruntime call (batch `batch`) of `model` exported in float32."""
     import tempfile
 
-    from zerobit.export.onnx import export_float, onnx_session
+    from zerobit.export.onnx import onnx_session
+    from zerobit.export.onnx_file import export_float
 
     with tempfile.TemporaryDirectory() as tmp:
         export_float(model, example, f"{tmp}/fp32.onnx")

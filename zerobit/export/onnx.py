@@ -16,15 +16,10 @@ The file is cleaned (no doc strings, metadata or exporter debug data; one- or tw
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import itertools
-import logging
 import os
-import string
 import tempfile
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,21 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from zerobit.export.onnx_file import _onnx, clean, export_float
 from zerobit.export.runtime import LayerCodes, decode
 from zerobit.policy import FLOAT_BITS
 
-OPSET = 21
 MODES = ("fast", "exact")
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 CALIBRATION_BATCH = 64
-
-
-def _onnx():
-    try:
-        import onnx
-    except ImportError as exc:  # an optional dependency
-        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'zerobit[onnx]'") from exc
-    return onnx
 
 
 @dataclass
@@ -68,101 +55,6 @@ class OnnxReport:
         made = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         return (f"{self.path}: {self.onnx_bytes:,} bytes (the .zbit: {self.zbit_bytes:,}); mode {self.mode}; "
                 f"layers: {made}; {self.calibrated} extra activation scales calibrated")
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence the torch exporter's progress prints and warnings."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
-
-
-def export_float(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
-    """One self-contained opset-21 ONNX file of `model` (CPU, eval) with a dynamic batch dimension."""
-    _onnx()
-    try:
-        with quiet():
-            torch.onnx.export(model.cpu().eval(), (example.cpu(),), str(path), dynamo=True, external_data=False,
-                              input_names=["x"], output_names=["y"], opset_version=OPSET,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},))
-    except Exception as exc:  # the exporter raises many types; the user needs one clear message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"torch.onnx.export could not export {type(model).__name__}: {first[:300]}. The model "
-                         "must run under torch.export (no data-dependent Python control flow on tensor values); "
-                         "the .zbit file itself still loads with zerobit.load") from exc
-
-
-def _toposort(graph) -> None:
-    """Order the nodes so each comes after the producers of its inputs (graph surgery that gives several readers
-    of a tensor one quantized copy may leave a reader, e.g. a Shape node, before that copy's nodes)."""
-    nodes = list(graph.node)
-    produced_by = {out: i for i, n in enumerate(nodes) for out in n.output}
-    order, state = [], [0] * len(nodes)  # 0 unvisited, 1 on the stack, 2 placed
-    for start in range(len(nodes)):
-        stack = [(start, iter(nodes[start].input))]
-        while stack:
-            i, inputs = stack[-1]
-            if state[i] == 2:
-                stack.pop()
-                continue
-            state[i] = 1
-            dep = next((produced_by[v] for v in inputs if v in produced_by and state[produced_by[v]] == 0), None)
-            if dep is not None:
-                stack.append((dep, iter(nodes[dep].input)))
-                continue
-            if not any(v in produced_by and state[produced_by[v]] == 0 for v in nodes[i].input):
-                state[i] = 2
-                order.append(nodes[i])
-                stack.pop()
-    if [id(n) for n in order] != [id(n) for n in nodes]:
-        graph.ClearField("node")
-        graph.node.extend(order)
-
-
-def clean(model):
-    """A lossless smaller copy of an ONNX model: the same nodes and tensors, without doc strings, metadata,
-    producer fields or inner shape hints, every value renamed to one or two letters and nodes left unnamed.
-
-    Tensors kept in typed fields are stored raw instead (same values), so a file's size depends on shapes only.
-    """
-    from onnx import numpy_helper
-
-    out = copy.deepcopy(model)
-    _toposort(out.graph)
-    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string", "metadata_props"):
-        out.ClearField(name)
-    graph = out.graph
-    graph.name = "g"
-    short = ("".join(c) for n in itertools.count(1) for c in itertools.product(string.ascii_letters, repeat=n))
-    renamed: dict[str, str] = {"": ""}  # "" (an omitted optional input) stays ""
-
-    def rename(name: str) -> str:
-        if name not in renamed:
-            renamed[name] = next(short)
-        return renamed[name]
-
-    for proto in itertools.chain([graph], graph.input, graph.initializer, graph.node, graph.output):
-        for name in ("doc_string", "metadata_props"):
-            if name in proto.DESCRIPTOR.fields_by_name:
-                proto.ClearField(name)
-    graph.ClearField("value_info")
-    for tensor in graph.initializer:
-        if not tensor.raw_data and tensor.data_location == tensor.DEFAULT:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-    for value in itertools.chain(graph.input, graph.initializer):
-        value.name = rename(value.name)
-    for node in graph.node:
-        node.ClearField("name")
-        node.input[:] = [rename(n) for n in node.input]
-        node.output[:] = [rename(n) for n in node.output]
-    for value in graph.output:
-        value.name = rename(value.name)
-    return out
 
 
 class _Graph:
@@ -590,9 +482,9 @@ def parity(path: str | os.PathLike, reference: nn.Module, data, max_samples: int
            optimize: bool = True) -> dict[str, float]:
     """Compare onnxruntime's outputs of `path` with `reference` (e.g. the model `zerobit.load` rebuilds).
 
-    `optimize=False` runs the graph as written (no fused integer kernels): in mode "exact" it computes what the
-    .zbit model computes, to float rounding. With onnxruntime's optimizations (the default, as deployed) fused
-    kernels round their integer results in their own way, and an activation can land one step away.
+    In mode "exact" the file computes what the .zbit model computes, to float rounding, with onnxruntime's
+    optimizations (the default, as deployed: fused integer kernels) or without (`optimize=False`, the graph as
+    written); in mode "fast" the tensors it quantizes beyond the .zbit model's make the difference.
 
     Returns {"agreement": share of equal argmax, "max_abs_diff": largest logit difference, "samples": n}.
     """
