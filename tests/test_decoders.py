@@ -179,3 +179,24 @@ def test_a_bfloat16_model_is_compressed_in_float32_and_left_as_it_was(tmp_path) 
     assert r.graph.fp32_bytes == zb.analyse(gpt2_lm(), example).fp32_bytes  # sized as the float32 file
     assert next(loaded.parameters()).dtype == torch.float32  # codes × float16 scales are exact in float32
     torch.testing.assert_close(_logits(loaded, example), _logits(r.model.eval(), example), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", [gpt2_lm, llama_gqa], ids=["gpt2", "llama"])
+def test_a_language_model_exports_to_onnx_and_computes_the_zbit_logits(build, tmp_path) -> None:
+    """GPT-2 (Conv1D, tied tables) and LLaMA (rotary, grouped KV heads): the ONNX file takes the token ids,
+    builds no cache, and onnxruntime's logits at every position are the .zbit model's."""
+    from zerobit.export.onnx import export_onnx, parity
+
+    data = tokens(3, 8, 1, labels=False)
+    example = {k: v[:2] for k, v in data[0].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = zb.compress(build(), example, zb.Size(fraction=1 / 4), "uniform", train_data=data, eval_data=data,
+                        task="distillation", finetune_config=zb.FinetuneConfig(epochs=0), progress=False)
+        r.save(tmp_path / "m.zbit")
+        report = export_onnx(tmp_path / "m.zbit", tmp_path / "m.onnx", model=build(), example_inputs=example,
+                             mode="exact")
+        loaded = zb.load(tmp_path / "m.zbit", build(), example_inputs=example)
+        found = parity(tmp_path / "m.onnx", loaded, data)
+    assert all(kind.startswith(("int", "uint")) for kind in report.layers.values()), report.layers
+    assert found["samples"] == 24 and found["agreement"] == 1.0 and found["max_abs_diff"] < 1e-4, found

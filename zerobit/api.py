@@ -53,6 +53,7 @@ class CompressResult:
     info: dict[str, Any] = field(default_factory=dict)
     original: nn.Module | None = field(default=None, repr=False)  # the model compressed (for export_onnx)
     train_data: Any = field(default=None, repr=False)  # calibration inputs for export_onnx
+    example_inputs: Any = field(default=None, repr=False)  # the input traced (CPU), for export_onnx
     task: Task = field(default=DEFAULT_TASK, repr=False)  # how batches were run and the model judged
 
     @property
@@ -244,6 +245,7 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
                            test_data, finetune_config or FinetuneConfig(), act_bits, model_name, progress,
                            ignored_layers, task, channel_multiple)
         result.original, result.train_data = model, train_data
+        result.example_inputs = move(example_inputs, torch.device("cpu"))
         return result
     finally:
         model.to(home).train(was_training)

@@ -190,15 +190,34 @@ def test_a_vision_transformer_exports_with_every_linear_stored_as_codes(tmp_path
     assert written["max_abs_diff"] < 0.25 and written["agreement"] >= 0.99, written
 
 
-def test_a_text_model_is_refused_with_what_to_use_instead(tmp_path):
-    """Token-id models are not exported yet: the error names the tables and the way to deploy the .zbit."""
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_text_model_exports_with_its_token_id_inputs(tmp_path, mode):
+    """A Hugging Face BERT compressed on dict batches: the file takes input_ids and attention_mask (any batch and
+    sequence length), its embedding tables are int8 codes looked up by Gather, and onnxruntime computes what the
+    .zbit model computes."""
     pytest.importorskip("transformers")
+    from onnx import TensorProto
     from test_transformers import bert, token_batches
 
-    train = token_batches(2, 8, 1)
+    train = token_batches(3, 8, 1)
     example = {k: v[:2] for k, v in train[0].items() if k != "labels"}
-    r = zb.compress(bert(), example, zb.Size(fraction=1 / 4), "uniform", train_data=train, eval_data=train,
+    r = zb.compress(bert(), example, zb.Size(fraction=1 / 6), "uniform", train_data=train, eval_data=train,
                     finetune_config=zb.FinetuneConfig(epochs=0), progress=False)
-    with pytest.raises(ValueError, match=r"embedding tables \(bert.embeddings.word_embeddings.*zerobit.load"):
-        export_onnx(r, tmp_path / "bert.onnx")
-    assert not (tmp_path / "bert.onnx").exists()
+    r.save(tmp_path / "bert.zbit")
+    report = export_onnx(r, tmp_path / "bert.onnx", mode=mode)
+    assert report.layers["bert.embeddings.word_embeddings"].startswith(("int", "uint"))
+    graph = onnx.load(str(tmp_path / "bert.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert not any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 60 * 32 for t in graph.initializer)
+    loaded = zb.load(tmp_path / "bert.zbit", bert(), example_inputs=example)
+    longer = token_batches(2, 5, 2)  # other batch size, and 16 tokens instead of 12
+    longer = [{k: (v.repeat(1, 2)[:, :16] if v.dim() == 2 else v) for k, v in b.items()} for b in longer]
+    for data in (train, longer):
+        found = parity(tmp_path / "bert.onnx", loaded, data)
+        assert found["samples"] == sum(len(b["input_ids"]) for b in data)
+        if mode == "exact":
+            assert found["agreement"] == 1.0 and found["max_abs_diff"] < 1e-3, found
+        else:
+            assert found["agreement"] >= 0.9, found
+    with pytest.raises(ValueError, match="example_inputs"):  # a .zbit path needs an input to trace
+        export_onnx(tmp_path / "bert.zbit", tmp_path / "again.onnx", model=bert())

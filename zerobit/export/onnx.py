@@ -60,9 +60,10 @@ class OnnxReport:
 class _Graph:
     """Edits of an ONNX graph: new initializers and nodes, consumers of a value, fresh names."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, prefix: str = "") -> None:
         self.model = model
         self.graph = model.graph
+        self.prefix = prefix  # before the exported model's weight names (a wrapped model's: "model.")
         self.count = itertools.count()
         self.transposed: set[str] = set()  # layers whose weight initializer is Wᵀ (see _layer_nodes)
 
@@ -139,11 +140,16 @@ def _weight_kind(stored: LayerCodes, int4: bool) -> str:
     return kind
 
 
+def _weight_input(node) -> int:
+    """Which input of a layer's node is its weight: a Gather (embedding lookup) reads its table first."""
+    return 0 if node.op_type == "Gather" else 1
+
+
 def _quantize_weight(g: _Graph, node, layer: str, stored: LayerCodes, kind: str) -> None:
     """Replace `node`'s float weight by DequantizeLinear(codes, scales) with the same values."""
     from onnx import TensorProto, helper, numpy_helper
 
-    weight_name = node.input[1]
+    weight_name = node.input[_weight_input(node)]
     init = next((t for t in g.graph.initializer if t.name == weight_name), None)
     if init is None:  # one tensor read by several equal layers: already replaced by the first one's codes
         return
@@ -172,7 +178,7 @@ def _codebook_weight(g: _Graph, node, layer: str, stored: LayerCodes) -> None:
     weight (onnxruntime folds it to a float weight when the session starts). Removed weights index a 0 entry."""
     from onnx import TensorProto, helper, numpy_helper
 
-    weight_name = node.input[1]
+    weight_name = node.input[_weight_input(node)]
     init = next((t for t in g.graph.initializer if t.name == weight_name), None)
     if init is None:  # one tensor read by several equal layers: already replaced by the first one's codes
         return
@@ -195,7 +201,7 @@ def _codebook_weight(g: _Graph, node, layer: str, stored: LayerCodes) -> None:
 
 
 def _layer_nodes(g: _Graph, layers: Iterable[str], model: nn.Module) -> dict[str, object]:
-    """The Conv/Gemm/MatMul node whose weight input is each layer's `.weight` initializer, or (a Linear on
+    """The Conv/Gemm/MatMul (Gather: an embedding) node whose weight input is each layer's `.weight` initializer, or (a Linear on
     (B, T, C) exports as MatMul with the weight folded to Wᵀ under another name) an initializer equal to Wᵀ;
     the latter are listed in `g.transposed`."""
     from onnx import numpy_helper
@@ -204,7 +210,10 @@ def _layer_nodes(g: _Graph, layers: Iterable[str], model: nn.Module) -> dict[str
     for n in g.graph.node:
         if n.op_type in LINEAR_OPS and len(n.input) > 1:
             readers.setdefault(n.input[1], []).append(n)
-    found = {name: readers[f"{name}.weight"][0] for name in layers if f"{name}.weight" in readers}
+        elif n.op_type == "Gather" and n.input:  # an embedding table, looked up by token ids
+            readers.setdefault(n.input[0], []).append(n)
+    key = {name: f"{g.prefix}{name}.weight" for name in layers}
+    found = {name: readers[key[name]][0] for name in layers if key[name] in readers}
     folded: dict[bytes, list] = {}  # the exporter stores equal constants once: one tensor, several MatMuls
     for t in g.graph.initializer:
         if t.name in readers and len(t.dims) == 2:
@@ -224,6 +233,14 @@ def _input_quants(model: nn.Module) -> dict[str, nn.Module]:
     """Layer name → the ActQuant a decoded model runs on that layer's input."""
     return {name: m.input_quant for name, m in model.named_modules()
             if hasattr(m, "input_quant") and m.input_quant.bits < FLOAT_BITS}
+
+
+def _without_cache(model: nn.Module) -> nn.Module:
+    """`model` (a decoded copy) set not to build a key/value cache: torch.export cannot return a Hugging Face
+    cache object, and a deployed file of a classifier or a language model's logits has no use for it."""
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False
+    return model
 
 
 def _without_input_quants(model: nn.Module) -> nn.Module:
@@ -304,21 +321,29 @@ def _float_edges(g: _Graph, layer_nodes: list) -> list[str]:
     return edges
 
 
-def _batches(data) -> Iterator[np.ndarray]:
-    """Input batches (numpy) from a tensor, a TensorData, or an iterable of tensors or (x, y) pairs."""
-    if isinstance(data, torch.Tensor) or hasattr(data, "x"):
-        x = data if isinstance(data, torch.Tensor) else data.x
-        for i in range(0, len(x), CALIBRATION_BATCH):
-            yield x[i:i + CALIBRATION_BATCH].float().cpu().numpy()
-        return
+def _feeds(data, names: list[str]) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
+    """(the model's inputs, onnxruntime's feed by input name) per batch of a tensor, a TensorData, or an iterable
+    of batches: tensors, (inputs, labels) pairs, or dicts of keyword inputs (a tokenizer's output)."""
     from zerobit.task import DEFAULT_TASK
 
-    for batch in data:
-        x = DEFAULT_TASK.inputs(batch)
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"calibration batches hold inputs of type {type(x).__name__}; ONNX export supports "
-                             "models that take one tensor input")
-        yield x.float().cpu().numpy()
+    def array(t: torch.Tensor) -> np.ndarray:
+        return (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
+
+    if isinstance(data, torch.Tensor) or hasattr(data, "x"):
+        whole = data if isinstance(data, torch.Tensor) else data.x
+        batches = (whole[i:i + CALIBRATION_BATCH] for i in range(0, len(whole), CALIBRATION_BATCH))
+    else:
+        batches = (DEFAULT_TASK.inputs(batch) for batch in data)
+    for x in batches:
+        if isinstance(x, torch.Tensor):
+            yield x, {names[0]: array(x)}
+        elif isinstance(x, dict):
+            missing = [n for n in names if n not in x]
+            if missing:
+                raise ValueError(f"the data's batches lack the model's inputs {missing} (they hold {sorted(x)})")
+            yield x, {n: array(x[n]) for n in names}
+        else:
+            yield x, {n: array(v) for n, v in zip(names, x, strict=False)}
 
 
 def _calibrate(model, values: list[str], data, max_samples: int, percentile: float) -> dict[str, tuple[float, bool]]:
@@ -329,13 +354,13 @@ def _calibrate(model, values: list[str], data, max_samples: int, percentile: flo
     probe = copy.deepcopy(model)
     probe.graph.output.extend([helper.make_empty_tensor_value_info(v) for v in values])
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     seen: dict[str, list[np.ndarray]] = {v: [] for v in values}
     count = 0
-    for x in _batches(data):
-        for v, out in zip(values, session.run(values, {name: x}), strict=True):
+    for _, feed in _feeds(data, names):
+        for v, out in zip(values, session.run(values, feed), strict=True):
             seen[v].append(out.ravel()[:: max(1, out.size // 200_000)])
-        count += len(x)
+        count += len(feed[names[0]])
         if count >= max_samples:
             break
     if count == 0:
@@ -359,16 +384,17 @@ def _quantize_edge(g: _Graph, value: str, scale: float, signed: bool) -> None:
         node.input[:] = [dq if v == value else v for v in node.input]
 
 
-def _source(source, model: nn.Module | None, tmp: Path) -> tuple[Path, nn.Module | None, object]:
-    """(.zbit path, model object, default calibration data) of a CompressResult or a .zbit path."""
+def _source(source, model: nn.Module | None, tmp: Path) -> tuple[Path, nn.Module | None, object, object]:
+    """(.zbit path, model object, default calibration data, example input or None) of a CompressResult or a
+    .zbit path."""
     from zerobit.api import CompressResult
 
     if isinstance(source, CompressResult):
         path = tmp / "model.zbit"
         source.save(path)
-        return path, model if model is not None else source.original, source.train_data
+        return path, model if model is not None else source.original, source.train_data, source.example_inputs
     if isinstance(source, (str, os.PathLike)):
-        return Path(source), model, None
+        return Path(source), model, None, None
     raise TypeError(f"export_onnx takes a CompressResult or the path of a .zbit file, not {type(source).__name__}; "
                     "to export a model loaded with zerobit.load, export the .zbit file it came from")
 
@@ -378,14 +404,14 @@ def _check_one_float_input(model: nn.Module | None, exc: Exception) -> None:
     embedding tables is refused with what to use instead."""
     tables = [n for n, m in (model.named_modules() if model is not None else ()) if isinstance(m, nn.Embedding)]
     if tables:
-        raise ValueError(f"export_onnx handles models that take one float tensor; this one looks up token ids in "
-                         f"embedding tables ({', '.join(tables[:2])}{', …' if len(tables) > 2 else ''}), which it "
-                         "does not export yet. Deploy the .zbit with zerobit.load(path, model, example_inputs=...)"
-                         ) from exc
+        raise ValueError(f"this model looks up token ids in embedding tables ({', '.join(tables[:2])}"
+                         f"{', …' if len(tables) > 2 else ''}): pass export_onnx(..., example_inputs=...) an input "
+                         "as the model is called (e.g. a tokenizer's output), to trace it and name the file's "
+                         "inputs") from exc
 
 
-def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = None, calibration_data=None,
-                mode: str = "fast", int4: bool = True, max_calibration: int = 512,
+def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = None, example_inputs=None,
+                calibration_data=None, mode: str = "fast", int4: bool = True, max_calibration: int = 512,
                 percentile: float = 0.9999) -> OnnxReport:
     """Write the ONNX file of a compressed model: pruned widths, QDQ weights and activations, one file.
 
@@ -393,6 +419,9 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
         source: a `CompressResult`, or the path of a .zbit file (any file ever written can be deployed).
         path: the .onnx file to write.
         model: the original model object (not needed for zoo models or a CompressResult).
+        example_inputs: an input as the model is called (a tensor, tuple or dict — e.g. a tokenizer's output for
+            a Hugging Face text model, whose token ids then become the file's inputs); needed for models that do
+            not take one float tensor (a CompressResult brings its own).
         calibration_data: inputs for the scales mode "fast" adds: a tensor, a TensorData or an iterable of
             batches (default for a CompressResult: its training data). Not needed in mode "exact".
         mode: "fast" (integer kernels in onnxruntime; a few tensors the .zbit keeps in float get 8-bit scales) or
@@ -409,14 +438,17 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
     onnx = _onnx()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        zbit_path, model, default_data = _source(source, model, tmp)
+        zbit_path, model, default_data, example = _source(source, model, tmp)
+        example = example_inputs if example_inputs is not None else example
         stored: dict[str, LayerCodes] = {}
         try:
-            decoded, zf, _graph = decode(zbit_path, model, layer_codes=stored)
+            decoded, zf, _graph = decode(zbit_path, model, example_inputs=example, layer_codes=stored)
         except ValueError as exc:  # ZbitFormatError, UntraceableModelError: traced on a float tensor of zeros
-            _check_one_float_input(model, exc)
+            if example is None:
+                _check_one_float_input(model, exc)
             raise
-        export_float(_without_input_quants(decoded), torch.zeros((1,) + zf.input_shape[1:]), tmp / "float.onnx")
+        example = example if example is not None else torch.zeros((1,) + zf.input_shape[1:])
+        export_float(_without_cache(_without_input_quants(decoded)), example, tmp / "float.onnx")
         g = _Graph(onnx.load(str(tmp / "float.onnx")))
         report = OnnxReport(str(path), 0, zbit_path.stat().st_size, mode)
         nodes = _layer_nodes(g, stored, decoded)
@@ -486,18 +518,24 @@ def parity(path: str | os.PathLike, reference: nn.Module, data, max_samples: int
     optimizations (the default, as deployed: fused integer kernels) or without (`optimize=False`, the graph as
     written); in mode "fast" the tensors it quantizes beyond the .zbit model's make the difference.
 
-    Returns {"agreement": share of equal argmax, "max_abs_diff": largest logit difference, "samples": n}.
+    Returns {"agreement": share of equal argmax (per example; per token for a language model's logits),
+    "max_abs_diff": largest logit difference, "samples": n}.
     """
+    from zerobit.device import move
+    from zerobit.task import call, main_output
+
     session = onnx_session(path, optimize=optimize)
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     reference = reference.cpu().eval()
-    same, total, worst = 0, 0, 0.0
-    for x in _batches(data):
-        ours = session.run(None, {name: x})[0]
-        theirs = reference(torch.from_numpy(x)).numpy()
-        same += int((ours.argmax(1) == theirs.argmax(1)).sum())
+    same, positions, total, worst = 0, 0, 0, 0.0
+    for x, feed in _feeds(data, names):
+        theirs = main_output(call(reference, move(x, torch.device("cpu")))).float().numpy()
+        outputs = session.run(None, feed)  # the output the reference's main output is: the first of its shape
+        ours = next((o for o in outputs if o.shape == theirs.shape), outputs[0])
+        agree = ours.argmax(-1) == theirs.argmax(-1)  # per example, or per token of a language model
+        same, positions = same + int(agree.sum()), positions + agree.size
         worst = max(worst, float(np.abs(ours - theirs).max()))
-        total += len(x)
+        total += len(feed[names[0]])
         if max_samples is not None and total >= max_samples:
             break
-    return {"agreement": same / max(total, 1), "max_abs_diff": worst, "samples": total}
+    return {"agreement": same / max(positions, 1), "max_abs_diff": worst, "samples": total}

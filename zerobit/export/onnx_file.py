@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import itertools
 import logging
@@ -39,16 +40,46 @@ def quiet() -> Iterator[None]:
             logging.disable(logging.NOTSET)
 
 
-def export_float(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
-    """One self-contained opset-21 ONNX file of `model` (CPU, eval) with a dynamic batch dimension."""
+def export_float(model: nn.Module, example, path: str | os.PathLike) -> None:
+    """One self-contained opset-21 ONNX file of `model` (CPU, eval) with a dynamic batch dimension.
+
+    `example` is an input as the model is called: a tensor (input "x"), a tuple, or a dict of keyword inputs
+    (e.g. a tokenizer's output: inputs named by their keys; the second dimension of integer inputs, the sequence,
+    is dynamic too)."""
+    from zerobit.device import move
+
     _onnx()
+    example = move(example, torch.device("cpu"))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+
+    def dims(t):
+        dynamic = {0: batch}
+        if not t.is_floating_point() and t.dim() >= 2:
+            dynamic[1] = seq
+        return dynamic
+
+    params = inspect.signature(model.forward).parameters
+    star = {p.kind: name for name, p in params.items()}  # a forward(*args, **kwargs) takes shapes under its names
+    if isinstance(example, torch.Tensor):
+        args, kwargs, shapes, names = (example,), {}, ({0: batch},), {"input_names": ["x"]}
+    elif isinstance(example, dict):
+        args, kwargs, names = (), dict(example), {}
+        shapes = {k: dims(v) if isinstance(v, torch.Tensor) else None for k, v in example.items()}
+        if inspect.Parameter.VAR_KEYWORD in star and not set(shapes) <= set(params):
+            shapes = {star[inspect.Parameter.VAR_KEYWORD]: shapes}
+    else:
+        args, kwargs, names = tuple(example), {}, {}
+        shapes = tuple(dims(v) if isinstance(v, torch.Tensor) else None for v in args)
+        if inspect.Parameter.VAR_POSITIONAL in star:
+            shapes = {star[inspect.Parameter.VAR_POSITIONAL]: shapes}
     try:
         with quiet():
-            torch.onnx.export(model.cpu().eval(), (example.cpu(),), str(path), dynamo=True, external_data=False,
-                              input_names=["x"], output_names=["y"], opset_version=OPSET,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.onnx.export(model.cpu().eval(), args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
+                              output_names=["y"], opset_version=OPSET, dynamic_shapes=shapes, **names)
     except Exception as exc:  # the exporter raises many types; the user needs one clear message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        summary = [line for i, line in enumerate(lines) if i and lines[i - 1] == "## Exception summary"]
+        first = (summary or lines or [type(exc).__name__])[0]
         raise ValueError(f"torch.onnx.export could not export {type(model).__name__}: {first[:300]}. The model "
                          "must run under torch.export (no data-dependent Python control flow on tensor values); "
                          "the .zbit file itself still loads with zerobit.load") from exc
@@ -83,7 +114,8 @@ def _toposort(graph) -> None:
 
 def clean(model):
     """A lossless smaller copy of an ONNX model: the same nodes and tensors, without doc strings, metadata,
-    producer fields or inner shape hints, every value renamed to one or two letters and nodes left unnamed.
+    producer fields or inner shape hints, every inner value renamed to one or two letters (the graph's inputs and
+    outputs keep their names) and nodes left unnamed.
 
     Tensors kept in typed fields are stored raw instead (same values), so a file's size depends on shapes only.
     """
@@ -95,8 +127,10 @@ def clean(model):
         out.ClearField(name)
     graph = out.graph
     graph.name = "g"
-    short = ("".join(c) for n in itertools.count(1) for c in itertools.product(string.ascii_letters, repeat=n))
-    renamed: dict[str, str] = {"": ""}  # "" (an omitted optional input) stays ""
+    kept = {v.name for v in itertools.chain(graph.input, graph.output)}  # the names callers feed and fetch
+    short = ("".join(c) for n in itertools.count(1) for c in itertools.product(string.ascii_letters, repeat=n)
+             if "".join(c) not in kept)
+    renamed: dict[str, str] = {"": ""} | {name: name for name in kept}  # "" (an omitted optional input) stays ""
 
     def rename(name: str) -> str:
         if name not in renamed:
