@@ -340,32 +340,6 @@ def architectures_section(rows: list[dict]) -> str:
     return text
 
 
-def aligned_section(r: dict) -> str:
-    """Kept widths rounded to multiples of 8 vs free widths (bench/aligned.py)."""
-    text = ("\n## Channel widths: multiples of 8 vs free (`bench/aligned.py`)\n\n"
-            f"ResNet-20, uniform strategy, the same budgets and {r['epochs']:g} fine-tune epoch(s), seed {r['seed']}; "
-            f"*m1*: any kept width, *m{r['rows'][-1]['multiple']}*: `channel_multiple={r['rows'][-1]['multiple']}`. "
-            f"CPU: {r['cpu']}, onnxruntime on {r['threads']} thread(s); *ms* is the median of interleaved calls "
-            "(every repetition calls every file once, in turn), *×* is fp32's time over the row's (fp32: "
-            + ", ".join(f"{ms:.3f} ms at batch {b}" for b, ms in r["fp32_ms"].items())
-            + f", {r['fp32_onnx_bytes']:,} B). *default* is `export_onnx`'s file (int4 weights where a layer's channels "
-            "are all ≤ 4 bits, which onnxruntime runs as dequantized float), *int8* the same model with every "
-            "weight stored as int8 (`int4=False`). *parity*: share of the 10,000 test images on which "
-            "onnxruntime and the .zbit model agree. `python bench/aligned.py --epochs 1`\n\n"
-            "| budget | widths | acc % | .zbit B | file | .onnx B | parity % | "
-            + " | ".join(f"ms b{b} | × b{b}" for b in r["fp32_ms"]) + " |\n"
-            "|---|---|---:|---:|---|---:|---:|" + "---:|---:|" * len(r["fp32_ms"]) + "\n")
-    for row in r["rows"]:
-        widths = "/".join(str(w) for w in dict.fromkeys(row["widths"]))
-        for name, label in (("model", "default"), ("model_int8", "int8")):
-            f = row[name]
-            text += (f"| {row['budget']} m{row['multiple']} | {widths} | {100 * row['accuracy']:.2f} | "
-                     f"{row['zbit_bytes']:,} | {label} | {f['onnx_bytes']:,} | {100 * f['agreement']:.2f} | "
-                     + " | ".join(f"{f['ms'][b]:.3f} | {r['fp32_ms'][b] / f['ms'][b]:.2f}" for b in r["fp32_ms"])
-                     + " |\n")
-    return text + "\n"
-
-
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -389,8 +363,7 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     deploy = RESULTS / "deploy.json"
     if deploy.exists():
         text += deploy_section(json.loads(deploy.read_text()))
-    for name, section in (("aligned.json", aligned_section), ("sweep.json", sweep_section),
-                          ("ajpq_workers.json", ajpq_workers_section)):
+    for name, section in (("sweep.json", sweep_section), ("ajpq_workers.json", ajpq_workers_section)):
         if (RESULTS / name).exists():
             text += section(json.loads((RESULTS / name).read_text()))
     architectures = RESULTS / "architectures.json"
