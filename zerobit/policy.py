@@ -267,11 +267,13 @@ def _with_count(graph: ModelGraph, policy: Policy, scores: Mapping[str, torch.Te
     decision = decisions_of(policy[name], g.tie)
     score, bits = tied_scores(scores[name], g.tie).tolist(), list(decision.bits)
     if target < decision.kept:
-        for i in sorted((i for i, b in enumerate(bits) if b > 0), key=lambda i: (score[i], -i))[:decision.kept - target]:
+        kept = sorted((i for i, b in enumerate(bits) if b > 0), key=lambda i: (score[i], -i))
+        for i in kept[:decision.kept - target]:
             bits[i] = 0
     else:
         low = min(decision.kept_bits())
-        for i in sorted((i for i, b in enumerate(bits) if b == 0), key=lambda i: (-score[i], i))[:target - decision.kept]:
+        removed = sorted((i for i, b in enumerate(bits) if b == 0), key=lambda i: (-score[i], i))
+        for i in removed[:target - decision.kept]:
             bits[i] = low
     return repeat(GroupDecision(tuple(bits)), g.tie)
 

@@ -201,9 +201,9 @@ def _codebook_weight(g: _Graph, node, layer: str, stored: LayerCodes) -> None:
 
 
 def _layer_nodes(g: _Graph, layers: Iterable[str], model: nn.Module) -> dict[str, object]:
-    """The Conv/Gemm/MatMul (Gather: an embedding) node whose weight input is each layer's `.weight` initializer, or (a Linear on
-    (B, T, C) exports as MatMul with the weight folded to Wᵀ under another name) an initializer equal to Wᵀ;
-    the latter are listed in `g.transposed`."""
+    """The Conv/Gemm/MatMul node (a Gather for an embedding) whose weight input is each layer's `.weight`
+    initializer, or (a Linear on (B, T, C) exports as MatMul with the weight folded to Wᵀ under another name) an
+    initializer equal to Wᵀ; the latter are listed in `g.transposed`."""
     from onnx import numpy_helper
 
     readers: dict[str, list] = {}
