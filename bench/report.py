@@ -340,6 +340,21 @@ def architectures_section(rows: list[dict]) -> str:
     return text
 
 
+def widths_section(r: dict) -> str:
+    """One quantized conv timed by kept channel count (bench/widths.py)."""
+    text = ("\n## Channel widths: one quantized 3×3 conv by kept channels (`bench/widths.py`)\n\n"
+            f"CPU: {r['cpu']}, onnxruntime on {r['threads']} thread(s), batch {r['batch']}; a one-layer model as "
+            "`export_onnx` writes it (uint8 input and output, int8 weights), equal input and output channels, timed "
+            "as the latency table times layers (the model minus the same call without the layer, median). "
+            "Why `channel_multiple=8` exists: some widths run in much faster kernels than the widths just below "
+            "them. `python bench/widths.py`\n\n| input side | channels | ms | ms per channel |\n"
+            "|---|---:|---:|---:|\n")
+    for row in r["rows"]:
+        text += (f"| {row['side']}×{row['side']} | {row['channels']} | {row['ms']:.3f} | "
+                 f"{row['ms'] / row['channels']:.3f} |\n")
+    return text
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -363,7 +378,8 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     deploy = RESULTS / "deploy.json"
     if deploy.exists():
         text += deploy_section(json.loads(deploy.read_text()))
-    for name, section in (("sweep.json", sweep_section), ("ajpq_workers.json", ajpq_workers_section)):
+    for name, section in (("widths.json", widths_section), ("sweep.json", sweep_section),
+                          ("ajpq_workers.json", ajpq_workers_section)):
         if (RESULTS / name).exists():
             text += section(json.loads((RESULTS / name).read_text()))
     architectures = RESULTS / "architectures.json"
