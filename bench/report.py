@@ -212,8 +212,10 @@ def deploy_section(result: dict) -> str:
              "row's; *parity* the share of the 10,000 test images on which onnxruntime and the .zbit model agree; "
              "*table* the latency table's prediction error. The peer's files have the structure of its fine-tuned "
              "ones (latency only; its accuracy is in the compression table). *int8* rows: the same model with its "
-             "≤ 4-bit layers stored as int8 (larger file, integer kernels). `python bench/deploy.py --stage build` then "
-             "`python bench/deploy.py --stage measure --latency-budget`.", ""]
+             "≤ 4-bit layers stored as int8 (larger file, integer kernels). `python bench/deploy.py --stage build "
+             "--strategies uniform,sequential,opq,admm,sbs --budgets 1/32,1/64`, the same with `--strategies "
+             "uniform:m8,uniform --budgets 1/16,1/32,1/64,1/128`, then `python bench/deploy.py --stage measure "
+             "--budgets 1/16,1/32,1/64,1/128` and `--stage latency`.", ""]
     for batch in sorted({r["batch"] for r in result["rows"]}):
         lines += [f"**batch {batch}**", "",
                   "| file | ms | × fp32 | .onnx bytes | .zbit bytes | accuracy % | parity % | max Δ logit | table |",
