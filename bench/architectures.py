@@ -105,11 +105,27 @@ def run_case(name: str, strategy: str) -> dict:
         with torch.no_grad():
             outs = [m(**example) if isinstance(example, dict) else m(example) for m in (loaded, r.model.eval())]
         diff = float((outs[0].logits - outs[1].logits).abs().max())
+        onnx = _onnx_check(path, build, example, val)
     groups = r.graph.groups.values()
     return {"file_bytes": written, "on_disk_equal": written == r.file_bytes, "fp32_bytes": r.graph.fp32_bytes,
             "budget_limit": r.budget.limit(r.graph), "max_abs_diff_after_load": diff, "groups": len(groups),
             "prunable_groups": sum(g.prunable for g in groups), "head_groups": sum(g.span > 1 for g in groups),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, **onnx}
+
+
+def _onnx_check(path: Path, build, example, data) -> dict:
+    """The .zbit exported to ONNX (mode exact) and run in onnxruntime against the loaded model on `data`."""
+    import zerobit as zb
+    from zerobit.export.onnx import export_onnx, parity
+
+    try:
+        report = export_onnx(path, path.with_suffix(".onnx"), model=build().eval(), example_inputs=example,
+                             mode="exact")
+        found = parity(path.with_suffix(".onnx"), zb.load(path, build().eval(), example_inputs=example), data)
+    except Exception as exc:  # recorded, not raised: the case's compress → save → load already passed
+        return {"onnx_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {"onnx_bytes": report.onnx_bytes, "onnx_agreement": found["agreement"],
+            "onnx_max_abs_diff": found["max_abs_diff"]}
 
 
 def main() -> int:
@@ -141,7 +157,10 @@ def main() -> int:
             rows.append(row)
             print(f"{name:>10} {strategy:>8}  " + (f"ok  {row['file_bytes']:>7,} B of {row['budget_limit']:>7,.0f}, "
                                                    f"Δ after load {row['max_abs_diff_after_load']:.1e}, "
-                                                   f"{row['prunable_groups']}/{row['groups']} groups prunable"
+                                                   f"{row['prunable_groups']}/{row['groups']} groups prunable, "
+                                                   + (f"ONNX {100 * row['onnx_agreement']:.1f}% equal, Δ "
+                                                      f"{row['onnx_max_abs_diff']:.1e}" if "onnx_bytes" in row
+                                                      else f"ONNX {row.get('onnx_error')}")
                                                    if row["ok"] else f"FAILED: {row['error']}"), flush=True)
     RESULTS.write_text(json.dumps(rows, indent=1))
     from bench.report import write_benchmarks_md

@@ -329,16 +329,22 @@ def architectures_section(rows: list[dict]) -> str:
             "compressed to 1/4 of the fp32 bytes with a 0.5-epoch fine-tune on random batches, saved, loaded into a "
             "fresh model and run again; CPU, 1 thread, seed 0. *Δ after load*: the largest difference of the "
             "loaded model's outputs from the compressed model's. *prunable*: coupled groups whose channels may be "
-            "removed (the rest are quantized only), of all groups; *heads*: groups decided head by head.\n\n"
-            "| architecture | strategy | result | file bytes | budget bytes | Δ after load | prunable | heads | s |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|\n")
+            "removed (the rest are quantized only), of all groups; *heads*: groups decided head by head. *ONNX*: "
+            "the .zbit exported by `export_onnx(..., mode=\"exact\")` and run in onnxruntime on the validation "
+            "batches: its bytes, the share of equal argmax (per token for a language model) and the largest logit "
+            "difference from the loaded model.\n\n"
+            "| architecture | strategy | result | file bytes | budget bytes | Δ after load | prunable | heads | ONNX bytes "
+            "| ONNX agreement % | ONNX Δ | s |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in rows:
-        if r["ok"]:
-            text += (f"| {r['architecture']} | {r['strategy']} | ok | {r['file_bytes']:,} | {r['budget_limit']:,.0f} | "
-                     f"{r['max_abs_diff_after_load']:.1e} | {r['prunable_groups']}/{r['groups']} | "
-                     f"{r['head_groups']} | {r['seconds']:.1f} |\n")
-        else:
-            text += f"| {r['architecture']} | {r['strategy']} | failed: {r['error']} | | | | | | |\n"
+        if not r["ok"]:
+            text += f"| {r['architecture']} | {r['strategy']} | failed: {r['error']} | | | | | | | | | |\n"
+            continue
+        onnx = (f"{r['onnx_bytes']:,} | {100 * r['onnx_agreement']:.2f} | {r['onnx_max_abs_diff']:.1e}"
+                if "onnx_bytes" in r else f"{r.get('onnx_error', 'not run')} | | ")
+        text += (f"| {r['architecture']} | {r['strategy']} | ok | {r['file_bytes']:,} | {r['budget_limit']:,.0f} | "
+                 f"{r['max_abs_diff_after_load']:.1e} | {r['prunable_groups']}/{r['groups']} | "
+                 f"{r['head_groups']} | {onnx} | {r['seconds']:.1f} |\n")
     return text
 
 
