@@ -410,6 +410,42 @@ def _check_one_float_input(model: nn.Module | None, exc: Exception) -> None:
                          "inputs") from exc
 
 
+def _write_weights(g: _Graph, stored: dict[str, LayerCodes], nodes: dict[str, object],
+                   int4: bool) -> dict[str, str]:
+    """Every stored layer's weight written into the graph as the file holds it; layer → what it became."""
+    kinds = {}
+    for layer, codes in stored.items():
+        kind = _weight_kind(codes, int4)
+        if layer not in nodes and not bool(codes.weight().any()):
+            kind = "none (every weight is zero: the exporter folded the layer into its bias)"
+        elif layer not in nodes:
+            kind = "float (its weight is not a plain Conv/Gemm input in the exported graph)"
+        elif kind.startswith("codebook"):
+            _codebook_weight(g, nodes[layer], layer, codes)
+        elif not kind.startswith("float"):
+            _quantize_weight(g, nodes[layer], layer, codes, kind)
+        kinds[layer] = kind
+    return kinds
+
+
+def _write_inputs(g: _Graph, decoded: nn.Module, nodes: dict[str, object], kinds: dict[str, str],
+                  mode: str) -> dict[str, str]:
+    """Every quantized layer input written into the graph; returns float value → its dequantized copy."""
+    quantized: dict[str, str] = {}
+    for layer, quant in _input_quants(decoded).items():
+        # a float weight behind QDQ inputs is requantized to int8 by onnxruntime itself (lossy): such layers
+        # (codebooks, float channels) quantize their input with plain float operators it does not fuse
+        if layer in nodes and not kinds[layer].startswith(("int", "uint")):
+            _fake_quantize_input(g, nodes[layer], quant)
+        elif layer in nodes:
+            raw = nodes[layer].input[0]
+            if mode == "fast" and raw in quantized:  # one quantizer per tensor, or onnxruntime cannot fuse
+                nodes[layer].input[0] = quantized[raw]  # its producer (layers reading one tensor were
+                continue                                # calibrated on it alike: their scales agree)
+            quantized.setdefault(raw, _quantize_input(g, nodes[layer], quant, mode == "exact"))
+    return quantized
+
+
 def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = None, example_inputs=None,
                 calibration_data=None, mode: str = "fast", int4: bool = True, max_calibration: int = 512,
                 percentile: float = 0.9999) -> OnnxReport:
@@ -452,29 +488,8 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
         g = _Graph(onnx.load(str(tmp / "float.onnx")))
         report = OnnxReport(str(path), 0, zbit_path.stat().st_size, mode)
         nodes = _layer_nodes(g, stored, decoded)
-        quantized: dict[str, str] = {}
-        for layer, codes in stored.items():
-            kind = _weight_kind(codes, int4)
-            if layer not in nodes and not bool(codes.weight().any()):
-                kind = "none (every weight is zero: the exporter folded the layer into its bias)"
-            elif layer not in nodes:
-                kind = "float (its weight is not a plain Conv/Gemm input in the exported graph)"
-            elif kind.startswith("codebook"):
-                _codebook_weight(g, nodes[layer], layer, codes)
-            elif not kind.startswith("float"):
-                _quantize_weight(g, nodes[layer], layer, codes, kind)
-            report.layers[layer] = kind
-        for layer, quant in _input_quants(decoded).items():
-            # a float weight behind QDQ inputs is requantized to int8 by onnxruntime itself (lossy): such layers
-            # (codebooks, float channels) quantize their input with plain float operators it does not fuse
-            if layer in nodes and not report.layers[layer].startswith(("int", "uint")):
-                _fake_quantize_input(g, nodes[layer], quant)
-            elif layer in nodes:
-                raw = nodes[layer].input[0]
-                if mode == "fast" and raw in quantized:  # one quantizer per tensor, or onnxruntime cannot fuse
-                    nodes[layer].input[0] = quantized[raw]  # its producer (layers reading one tensor were
-                    continue                                # calibrated on it alike: their scales agree)
-                quantized.setdefault(raw, _quantize_input(g, nodes[layer], quant, mode == "exact"))
+        report.layers = _write_weights(g, stored, nodes, int4)
+        quantized = _write_inputs(g, decoded, nodes, report.layers, mode)
         if mode == "fast":
             _share_quantized_inputs(g, quantized)
             edges = _float_edges(g, [nodes[n] for n in nodes if _input_quants(decoded).get(n) is not None])
