@@ -200,3 +200,59 @@ def test_a_language_model_exports_to_onnx_and_computes_the_zbit_logits(build, tm
         found = parity(tmp_path / "m.onnx", loaded, data)
     assert all(kind.startswith(("int", "uint")) for kind in report.layers.values()), report.layers
     assert found["samples"] == 24 and found["agreement"] == 1.0 and found["max_abs_diff"] < 1e-4, found
+    # GPT-2's tied table: its codes are in the file once, read by the Gather and (transposed) by the logits' MatMul
+    from onnx import load as load_onnx
+    from onnx import numpy_helper
+
+    table = loaded.model.embed_tokens.weight if hasattr(loaded, "model") else loaded.transformer.wte.weight
+    sizes = [numpy_helper.to_array(t).size for t in load_onnx(str(tmp_path / "m.onnx")).graph.initializer]
+    assert sizes.count(table.numel()) == (1 if build is gpt2_lm else 2), sizes
+
+
+TIED_OPTIONS = {"ajpq": {"episodes": 3, "warmup": 1, "rerank": 1, "proxy.samples": 16, "proxy.recovery_batches": 1,
+                         "proxy.batch_size": 8}, "admm": {"iterations": 2}}
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "sequential", "opq", "admm", "ajpq", "sbs"])
+def test_a_tied_table_is_quantized_once_stored_once_and_loads_tied(strategy: str, tmp_path) -> None:
+    """GPT-2's lm_head uses the token embedding's weight: one channel group (one bit-width per token row), one
+    quantized tensor through the fine-tune, its codes once in the file, one Parameter again after load."""
+    from zerobit.export.zbit import estimate_bytes
+    from zerobit.strategies import get_strategy
+
+    example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
+    strat = get_strategy(strategy, **TIED_OPTIONS.get(strategy, {}))
+    r, loaded = _compress_and_reload(gpt2_lm, (tokens(4, 8, 1, False), tokens(2, 16, 2, False)), example,
+                                     zb.Size(fraction=1 / 4), strat, "distillation", tmp_path)
+    assert r.graph.layers["lm_head"].shares == "transformer.wte" and "lm_head" not in r.graph.groups
+    assert r.graph.groups["transformer.wte"].layers == ["transformer.wte", "lm_head"]
+    assert r.model.lm_head.layer.weight is r.model.transformer.wte.layer.weight  # through the fine-tune
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    # traced untied (as files before version 4 were), the same policy stores the table a second time
+    untied = zb.analyse(gpt2_lm(), example, tied=False)
+    twice = zb.Policy({**r.policy.groups, "lm_head": r.policy["transformer.wte"]}, r.policy.act_bits,
+                      layers=r.policy.layers, act=r.policy.act)
+    table = 60 * r.policy["transformer.wte"].kept_bits()[0] * loaded.transformer.wte.weight.shape[1] // 8
+    assert estimate_bytes(untied, twice) - r.file_bytes >= table
+
+
+def test_a_version_3_file_with_a_tied_table_stored_twice_still_loads(tmp_path) -> None:
+    from safetensors.numpy import save_file
+
+    from zerobit.export.container import checksum, read_container
+    from zerobit.export.runtime import save_zbit
+    from zerobit.quant import apply_policy
+
+    example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
+    graph = zb.analyse(gpt2_lm(), example, tied=False)
+    policy = zb.Policy({n: zb.GroupDecision((6,) * g.channels) for n, g in graph.groups.items()}, 32)
+    q = apply_policy(linearized(gpt2_lm()), graph, policy, example).eval()  # Conv1D as Linear, as compress does
+    save_zbit(q, graph, policy, tmp_path / "now.zbit")
+    meta, arrays = read_container(tmp_path / "now.zbit")
+    meta["version"] = "3"
+    meta["crc32"] = f"{checksum(meta, arrays):08x}"
+    save_file(arrays, str(tmp_path / "v3.zbit"), metadata=meta)
+    loaded = zb.load(tmp_path / "v3.zbit", gpt2_lm(), example_inputs=example)
+    torch.testing.assert_close(_logits(loaded, example), _logits(q, example), atol=1e-5, rtol=1e-5)
+    with pytest.raises(zb.ZbitFormatError, match="different model"):  # read as version 4 it is another model
+        zb.load(tmp_path / "now.zbit", gpt2_lm(), example_inputs=example)

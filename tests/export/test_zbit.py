@@ -9,7 +9,7 @@ from tiny_models import EXAMPLE, TINY_MODELS
 
 from zerobit.export.layout import layer_layouts
 from zerobit.export.runtime import decode, load, read_zbit, save_zbit
-from zerobit.export.zbit import ZbitFormatError, estimate_bytes, safetensors_bytes
+from zerobit.export.zbit import FORMAT_VERSION, ZbitFormatError, estimate_bytes, safetensors_bytes
 from zerobit.graph import analyse
 from zerobit.policy import GroupDecision, LayerDecision, Policy
 from zerobit.quant import apply_policy
@@ -268,7 +268,7 @@ def test_version_2_files_decode_their_biases_as_stored(tmp_path):
     q.eval()
     save_zbit(q, graph, policy, tmp_path / "v3.zbit")
     meta, arrays = read_container(tmp_path / "v3.zbit")
-    assert meta["version"] == "3"
+    assert meta["version"] == FORMAT_VERSION
     meta["version"] = "2"
     meta["crc32"] = f"{checksum(meta, arrays):08x}"
     save_file(arrays, str(tmp_path / "v2.zbit"), metadata=meta)

@@ -4,6 +4,9 @@ Dense layers store one code per weight of every kept channel, grouped by bit-wid
 sparsity (one bit-width for all its kept channels) stores codes of its nonzero weights only, plus their
 positions, coded as whichever is smaller for the counts at hand: a bitmap (one bit per weight) or an index list
 (per channel: a count, then the index of each nonzero within the channel).
+
+A layer that shares an earlier layer's weight (tied weights, see zerobit.graph.tied) stores only its bias: its
+weight is the earlier layer's, decoded from that layer's codes and scales.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class LayerLayout:
     has_bias: bool
     sparsity: float = 0.0
     codebook: bool = False
+    shared: bool = False  # the weight is an earlier layer's: no codes, scales or float weights of its own
 
     @cached_property
     def _counts(self) -> Counter:
@@ -101,33 +105,35 @@ class LayerLayout:
 
     @property
     def code_bytes(self) -> int:
+        if self.shared:
+            return 0
         if self.single_width:
             return packed_bytes(self.nnz, self.kept_bits[0])
         return sum(packed_bytes(self.count(b) * self.weights_per_channel, b) for b in PACKED_BITS)
 
     @property
     def position_bytes(self) -> int:
-        if self.sparsity == 0:
+        if self.sparsity == 0 or self.shared:
             return 0
         return position_bytes(len(self.kept_bits), self.weights_per_channel, self.nnz)
 
     @property
     def book_entries(self) -> int:
-        return 2 ** self.kept_bits[0] if self.codebook else 0
+        return 2 ** self.kept_bits[0] if self.codebook and not self.shared else 0
 
     @property
     def scales(self) -> int:
-        return len(self.kept_bits) - self.count(FLOAT_BITS)
+        return 0 if self.shared else len(self.kept_bits) - self.count(FLOAT_BITS)
 
     @property
     def floats(self) -> int:
-        return self.count(FLOAT_BITS) * self.weights_per_channel
+        return 0 if self.shared else self.count(FLOAT_BITS) * self.weights_per_channel
 
 
 def layer_layouts(graph: ModelGraph, policy: Policy) -> Iterator[LayerLayout]:
     """Layout of every layer of `graph` under `policy`, in graph order."""
     for name, layer in graph.layers.items():
         per = kept_per_channel(graph, policy, name)
-        decision = policy.layer(name)
+        decision = policy.layer(layer.shares or name)  # a shared weight is its owner's, sparsity and all
         yield LayerLayout(name, policy[layer.out_group].kept_bits(), per, layer.has_bias or layer.bn is not None,
-                          decision.sparsity, decision.codebook)
+                          decision.sparsity, decision.codebook, layer.shares is not None)

@@ -20,7 +20,7 @@ import copy
 import itertools
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +29,14 @@ import torch
 from torch import nn
 
 from zerobit.export.onnx_file import _onnx, clean, export_float
+from zerobit.export.onnx_run import calibrate, onnx_session, parity
 from zerobit.export.runtime import LayerCodes, decode
 from zerobit.policy import FLOAT_BITS
 
+__all__ = ["MODES", "OnnxReport", "export_onnx", "onnx_session", "parity", "weight_format"]
+
 MODES = ("fast", "exact")
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
-CALIBRATION_BATCH = 64
 
 
 @dataclass
@@ -66,6 +68,7 @@ class _Graph:
         self.prefix = prefix  # before the exported model's weight names (a wrapped model's: "model.")
         self.count = itertools.count()
         self.transposed: set[str] = set()  # layers whose weight initializer is Wᵀ (see _layer_nodes)
+        self.written: dict[int, tuple[list[str], bool]] = {}  # id(LayerCodes) → its codes' DQ inputs, transposed
 
     def name(self, hint: str) -> str:
         return f"{hint}__{next(self.count)}"
@@ -155,15 +158,25 @@ def _quantize_weight(g: _Graph, node, layer: str, stored: LayerCodes, kind: str)
         return
     shape = tuple(numpy_helper.to_array(init).shape)
     flip = layer in g.transposed  # the initializer is Wᵀ (in, out): channels along axis 1
+    onnx_type = TensorProto.INT4 if kind.startswith("int4") else None
+    prior = g.written.get(id(stored))  # a tied weight (zerobit.graph.tied): its codes are in the file already
+    if prior is not None and (prior[1] == flip or (onnx_type is None and len(shape) == 2)):
+        (q, *inputs), nodes = prior[0], []
+        if prior[1] != flip:  # read the other way round (an embedding's table, a MatMul's Wᵀ): transposed codes
+            nodes.append(helper.make_node("Transpose", [q], [q := g.name(f"{layer}.qt")], perm=[1, 0]))
+        g.drop_initializer(weight_name)
+        g.insert_before(node, [*nodes, helper.make_node("DequantizeLinear", [q, *inputs], [weight_name],
+                                                        axis=int(flip))])
+        return
     codes = _as_stored(stored.codes.numpy(), shape, flip).astype(np.int16)
     if stored.mask is not None:
         codes = codes * _as_stored(stored.mask.numpy(), shape, flip)
-    onnx_type = TensorProto.INT4 if kind.startswith("int4") else None
     inputs = [g.constant(f"{layer}.s", stored.scale16.float().numpy())]
     if kind.startswith("uint8"):
         codes = codes + 128
         inputs.append(g.constant(f"{layer}.z", np.full(shape[int(flip)], 128, dtype=np.uint8)))
     q = g.constant(f"{layer}.q", codes.astype(np.uint8 if kind.startswith("uint8") else np.int8), onnx_type)
+    g.written[id(stored)] = ([q, *inputs], flip)
     g.drop_initializer(weight_name)
     g.insert_before(node, [helper.make_node("DequantizeLinear", [q, *inputs], [weight_name], axis=int(flip))])
 
@@ -212,20 +225,32 @@ def _layer_nodes(g: _Graph, layers: Iterable[str], model: nn.Module) -> dict[str
             readers.setdefault(n.input[1], []).append(n)
         elif n.op_type == "Gather" and n.input:  # an embedding table, looked up by token ids
             readers.setdefault(n.input[0], []).append(n)
-    key = {name: f"{g.prefix}{name}.weight" for name in layers}
-    found = {name: readers[key[name]][0] for name in layers if key[name] in readers}
-    folded: dict[bytes, list] = {}  # the exporter stores equal constants once: one tensor, several MatMuls
+    def op_of(name: str) -> tuple[str, ...]:
+        return ("Gather",) if isinstance(model.get_submodule(name), nn.Embedding) else LINEAR_OPS
+
+    found = {}
+    for name in layers:  # by name; a tied weight has one name, read by a Gather and a MatMul: take the right op
+        match = [n for n in readers.get(f"{g.prefix}{name}.weight", ()) if n.op_type in op_of(name)]
+        if match:
+            found[name] = match[0]
+    by_value: dict[bytes, list] = {}  # the exporter stores equal constants once: one tensor, several readers
     for t in g.graph.initializer:
         if t.name in readers and len(t.dims) == 2:
             key = numpy_helper.to_array(t).tobytes() + bytes(str(tuple(t.dims)), "ascii")
-            folded.setdefault(key, []).extend(n for n in readers[t.name] if n.op_type == "MatMul")
+            by_value.setdefault(key, []).extend(n for n in readers[t.name] if n not in found.values())
     for name in layers:
-        if name not in found:
-            w = model.get_submodule(name).weight.detach().float().numpy()
-            key = np.ascontiguousarray(w.T).tobytes() + bytes(str(w.T.shape), "ascii") if w.ndim == 2 else b""
-            if folded.get(key):  # each node once
-                found[name] = folded[key].pop(0)
-                g.transposed.add(name)
+        w = model.get_submodule(name).weight.detach().float().numpy()
+        if name in found or w.ndim != 2:
+            continue
+        for flip, value in ((False, w), (True, w.T)):  # a tied table under another layer's name, or Wᵀ
+            key = np.ascontiguousarray(value).tobytes() + bytes(str(value.shape), "ascii")
+            match = [n for n in by_value.get(key, ()) if n.op_type in op_of(name) and (n.op_type == "MatMul") == flip]
+            if match:  # each node once
+                found[name] = match[0]
+                by_value[key].remove(match[0])
+                if flip:
+                    g.transposed.add(name)
+                break
     return found
 
 
@@ -319,59 +344,6 @@ def _float_edges(g: _Graph, layer_nodes: list) -> list[str]:
         if value not in outputs and not _reaches_quantize(g, value):
             edges.append(value)
     return edges
-
-
-def _feeds(data, names: list[str]) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
-    """(the model's inputs, onnxruntime's feed by input name) per batch of a tensor, a TensorData, or an iterable
-    of batches: tensors, (inputs, labels) pairs, or dicts of keyword inputs (a tokenizer's output)."""
-    from zerobit.task import DEFAULT_TASK
-
-    def array(t: torch.Tensor) -> np.ndarray:
-        return (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
-
-    if isinstance(data, torch.Tensor) or hasattr(data, "x"):
-        whole = data if isinstance(data, torch.Tensor) else data.x
-        batches = (whole[i:i + CALIBRATION_BATCH] for i in range(0, len(whole), CALIBRATION_BATCH))
-    else:
-        batches = (DEFAULT_TASK.inputs(batch) for batch in data)
-    for x in batches:
-        if isinstance(x, torch.Tensor):
-            yield x, {names[0]: array(x)}
-        elif isinstance(x, dict):
-            missing = [n for n in names if n not in x]
-            if missing:
-                raise ValueError(f"the data's batches lack the model's inputs {missing} (they hold {sorted(x)})")
-            yield x, {n: array(x[n]) for n in names}
-        else:
-            yield x, {n: array(v) for n, v in zip(names, x, strict=False)}
-
-
-def _calibrate(model, values: list[str], data, max_samples: int, percentile: float) -> dict[str, tuple[float, bool]]:
-    """(scale, signed) of each value: a high percentile of |x| over the calibration inputs, run in onnxruntime."""
-    import onnxruntime as ort
-    from onnx import helper
-
-    probe = copy.deepcopy(model)
-    probe.graph.output.extend([helper.make_empty_tensor_value_info(v) for v in values])
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    seen: dict[str, list[np.ndarray]] = {v: [] for v in values}
-    count = 0
-    for _, feed in _feeds(data, names):
-        for v, out in zip(values, session.run(values, feed), strict=True):
-            seen[v].append(out.ravel()[:: max(1, out.size // 200_000)])
-        count += len(feed[names[0]])
-        if count >= max_samples:
-            break
-    if count == 0:
-        raise ValueError("calibration_data holds no inputs")
-    found = {}
-    for v in values:
-        sample = np.concatenate(seen[v])
-        signed = bool((sample < 0).any())
-        amax = max(float(np.quantile(np.abs(sample), percentile)), 1e-8)
-        found[v] = (amax / (127 if signed else 255), signed)
-    return found
 
 
 def _quantize_edge(g: _Graph, value: str, scale: float, signed: bool) -> None:
@@ -499,7 +471,7 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
                     raise ValueError(f"mode 'fast' quantizes {len(edges)} tensors the .zbit model keeps in float and "
                                      "needs calibration_data= (a few hundred inputs) for their scales; or pass "
                                      "mode='exact'")
-                for value, (scale, signed) in _calibrate(g.model, edges, data, max_calibration, percentile).items():
+                for value, (scale, signed) in calibrate(g.model, edges, data, max_calibration, percentile).items():
                     _quantize_edge(g, value, scale, signed)
                 report.calibrated = len(edges)
         final = clean(g.model)
@@ -507,50 +479,3 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
         onnx.save(final, str(path))
     report.onnx_bytes = os.path.getsize(path)
     return report
-
-
-def onnx_session(path: str | os.PathLike, threads: int = 0, optimize: bool = True):
-    """An onnxruntime CPU session of `path` (threads 0 = onnxruntime's default; optimize=False: graph as written)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ImportError("running ONNX files needs onnxruntime: pip install 'zerobit[onnx]'") from exc
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-@torch.no_grad()
-def parity(path: str | os.PathLike, reference: nn.Module, data, max_samples: int | None = None,
-           optimize: bool = True) -> dict[str, float]:
-    """Compare onnxruntime's outputs of `path` with `reference` (e.g. the model `zerobit.load` rebuilds).
-
-    In mode "exact" the file computes what the .zbit model computes, to float rounding, with onnxruntime's
-    optimizations (the default, as deployed: fused integer kernels) or without (`optimize=False`, the graph as
-    written); in mode "fast" the tensors it quantizes beyond the .zbit model's make the difference.
-
-    Returns {"agreement": share of equal argmax (per example; per token for a language model's logits),
-    "max_abs_diff": largest logit difference, "samples": n}.
-    """
-    from zerobit.device import move
-    from zerobit.task import call, main_output
-
-    session = onnx_session(path, optimize=optimize)
-    names = [i.name for i in session.get_inputs()]
-    reference = reference.cpu().eval()
-    same, positions, total, worst = 0, 0, 0, 0.0
-    for x, feed in _feeds(data, names):
-        theirs = main_output(call(reference, move(x, torch.device("cpu")))).float().numpy()
-        outputs = session.run(None, feed)  # the output the reference's main output is: the first of its shape
-        ours = next((o for o in outputs if o.shape == theirs.shape), outputs[0])
-        agree = ours.argmax(-1) == theirs.argmax(-1)  # per example, or per token of a language model
-        same, positions = same + int(agree.sum()), positions + agree.size
-        worst = max(worst, float(np.abs(ours - theirs).max()))
-        total += len(feed[names[0]])
-        if max_samples is not None and total >= max_samples:
-            break
-    return {"agreement": same / max(positions, 1), "max_abs_diff": worst, "samples": total}

@@ -221,13 +221,17 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
     pruned = prune_structure(model, graph, policy, example)
     cur = {k: _Cursor(zf.blobs.get(k)) for k in ("codes", "scales", "floats", "biases", "act", "pos", "books")}
     grid = zf.header.version not in ("1", "2")  # older files decode their biases as stored
+    read: dict[str, LayerCodes] = {}
     for lay in layer_layouts(graph, policy):
         module = pruned.get_submodule(lay.name)
-        stored = _layer_codes(lay, cur)
+        owner = graph.layers[lay.name].shares
+        stored = read[lay.name] = read[owner] if owner else _layer_codes(lay, cur)
         if layer_codes is not None:
             layer_codes[lay.name] = stored
-        weight = stored.weight()
-        module.weight = nn.Parameter(weight.view_as(module.weight).contiguous())
+        if owner:  # tied weights: one Parameter, as in the original model
+            module.weight = pruned.get_submodule(owner).weight
+        else:
+            module.weight = nn.Parameter(stored.weight().view_as(module.weight).contiguous())
         bias = cur["biases"].take(len(lay.kept_bits)).float() if lay.has_bias else None
         if graph.layers[lay.name].bn:
             set_module(pruned, graph.layers[lay.name].bn, nn.Identity())
@@ -319,7 +323,8 @@ def _graph_of(path: str | os.PathLike, model: nn.Module, zf: ZbitFile, example_i
     """The model's graph, traced as it was when the file was written; a different model is refused."""
     example = example_inputs if example_inputs is not None else torch.zeros((1,) + zf.input_shape[1:])
     try:
-        graph = analyse(model, example, ignored_layers=zf.header.ignored)
+        graph = analyse(model, example, ignored_layers=zf.header.ignored,
+                        tied=zf.header.version not in ("1", "2", "3"))  # older files store tied weights twice
     except ValueError as exc:  # the model ran when the file was written: its input shape or names do not fit
         hint = "" if example_inputs is not None else (" If the model does not take one float tensor (token ids, a "
                                                        "dict of inputs), pass example_inputs= to zerobit.load.")

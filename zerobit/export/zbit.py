@@ -15,6 +15,7 @@ in graph order:
   inputs are quantized);
 - ``abits`` (uint8, only with per-layer activation bits): each layer's input bits (32 = float);
 - ``ldec`` (int16, only with per-layer decisions): each layer's sparsity in 1/10000, as −1−value for codebooks;
+- (a layer that shares an earlier layer's weight — tied weights — stores only its bias there);
 - ``x.<name>``: any other parameter or buffer of the model (float32), pruned with the channels it follows, e.g.
   a LayerNorm, a layer-scale, or a BatchNorm no conv precedes.
 
@@ -41,9 +42,10 @@ from zerobit.policy import ACT_BITS, ALL_BITS, FLOAT_BITS, GroupDecision, LayerD
 from zerobit.quant.apply import quant_layers
 from zerobit.quant.pack import pack
 
-FORMAT_VERSION = "3"  # 2: the CRC covers the metadata and every tensor's dtype and shape too; 3: biases behind
-# quantized inputs decode to the accumulator's grid (quant.modules.grid_bias), as integer runtimes add them
-READ_VERSIONS = ("1", "2", FORMAT_VERSION)
+FORMAT_VERSION = "4"  # 2: the CRC covers the metadata and every tensor's dtype and shape too; 3: biases behind
+# quantized inputs decode to the accumulator's grid (quant.modules.grid_bias), as integer runtimes add them;
+# 4: layers that share a weight (zerobit.graph.tied) store it once, in one channel group
+READ_VERSIONS = ("1", "2", "3", FORMAT_VERSION)
 _BIT_CODE = {b: i for i, b in enumerate(ALL_BITS)}
 
 def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:
@@ -191,6 +193,8 @@ def _check_finite(name: str, q: nn.Module) -> None:
 def _layer_blobs(q: nn.Module, lay: LayerLayout) -> dict[str, list[np.ndarray]]:
     _check_finite(lay.name, q)
     d = q.deploy()
+    if lay.shared:  # its weight is stored with the layer it shares it with
+        return {"biases": [d.bias.numpy()]} if d.bias is not None else {}
     flat_codes = d.codes.flatten(1)
     if flat_codes.shape[1] != lay.weights_per_channel:
         raise RuntimeError(f"layer {lay.name!r} has {flat_codes.shape[1]} weights per channel, layout expects "

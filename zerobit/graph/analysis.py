@@ -19,6 +19,7 @@ from torch import nn
 
 from zerobit.graph.heads import head_size, update_head_counts
 from zerobit.graph.linears import linearize_
+from zerobit.graph.tied import share_tied_weights
 from zerobit.graph.tp_compat import CouplingLoopError, pruning_group
 from zerobit.task import call, first_tensor, main_output, map_tensors
 
@@ -53,6 +54,7 @@ class Layer:
     bn: str | None = None  # name of the BatchNorm2d folded into this layer
     has_bias: bool = False
     stride: int = 1
+    shares: str | None = None  # the earlier layer whose weight this one uses (tied weights; see graph.tied)
 
     @property
     def weights_per_channel(self) -> int:
@@ -136,11 +138,17 @@ class ModelGraph:
     def params(self) -> int:
         return sum(layer.params for layer in self.layers.values())
 
+    @property
+    def weight_layers(self) -> list[str]:
+        """Layers that hold their own weight: all but those that share an earlier layer's (tied weights)."""
+        return [n for n, layer in self.layers.items() if not layer.shares]
+
     def summary(self) -> str:
         """A readable table of groups and the layers they couple."""
-        lines = [f"{'group':28} {'ch':>4} {'prunable':>8} {'tie':>3}  layers"]
+        lines = [f"{'group':28} {'ch':>4} {'prunable':>8} {'tie':>3}  layers (= shares the weight of)"]
         for g in self.groups.values():
-            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8} {g.tie:>3}  {', '.join(g.layers)}")
+            names = [n + (f" (= {self.layers[n].shares})" if self.layers[n].shares else "") for n in g.layers]
+            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8} {g.tie:>3}  {', '.join(names)}")
         return "\n".join(lines)
 
 
@@ -273,7 +281,8 @@ def input_shape(example_inputs: Any) -> tuple[int, ...]:
     return tuple(first_tensor(example_inputs).shape)
 
 
-def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | None = None) -> ModelGraph:
+def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | None = None,
+            tied: bool = True) -> ModelGraph:
     """Trace `model` into a `ModelGraph`.
 
     Args:
@@ -281,6 +290,8 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         example_inputs: one input batch, e.g. ``torch.zeros(1, 1, 28, 28)``.
         ignored_layers: names of layers whose output channels are never pruned, besides the output layer
             (their groups are only quantized).
+        tied: layers that use one weight tensor share one group and are stored once (see zerobit.graph.tied);
+            False traces them as separate layers, as .zbit files before version 4 hold them.
 
     Example:
         >>> g = analyse(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
@@ -308,6 +319,8 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
             layers[name].bn = names[bn] if bn is not None else None
     groups = _coupled_groups(dg, model, names, layers, ignored)
     _find_heads(model, groups)
+    if tied:
+        share_tied_weights(model, layers, groups)
     for layer in layers.values():
         coupled = sum(channels * per for g, per in layer.in_sources for channels in [groups[g].channels])
         layer.fixed_in = 0 if layer.kind == "depthwise" else layer.in_features - coupled

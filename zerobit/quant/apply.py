@@ -15,6 +15,7 @@ from zerobit.device import model_device
 from zerobit.graph import ModelGraph, build_dependency_graph
 from zerobit.graph.analysis import run_or_explain
 from zerobit.graph.heads import update_head_counts
+from zerobit.graph.tied import retie
 from zerobit.graph.tp_compat import pruning_group
 from zerobit.policy import GroupDecision, Policy, kept_weights, tied_scores
 from zerobit.quant.codebook import kmeans_1d
@@ -88,6 +89,7 @@ def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example
             pruning_group(dg, model.get_submodule(name), removed).prune()
     update_head_counts(model, {n: graph.groups[layer.out_group].span for n, layer in graph.layers.items()
                                if graph.groups[layer.out_group].span > 1})
+    retie(model, graph.layers)
     for name, layer in graph.layers.items():
         module = model.get_submodule(name)
         out_ch = module.weight.shape[0]
@@ -116,6 +118,8 @@ def wrap_layers(model: nn.Module, graph: ModelGraph, policy: Policy) -> nn.Modul
         set_module(model, name, q)
         if layer.bn:
             set_module(model, layer.bn, nn.Identity())
+        if layer.shares:  # tied weights: quantized once, by the layer that owns them
+            q.tie_to(model.get_submodule(layer.shares))
     return model
 
 
@@ -146,6 +150,8 @@ def apply_layer_decisions(qmodel: nn.Module, policy: Policy) -> None:
     layers = quant_layers(qmodel)
     for name, decision in policy.layers.items():
         q = layers[name]
+        if q.owner is not None:  # a shared weight follows its owner's decision
+            continue
         if decision.sparsity > 0:
             q.set_mask(magnitude_mask(q.layer.weight, decision.sparsity))
         if decision.codebook:
@@ -169,8 +175,9 @@ def drop_empty_channels(model: nn.Module, graph: ModelGraph, policy: Policy,
     masked = copy.deepcopy(model)
     with torch.no_grad():
         for name, decision in policy.layers.items():
-            w = masked.get_submodule(name).weight
-            w.mul_(magnitude_mask(w, decision.sparsity))
+            if not graph.layers[name].shares:  # a shared weight is masked once, by its owner's decision
+                w = masked.get_submodule(name).weight
+                w.mul_(magnitude_mask(w, decision.sparsity))
     groups = dict(policy.groups)
     for name, group in graph.groups.items():
         rows = [masked.get_submodule(n).weight.detach().flatten(1).abs().sum(1) for n in group.layers]
@@ -183,7 +190,7 @@ def drop_empty_channels(model: nn.Module, graph: ModelGraph, policy: Policy,
     pruned = prune_structure(masked, graph, Policy(groups, policy.act_bits, act=policy.act), example_inputs)
     layers = {}
     for name, decision in policy.layers.items():
-        w = pruned.get_submodule(name).weight
+        w = pruned.get_submodule(graph.layers[name].shares or name).weight
         layers[name] = replace(decision, sparsity=min(0.9999, float((w == 0).sum()) / w.numel()))
     return Policy(groups, policy.act_bits, policy.meta, layers, policy.act), masked
 

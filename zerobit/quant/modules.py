@@ -8,7 +8,7 @@ step as integer runtimes add it: `grid_bias`) — so the exported model's output
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -151,6 +151,21 @@ class QuantLayer(WrapsLayer):
         self.register_buffer("fixed_scale", None)  # frozen per-channel steps
         self.register_buffer("book", None)  # sorted codebook centroids
         self.log_step: nn.Parameter | None = None  # log of the learned per-channel steps (after `learn_steps`)
+        self._owner: QuantLayer | None = None  # the layer whose weight this one shares (see `tie_to`)
+
+    @property
+    def owner(self) -> QuantLayer | None:
+        """The QuantLayer whose (tied) weight this layer uses, quantized by that layer; None when it owns one."""
+        return self.__dict__.get("_owner")
+
+    def tie_to(self, owner: QuantLayer) -> None:
+        """Use `owner`'s weight as `owner` quantizes it (tied weights: GPT-2's lm_head and token embedding). The
+        weight, its bits, steps, mask and codebook are then the owner's; this layer keeps its bias and input
+        quantizer. `owner` is not a submodule of this one (its state is saved once, where it lives)."""
+        if owner.layer.weight.shape != self.layer.weight.shape or owner.bn is not None or self.bn is not None:
+            raise ValueError("only layers with one weight shape and no folded BatchNorm can share a weight")
+        self.layer.weight = owner.layer.weight
+        object.__setattr__(self, "_owner", owner)
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Fix which weights are kept (None = all)."""
@@ -158,12 +173,14 @@ class QuantLayer(WrapsLayer):
 
     def freeze_scales(self) -> None:
         """Fix the per-channel step sizes at their current values (OPQ fine-tunes with frozen steps)."""
+        if self.owner is not None:
+            return
         self.fixed_scale = scales(self.masked_weight(), self.bits, self.clip).detach().clone()
 
     def learn_steps(self) -> None:
         """Train the per-channel steps with the weights (LSQ, as logarithms: relative updates, always positive),
         starting from the current ones (codebook layers keep their centroids)."""
-        if self.book is None and self.log_step is None:
+        if self.book is None and self.log_step is None and self.owner is None:
             self.log_step = nn.Parameter(self._current_scale().detach().clamp_min(1e-12).log())
 
     def _current_scale(self) -> torch.Tensor:
@@ -182,6 +199,8 @@ class QuantLayer(WrapsLayer):
         return w if self.mask is None else w * self.mask
 
     def _quantized_weight(self) -> torch.Tensor:
+        if self.owner is not None:
+            return self.owner._quantized_weight()
         w = self.masked_weight()
         if self.log_step is not None:
             wq = learned_quant(w, self.bits, self.log_step.exp())
@@ -213,7 +232,7 @@ class QuantLayer(WrapsLayer):
         if not self.training:
             d = self.deploy()
             bias = d.bias.float() if d.bias is not None else None
-            if bias is not None and self.act.bits < FLOAT_BITS and self.book is None and \
+            if bias is not None and self.act.bits < FLOAT_BITS and d.book is None and \
                     not bool((self.bits == FLOAT_BITS).any()):
                 bias = grid_bias(bias, self.act.scale, d.scale)
             return self._keep_mask(layer_op(self.layer, x, d.weight, bias, *args, **kwargs))
@@ -237,6 +256,9 @@ class QuantLayer(WrapsLayer):
     @torch.no_grad()
     def deploy(self) -> DeployTensors:
         """The tensors the exported file holds, and the weight they decode to."""
+        if self.owner is not None:  # the owner's stored weight, this layer's own bias
+            bias = getattr(self.layer, "bias", None)
+            return replace(self.owner.deploy(), bias=bias.detach().to(torch.float16) if bias is not None else None)
         w = self.masked_weight().detach()
         mult, shift = self._fold()
         shape = (-1,) + (1,) * (w.dim() - 1)

@@ -71,7 +71,7 @@ class ADMM(Strategy):
         self.check_budget(problem.budget)
         graph = problem.graph
         model = copy.deepcopy(problem.model)
-        weights = {n: model.get_submodule(n).weight for n in graph.layers}
+        weights = {n: model.get_submodule(n).weight for n in graph.weight_layers}  # a tied weight once
         bits = dict.fromkeys(graph.groups, 8)
         dual = {n: torch.zeros_like(w) for n, w in weights.items()}
         epochs = problem.finetune.epochs * self.share / self.iterations
@@ -100,30 +100,31 @@ class ADMM(Strategy):
                 density: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
         """Sparse projection at fixed bits: masks, their densities, and the bits left for codes."""
         graph = problem.graph
-        layer_bits = {n: bits[layer.out_group] for n, layer in graph.layers.items()}
+        layer_bits = {n: bits[graph.layers[n].out_group] for n in graph.weight_layers}
         payload = 8 * (problem.limit - _payload_overhead(problem, self._policy(problem, bits, density)))
-        position = {n: min(1 / max(density[n], 1e-3), 10.0) for n in graph.layers}
-        per_weight = {n: layer_bits[n] + position[n] for n in graph.layers}
+        position = {n: min(1 / max(density[n], 1e-3), 10.0) for n in graph.weight_layers}
+        per_weight = {n: layer_bits[n] + position[n] for n in graph.weight_layers}
         books = sum(_book_bits(b) for b in layer_bits.values())
-        scores = torch.cat([(target[n] ** 2).flatten() / per_weight[n] for n in graph.layers])
+        scores = torch.cat([(target[n] ** 2).flatten() / per_weight[n] for n in graph.weight_layers])
         costs = torch.cat([torch.full((target[n].numel(),), per_weight[n], device=target[n].device)
-                           for n in graph.layers])
+                           for n in graph.weight_layers])
         order = torch.argsort(scores, descending=True)
         keep = int((torch.cumsum(costs[order], 0) <= payload - books).sum())
         kept = torch.zeros_like(scores)
         kept[order[:keep]] = 1.0
-        masks, start, new_density = {}, 0, {}
-        for n in graph.layers:
+        masks, start, new_density = {}, 0, dict(density)
+        for n in graph.weight_layers:
             masks[n] = kept[start:start + target[n].numel()].view_as(target[n]).bool()
             start += target[n].numel()
             new_density[n] = max(float(masks[n].float().mean()), 1.0 / target[n].numel())
-        positions = sum(float(masks[n].sum()) * position[n] for n in graph.layers)
+        positions = sum(float(masks[n].sum()) * position[n] for n in graph.weight_layers)
         return masks, new_density, payload - positions
 
     def _error(self, problem: Problem, target: dict, masks: dict, bits: dict[str, int]) -> float:
         """Squared error of the projection: energy of the dropped weights + k-means error of the kept ones."""
         total = 0.0
-        for n, layer in problem.graph.layers.items():
+        for n in problem.graph.weight_layers:
+            layer = problem.graph.layers[n]
             kept = target[n][masks[n]]
             total += float((target[n][~masks[n]] ** 2).sum())
             total += codebook_error(kept, kmeans_1d(kept, 2 ** bits[layer.out_group], iterations=10))
@@ -163,11 +164,11 @@ class ADMM(Strategy):
         graph = problem.graph
         masks, density, code_budget = self._sparse(problem, target, bits, density)
         errors = {n: {b: codebook_error(target[n][masks[n]], kmeans_1d(target[n][masks[n]], 2**b, iterations=10))
-                      for b in ADMM_BITS} for n in graph.layers}
-        nnz = {n: float(masks[n].sum()) for n in graph.layers}
+                      for b in ADMM_BITS} for n in graph.weight_layers}
+        nnz = {n: float(masks[n].sum()) for n in graph.weight_layers}
         bits = self._knapsack(problem, errors, nnz, code_budget, start=bits)
         proj = {}
-        for n in graph.layers:
+        for n in graph.weight_layers:
             values = target[n][masks[n]]
             book = kmeans_1d(values, 2 ** bits[graph.layers[n].out_group])
             v = torch.zeros_like(target[n])
@@ -182,10 +183,10 @@ class ADMM(Strategy):
         bits = dict(start)
 
         def group_cost(g: str, b: int) -> float:
-            return sum(nnz[n] * b + _book_bits(b) for n in graph.groups[g].layers)
+            return sum(nnz[n] * b + _book_bits(b) for n in graph.groups[g].layers if n in nnz)
 
         def group_error(g: str, b: int) -> float:
-            return sum(errors[n][b] for n in graph.groups[g].layers)
+            return sum(errors[n][b] for n in graph.groups[g].layers if n in errors)
 
         while sum(group_cost(g, b) for g, b in bits.items()) > payload:
             best, best_ratio = None, float("inf")

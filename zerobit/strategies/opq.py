@@ -81,6 +81,8 @@ class OPQ(Strategy):
                 for i, p in enumerate(sparsities):
                     if isinstance(problem.budget, BOPs):
                         table[i, j] = layer.macs * bits * problem.act_bits
+                    elif layer.shares:  # a tied weight is stored once, with the layer that owns it
+                        table[i, j] = 0.0
                     else:
                         lay = LayerLayout(name, [bits] * layer.out_channels, layer.weights_per_channel, False, p)
                         table[i, j] = 8 * (lay.code_bytes + lay.position_bytes)

@@ -320,7 +320,7 @@ class GatedNet:
                 total = total + layer_bops(graph, name, kept, kept[out] * wbits[out], abits)
             elif isinstance(budget, MACs):
                 total = total + layer_bops(graph, name, kept, kept[out], 1.0)
-            else:
+            elif not layer.shares:  # a tied weight is stored once, with the layer that owns it
                 total = total + kept[out] * wbits[out] * weights_per_channel(graph, kept, name) / 8
         if self.steps % 20 == 0:  # what the differentiable count leaves out (headers, scales, biases), exactly
             self._offset = self.problem.cost(self.policy()) - float(total.detach())
