@@ -363,6 +363,28 @@ def widths_section(r: dict) -> str:
     return text
 
 
+def parity_section(rows: list[dict]) -> str:
+    """ONNX parity per zoo model and strategy (bench/parity.py)."""
+    if not rows:
+        return ""
+    first = rows[0]
+    text = ("\n## ONNX parity on every zoo model (`bench/parity.py`)\n\n"
+            "Each strategy's `.zbit` exported in mode *exact* (computes the `.zbit` model's numbers) and *fast* (the "
+            "default: also quantizes the residual tensors the `.zbit` keeps in float, for integer kernels), run in "
+            "onnxruntime (optimizations on) on the 10,000 test images against the model `zerobit.load` rebuilds: "
+            "share of equal predictions and the largest logit difference. "
+            f"CPU: {first['cpu']}; fine-tune {first['epochs']} epochs (parity does not depend on it), seed "
+            f"{first['seed']}; AJPQ with {first.get('options', {}).get('episodes', 60)} episodes. "
+            "`python bench/parity.py`\n\n| model | budget | strategy | .zbit bytes | acc % | exact: same | max diff | "
+            "fast: same | max diff | exact .onnx bytes |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    for r in sorted(rows, key=lambda r: (r["model"], _budget_key(r["budget"]), r["strategy"])):
+        e, f = r["exact"], r["fast"]
+        text += (f"| {r['model']} | {r['budget']} | {r['strategy']} | {r['zbit_bytes']:,} | "
+                 f"{100 * r['accuracy']:.2f} | {100 * e['agreement']:.2f}% | {e['max_abs_diff']:.1e} | "
+                 f"{100 * f['agreement']:.2f}% | {f['max_abs_diff']:.1e} | {e['onnx_bytes']:,} |\n")
+    return text
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -386,6 +408,8 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     deploy = RESULTS / "deploy.json"
     if deploy.exists():
         text += deploy_section(json.loads(deploy.read_text()))
+    if (RESULTS / "parity.json").exists():
+        text += parity_section(json.loads((RESULTS / "parity.json").read_text()))
     for name, section in (("widths.json", widths_section), ("sweep.json", sweep_section),
                           ("ajpq_workers.json", ajpq_workers_section)):
         if (RESULTS / name).exists():
