@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerobit.budget import BOPs, Budget, BudgetError, Latency, MACs, Size, bops, float_policy, macs
+from zerobit.budget import BOPs, Budget, BudgetError, Latency, MACs, Size, amount, bops, float_policy, macs
 from zerobit.data.loaders import TensorData, batches_of, check_data
 from zerobit.device import DeviceLike, model_device, move, resolve
 from zerobit.export.runtime import save_zbit
@@ -141,17 +141,18 @@ LATENCY_TRIES = 3
 LATENCY_CLOSE = 0.9  # a measured latency within 90–100% of the budget is taken at once
 
 
-def _search(strat: Strategy, problem: Problem) -> SearchResult:
-    """The strategy's search, its policy rounded to `problem.channel_multiple` where the strategy did not."""
-    found = strat.search(problem)
+def _search(strat: Strategy, problem: Problem, previous: SearchResult | None = None) -> SearchResult:
+    """The strategy's search (or `previous.retarget` to the new budget, where it has one), its policy rounded to
+    `problem.channel_multiple` where the strategy did not."""
+    found = previous.retarget(problem) if previous is not None and previous.retarget else strat.search(problem)
     graph, multiple = problem.graph, problem.channel_multiple
     aligned = align_policy(graph, found.policy, problem.scores, multiple)
     if aligned is found.policy:
         return found
     if not problem.fits(aligned):
         raise BudgetError(f"rounding strategy {strat.name!r}'s policy to multiples of {multiple} channels costs "
-                          f"{problem.cost(aligned):,.0f} {problem.budget.unit}, over the budget "
-                          f"({problem.limit:,.0f}); use a smaller channel_multiple or the uniform strategy")
+                          f"{amount(problem.cost(aligned))} {problem.budget.unit}, over the budget "
+                          f"({amount(problem.limit)}); use a smaller channel_multiple or the uniform strategy")
     targets = {n: found.policy[n].kept / g.tie for n, g in graph.groups.items()}
     aligned = fill_aligned(graph, aligned, problem.scores, multiple, targets, problem.fits)
     changed = sum(aligned[n] != found.policy[n] for n in problem.graph.groups)
@@ -185,7 +186,7 @@ def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> Sea
             retry.check_feasible(problem.graph, problem.act_bits)
         except BudgetError:
             break
-        found = _search(strat, dataclasses.replace(problem, budget=retry))
+        found = _search(strat, dataclasses.replace(problem, budget=retry), previous=found)
     if best is None:
         raise BudgetError(f"the policy found takes {measured:.3f} ms measured, over the {limit:.3f} ms budget "
                           f"after {attempt} searches; raise the budget or use more threads")
@@ -289,7 +290,7 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
     clock["search"] = time.perf_counter() - t
     if not isinstance(budget, Latency) and not problem.fits(found.policy):  # a latency is checked measured
         raise BudgetError(f"strategy {strat.name!r} returned a policy over budget "
-                          f"({problem.cost(found.policy):,.0f} > {problem.limit:,.0f} {budget.unit})")
+                          f"({amount(problem.cost(found.policy))} > {amount(problem.limit)} {budget.unit})")
     t = time.perf_counter()
     start = found.start_model if found.start_model is not None else model
     qmodel = found.model if found.model is not None else apply_policy(start, graph, found.policy, example_inputs)

@@ -46,6 +46,12 @@ def file_bytes(graph: ModelGraph, policy: Policy) -> int:
     return estimate_bytes(graph, policy)
 
 
+def amount(value: float) -> str:
+    """A cost or limit as messages print it: whole numbers with thousands separators (bytes, BOPs, MACs), four
+    significant digits below 100 (milliseconds)."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
 def float_policy(graph: ModelGraph) -> Policy:
     """Every channel kept in float, float activations: the uncompressed reference."""
     return Policy({n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}, FLOAT_BITS)

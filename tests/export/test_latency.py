@@ -116,3 +116,30 @@ def test_opq_refuses_a_latency_budget(digits, graph):
     with pytest.raises(zb.BudgetError, match="latency"):
         zb.compress(model, EXAMPLE, zb.Latency(ms=ms), "opq", train_data=digits.train, eval_data=digits.val,
                     progress=False)
+
+
+def test_the_table_is_differentiable_in_the_kept_channels(graph):
+    """SBS trains its gates against the table: the same values as `layer_ms`, and gradients that never say
+    fewer channels would be slower."""
+    table = LatencyTable(batch=8, threads=1)
+    shape = LayerShape.of(graph, "a1.0.0")
+    grads = []
+    for cin, cout in ((1.0, 1.0), (2.5, 5.2), (6.0, 3.0), (8.0, 8.0), (0.5, 0.5)):
+        c_in, c_out = torch.tensor(cin, requires_grad=True), torch.tensor(cout, requires_grad=True)
+        ms = table.layer_ms_torch(shape, c_in, c_out, "int8", "u8")
+        assert float(ms) == pytest.approx(table.layer_ms(shape, cin, cout, "int8", "u8"), rel=1e-5)
+        ms.backward()
+        grads += [float(c_in.grad), float(c_out.grad)]
+    assert min(grads) >= 0 and max(grads) > 0, grads
+
+
+def test_sbs_trains_under_a_latency_budget_and_meets_it_measured(digits):
+    model = train_tiny("residual", digits)
+    graph = zb.analyse(model, EXAMPLE)
+    ms = LatencyTable(batch=32, threads=1).predict(graph, _policy(graph, 6, bits=6))
+    budget = zb.Latency(ms=ms, batch=32)
+    torch.manual_seed(0)
+    result = zb.compress(model, EXAMPLE, budget, "sbs", train_data=digits.train, eval_data=digits.val,
+                         finetune_config=zb.FinetuneConfig(epochs=2), progress=False)
+    assert result.info["latency_ms"] <= budget.limit(graph)  # measured on the exported file
+    assert result.info["sbs_steps"] >= 8 and result.accuracy > 0.4  # gates trained; far above chance (0.1)

@@ -134,18 +134,7 @@ def test_projection_always_fits_and_uses_the_budget(trained_residual, digits, bu
     assert problem.cost(policy) > 0.7 * problem.limit  # filled back up after closing too much
 
 
-def test_sbs_refuses_latency_budgets_before_any_work(trained_residual, digits, monkeypatch):
-    def no_work(*args, **kwargs):
-        raise AssertionError("the model was analysed before the budget was refused")
-
-    monkeypatch.setattr("zerobit.api.analyse", no_work)
-    with pytest.raises(zb.BudgetError, match="BOPs, MACs or Size"):
-        zb.compress(trained_residual, EXAMPLE, zb.Latency(ms=1.0), "sbs", train_data=digits.train,
-                    eval_data=digits.val, progress=False)
-    monkeypatch.undo()
-    problem = _problem(trained_residual, digits, zb.Latency(ms=1.0))
-    with pytest.raises(zb.BudgetError, match="BOPs, MACs or Size"):
-        SBS().search(problem)
+def test_a_chain_of_widths_that_do_not_nest_is_refused(trained_residual, digits):
     with pytest.raises(ValueError, match="does not divide"):
         SBS(bits=(2, 3)).search(_problem(trained_residual, digits, zb.BOPs(fraction=1 / 8)))
 

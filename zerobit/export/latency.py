@@ -11,6 +11,7 @@ CPU, onnxruntime version, threads and batch), so a machine measures each layer s
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -257,6 +258,17 @@ class LatencyTable:
         rows = [np.interp(cout, entry["out"], row) for row in ms]
         return float(np.interp(cin, entry["in"], rows))
 
+    def layer_ms_torch(self, shape: LayerShape, cin, cout, weights: str, act: str):
+        """`layer_ms` for channel counts that are tensors (SBS's expected kept channels): the same value,
+        differentiable in both counts (the table is piecewise linear; below its first grid point, where the value
+        stays that of the first point, the first piece's slope carries the gradient)."""
+        import torch
+
+        entry = self._measured(shape, weights, act)
+        ms = torch.tensor(entry["ms"], dtype=torch.float32)
+        rows = [_interp(cout, entry["out"], row) for row in ms]
+        return rows[0] if len(entry["in"]) == 1 else _interp(cin, entry["in"], torch.stack(rows))
+
     def predict(self, graph: ModelGraph, policy: Policy, int4: bool = True) -> float:
         """Milliseconds of one call of the exported model of `policy` (batch `self.batch`)."""
         from zerobit.export.onnx import weight_format
@@ -277,6 +289,20 @@ class LatencyTable:
         tmp.write_text(json.dumps({"cpu": cpu_name(), "batch": self.batch, "threads": self.threads,
                                    "overhead_ms": self.overhead, "layers": self.entries}))
         os.replace(tmp, self.path)
+
+
+def _interp(x, xs: list[int], ys):
+    """np.interp(x, xs, ys) for a tensor `x` (or a number) and tensor `ys`, differentiable in both."""
+    import torch
+
+    x = torch.as_tensor(x, dtype=torch.float32, device=ys.device)
+    if len(xs) == 1:
+        return ys[0] + 0 * x
+    v = float(x.detach())
+    i = min(max(bisect.bisect_right(xs, v) - 1, 0), len(xs) - 2)
+    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    inside = min(max(v, xs[0]), xs[-1])  # np.interp holds the end values outside the grid
+    return ys[i] + slope * (inside - xs[i]) + slope * (x - x.detach())
 
 
 def measure_policy(model, graph: ModelGraph, policy: Policy, example, data, batch: int, threads: int) -> float:

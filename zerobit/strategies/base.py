@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,8 @@ class SearchResult:
 
     `model`: an applied (fake-quant), partly trained model to continue from; or `start_model`: float weights the
     policy is applied to instead of the original ones (e.g. after ADMM's training); or neither.
+    `retarget`: answers the same problem under another budget of the same kind without searching again (SBS
+    projects its trained gates anew), where a Latency budget must be tightened after measuring; None = search.
     """
 
     policy: Policy
@@ -67,6 +69,7 @@ class SearchResult:
     finetune_epochs_used: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     start_model: nn.Module | None = None
+    retarget: Callable[[Problem], SearchResult] | None = None
 
 
 class Strategy:

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from zerobit.budget import BOPs, Budget, BudgetError, MACs, Size, layer_bops
+from zerobit.budget import BOPs, Budget, BudgetError, Latency, MACs, Size, amount, layer_bops
 from zerobit.data.loaders import batches_of
 from zerobit.device import model_device
+from zerobit.export.latency import LayerShape
 from zerobit.policy import ACT_BITS, BIT_CHOICES, FLOAT_BITS, GroupDecision, Policy, tied_scores
-from zerobit.quant.apply import set_module, weights_per_channel
+from zerobit.quant.apply import inputs_kept, set_module, weights_per_channel
 from zerobit.quant.sbs import (
     DEFAULT_CHAIN,
     SBSAct,
@@ -96,9 +97,8 @@ class SBS(Strategy):
             object.__setattr__(self, key, (value,) if isinstance(value, int) else tuple(value))
 
     def check_budget(self, budget: Budget) -> None:
-        if not isinstance(budget, (BOPs, MACs, Size)):
-            raise BudgetError(f"SBS trains under BOPs, MACs or Size budgets, not {type(budget).__name__}; "
-                              "for a latency budget use strategy 'uniform', 'sequential' or 'ajpq'")
+        if not isinstance(budget, (BOPs, MACs, Size, Latency)):
+            raise BudgetError(f"SBS trains under BOPs, MACs, Size or Latency budgets, not {type(budget).__name__}")
 
     def _checkpoint(self, problem: Problem, net: GatedNet, history: list[dict], epochs: float) -> Checkpoint | None:
         """The gate training's checkpoint: the gated model and optimiser (in `fit`), the step count and history."""
@@ -140,7 +140,7 @@ class SBS(Strategy):
             row = {"epoch": epoch, "loss": round(loss, 4), "cost": problem.cost(policy), "limit": problem.limit}
             row |= net.open_counts(policy)
             history.append(row)
-            return (f"sbs {epoch}: loss {loss:.3f}, cost {row['cost']:,.0f} / {problem.limit:,.0f} "
+            return (f"sbs {epoch}: loss {loss:.3f}, cost {amount(row['cost'])} / {amount(problem.limit)} "
                     f"{problem.budget.unit}, weight bits {row['weight_bits']}, act bits {row['act_bits']}, "
                     f"channels {row['kept']}/{row['channels']}")
 
@@ -151,11 +151,15 @@ class SBS(Strategy):
         net.model.eval()
         with torch.no_grad():
             net.refresh()
-        found = net.policy()
-        policy = project(problem, found, net.margins())
-        return SearchResult(policy, None, finetune_epochs_used=epochs, start_model=net.unwrap(),
-                            info={"sbs_history": history, "sbs_policy_cost": problem.cost(found),
-                                  "sbs_steps": net.steps})
+        found, margins, start = net.policy(), net.margins(), net.unwrap()
+
+        def answer(target: Problem) -> SearchResult:  # the trained gates projected onto `target`'s budget
+            return SearchResult(project(target, found, margins), None, finetune_epochs_used=epochs,
+                                start_model=start, retarget=answer,
+                                info={"sbs_history": history, "sbs_policy_cost": target.cost(found),
+                                      "sbs_steps": net.steps})
+
+        return answer(problem)
 
 
 class GatedNet:
@@ -316,7 +320,14 @@ class GatedNet:
             q, out = self.layers[name], layer.out_group
             abits = q.act.bits() if q.act is not None else torch.tensor(
                 float(self.problem.act_bits if layer.kind != "embedding" else FLOAT_BITS))
-            if isinstance(budget, BOPs):
+            if isinstance(budget, Latency):  # the table's time at the expected kept channels, the chosen format
+                from zerobit.export.onnx import weight_format
+
+                fmt = weight_format([chosen_bits(self.chain, self.state[out]["gates"])])
+                act = "u8" if float(abits.detach()) < FLOAT_BITS else "float"
+                total = total + budget.table().layer_ms_torch(LayerShape.of(graph, name),
+                                                              inputs_kept(graph, kept, name), kept[out], fmt, act)
+            elif isinstance(budget, BOPs):
                 total = total + layer_bops(graph, name, kept, kept[out] * wbits[out], abits)
             elif isinstance(budget, MACs):
                 total = total + layer_bops(graph, name, kept, kept[out], 1.0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from zerobit.budget import BudgetError
+from zerobit.budget import BudgetError, amount
 from zerobit.policy import GroupDecision, Policy
 from zerobit.strategies.base import Problem
 
@@ -89,19 +89,22 @@ def _apply(s: _State, move: Move) -> _State:
 
 
 def _step(problem: Problem, m: Margins, s: _State, down: bool, meta: dict, floors: bool = True) -> _State | None:
-    """The best single move, or None."""
-    now, limit, best = problem.cost(_policy(problem, m, s, meta)), problem.limit, None
+    """The best single move, or None. Down, where no move saves anything (a latency table is flat between some
+    channel counts), the least firmly held cost-neutral move, so that the next ones can."""
+    now, limit, best, neutral = problem.cost(_policy(problem, m, s, meta)), problem.limit, None, None
     for margin, move in _moves(problem, m, s, down, floors):
         trial = _apply(s, move)
         cost = problem.cost(_policy(problem, m, trial, meta))
         change = now - cost if down else cost - now
+        if down and change == 0 and (neutral is None or margin < neutral[0]):
+            neutral = (margin, trial)
         if change <= 0 or (not down and cost > limit):
             continue
         # down: close what training held least firmly per cost saved; up: open what was nearest to opening
         score = (max(margin, 0.0) + 0.5) / change if down else change * (max(-margin, 0.0) + 0.5)
         if best is None or score < best[0]:
             best = (score, trial)
-    return None if best is None else best[1]
+    return best[1] if best is not None else neutral[1] if neutral is not None else None
 
 
 def project(problem: Problem, found: Policy, margins: Margins) -> Policy:
@@ -115,7 +118,7 @@ def project(problem: Problem, found: Policy, margins: Margins) -> Policy:
     while problem.cost(_policy(problem, margins, s, meta)) > problem.limit:
         nxt = _step(problem, margins, s, True, meta) or _step(problem, margins, s, True, meta, floors=False)
         if nxt is None or nxt.moves > MAX_MOVES:
-            raise BudgetError(f"SBS could not bring its policy under {problem.limit:,.0f} {problem.budget.unit}")
+            raise BudgetError(f"SBS could not bring its policy under {amount(problem.limit)} {problem.budget.unit}")
         s = nxt
     while s.moves <= MAX_MOVES and (nxt := _step(problem, margins, s, False, meta)) is not None:
         s = nxt

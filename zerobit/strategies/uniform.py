@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zerobit.budget import BudgetError
+from zerobit.budget import BudgetError, amount
 from zerobit.policy import Policy, fill_aligned, uniform_policy
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 
@@ -44,7 +44,7 @@ def solve_uniform(problem: Problem, bits: int | None, min_keep: float) -> tuple[
     if not options:
         aligned = (f" with kept channels rounded to multiples of {problem.channel_multiple} (channel_multiple)"
                    if problem.channel_multiple > 1 else "")
-        raise BudgetError(f"no uniform policy meets the budget ({problem.limit:,.0f} {problem.budget.unit}){aligned}")
+        raise BudgetError(f"no uniform policy meets the budget ({amount(problem.limit)} {problem.budget.unit}){aligned}")
     for b, k in options:
         if k >= min_keep:
             return k, b
