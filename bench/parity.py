@@ -53,7 +53,7 @@ def one_run(args: argparse.Namespace, splits, model: str, strategy: str, budget:
         t0 = time.perf_counter()
         report = export_onnx(run / "model.zbit", run / f"{mode}.onnx", mode=mode,
                              calibration_data=splits.train.subset(512))
-        found = parity(run / f"{mode}.onnx", loaded, splits.test)
+        found = parity(run / f"{mode}.onnx", loaded, splits.test, threads=args.threads)
         row[mode] = {"agreement": found["agreement"], "max_abs_diff": found["max_abs_diff"],
                      "samples": found["samples"], "onnx_bytes": report.onnx_bytes,
                      "formats": sorted(set(report.layers.values())), "seconds": time.perf_counter() - t0}

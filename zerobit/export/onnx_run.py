@@ -84,12 +84,14 @@ def onnx_session(path: str | os.PathLike, threads: int = 0, optimize: bool = Tru
 
 @torch.no_grad()
 def parity(path: str | os.PathLike, reference: nn.Module, data, max_samples: int | None = None,
-           optimize: bool = True) -> dict[str, float]:
+           optimize: bool = True, threads: int = 0) -> dict[str, float]:
     """Compare onnxruntime's outputs of `path` with `reference` (e.g. the model `zerobit.load` rebuilds).
 
     In mode "exact" the file computes what the .zbit model computes, to float rounding, with onnxruntime's
     optimizations (the default, as deployed: fused integer kernels) or without (`optimize=False`, the graph as
     written); in mode "fast" the tensors it quantizes beyond the .zbit model's make the difference.
+
+    `threads`: onnxruntime's threads (0 = its default, every core).
 
     Returns {"agreement": share of equal argmax (per example; per token for a language model's logits),
     "max_abs_diff": largest logit difference, "samples": n}.
@@ -97,7 +99,7 @@ def parity(path: str | os.PathLike, reference: nn.Module, data, max_samples: int
     from zerobit.device import move
     from zerobit.task import call, main_output
 
-    session = onnx_session(path, optimize=optimize)
+    session = onnx_session(path, threads, optimize)
     names = [i.name for i in session.get_inputs()]
     reference = reference.cpu().eval()
     same, positions, total, worst = 0, 0, 0, 0.0
