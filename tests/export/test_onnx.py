@@ -221,3 +221,30 @@ def test_a_text_model_exports_with_its_token_id_inputs(tmp_path, mode):
             assert found["agreement"] >= 0.9, found
     with pytest.raises(ValueError, match="example_inputs"):  # a .zbit path needs an input to trace
         export_onnx(tmp_path / "bert.zbit", tmp_path / "again.onnx", model=bert())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_channel_whose_weights_are_all_zero_exports_exactly(tmp_path, digits, trained, bits):
+    """Unstructured sparsity can zero a whole channel of one layer of a group (a depthwise conv of MobileNetV2
+    under OPQ): it has no step of its own. It used to store a scale of 0, and onnxruntime's fused integer kernels,
+    which quantize the bias with the weight's scale, then computed garbage (97% agreement in mode exact)."""
+    from zerobit.export.runtime import save_zbit
+    from zerobit.quant.apply import apply_policy, quant_layers
+    from zerobit.train.calibrate import calibrate_activations
+
+    model = trained["depthwise"]
+    graph = zb.analyse(model, EXAMPLE)
+    policy = zb.Policy({n: zb.GroupDecision((bits,) * g.channels) for n, g in graph.groups.items()}, 8)
+    q = apply_policy(model, graph, policy, EXAMPLE)
+    layers = quant_layers(q)
+    with torch.no_grad():
+        for name in ("dw.0", "project.0"):  # a dead channel in a depthwise and in a plain conv
+            layers[name].layer.weight[1] = 0.0
+            layers[name].set_bits([bits] * len(layers[name].bits))
+    calibrate_activations(q, [(digits.train.x[:256], None)])
+    q.eval()
+    assert all(float(s) > 0 for s in layers["dw.0"].deploy().scale)
+    save_zbit(q, graph, policy, tmp_path / "m.zbit")
+    export_onnx(tmp_path / "m.zbit", tmp_path / "m.onnx", model=model, mode="exact")
+    found = parity(tmp_path / "m.onnx", zb.load(tmp_path / "m.zbit", model), digits.test)
+    assert found["agreement"] == 1.0 and found["max_abs_diff"] < 1e-3, found

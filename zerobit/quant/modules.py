@@ -111,6 +111,19 @@ def grid_bias(bias: torch.Tensor, in_scale: torch.Tensor | float, w_scale: torch
     return torch.where(step > 0, torch.round(bias.float() / step) * step, bias.float())
 
 
+def step_of_every_channel(scale16: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Per-channel float16 steps where no quantized channel has a step of 0: a channel whose weights are all zero
+    (unstructured sparsity can empty one layer's channel) takes the layer's smallest step (1 when none has one).
+    Its codes are 0, so its weights stay 0; but integer runtimes quantize a layer's bias with each channel's
+    weight step, and a step of 0 made onnxruntime's fused kernels compute garbage."""
+    zero = (scale16 == 0) & (bits > 0) & (bits != FLOAT_BITS)
+    if not bool(zero.any()):
+        return scale16
+    steps = scale16.abs()[scale16 != 0]
+    fill = steps.min() if steps.numel() else torch.tensor(1.0, dtype=scale16.dtype, device=scale16.device)
+    return torch.where(zero, fill, scale16)
+
+
 def mask_channels(layer: nn.Module, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """`layer`'s output `y` with output channel c multiplied by keep[c] (channels last for a Linear: (B, C),
     (B, T, C); dim 1 for a convolution)."""
@@ -273,7 +286,7 @@ class QuantLayer(WrapsLayer):
             return DeployTensors(idx.float(), scale16, bias16, weight.contiguous(), book16)
         s = self._current_scale()
         c = codes(w, self.bits, s)
-        scale16 = (s * mult).to(torch.float16)
+        scale16 = step_of_every_channel((s * mult).to(torch.float16), self.bits)
         quantized = c * scale16.float().view(shape)
         is_float = (self.bits == FLOAT_BITS).view(shape)
         weight = torch.where(is_float, w * mult.view(shape), quantized)
