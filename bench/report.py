@@ -374,7 +374,10 @@ def parity_section(rows: list[dict]) -> str:
             "onnxruntime (optimizations on) on the 10,000 test images against the model `zerobit.load` rebuilds: "
             "share of equal predictions and the largest logit difference. "
             f"CPU: {first['cpu']}; fine-tune {first['epochs']} epochs (parity does not depend on it), seed "
-            f"{first['seed']}; AJPQ with {first.get('options', {}).get('episodes', 60)} episodes. "
+            f"{first['seed']}; AJPQ with {first.get('options', {}).get('episodes', 60)} episodes. Accuracies are of "
+            "this short fine-tune, not the models' best; a row at 10% is a collapsed model (ADMM at 1/32 of "
+            "MobileNetV2 and ViT: its global magnitude ranking empties whole layers), whose parity says nothing; "
+            "OPQ cannot reach 1/32 of those two, so both also ran at 1/16. "
             "`python bench/parity.py`\n\n| model | budget | strategy | .zbit bytes | acc % | exact: same | max diff | "
             "fast: same | max diff | exact .onnx bytes |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in sorted(rows, key=lambda r: (r["model"], _budget_key(r["budget"]), r["strategy"])):
