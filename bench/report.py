@@ -388,6 +388,24 @@ def parity_section(rows: list[dict]) -> str:
     return text
 
 
+def tied_section(rows: list[dict]) -> str:
+    """.zbit bytes of language models with tied tables, traced tied and untied (bench/tied.py)."""
+    text = ("\n## Tied weights stored once (`bench/tied.py`)\n\n"
+            "Hugging Face language models at their real sizes (configs, random weights: sizes do not depend on the "
+            "values) whose output layer shares the token embedding's weight. The same uniform policy (every channel "
+            "kept at the bits shown) sized as zerobit writes it now (the shared table once) and as `.zbit` files "
+            "before version 4 stored it (twice). `python bench/tied.py`\n\n"
+            "| model | bits | fp32 file | table stored twice | stored once | saved |\n|---|---:|---:|---:|---:|---:|\n")
+    by = {(r["model"], r["bits"], r["tied"]): r for r in rows}
+    for (model, bits, tied), r in by.items():
+        if tied and (model, bits, False) in by:
+            twice = by[(model, bits, False)]["zbit_bytes"]
+            text += (f"| {model} | {bits} | {r['fp32_bytes'] / 1e6:.2f} MB | {twice / 1e6:.2f} MB | "
+                     f"{r['zbit_bytes'] / 1e6:.2f} MB | {(twice - r['zbit_bytes']) / 1e6:.2f} MB "
+                     f"({twice / r['zbit_bytes']:.2f}×) |\n")
+    return text
+
+
 def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     """Rewrite BENCHMARKS.md from `rows` (or the stored compression results) and the other stored results."""
     if rows is None:
@@ -417,6 +435,8 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
                           ("ajpq_workers.json", ajpq_workers_section)):
         if (RESULTS / name).exists():
             text += section(json.loads((RESULTS / name).read_text()))
+    if (RESULTS / "tied.json").exists():
+        text += tied_section(json.loads((RESULTS / "tied.json").read_text()))
     architectures = RESULTS / "architectures.json"
     if architectures.exists():
         text += architectures_section(json.loads(architectures.read_text()))
