@@ -3,8 +3,7 @@
 W are the network's weights (trained), V their sparse, codebook-quantized projection, U the scaled dual:
 
 1. sparse projection of W + U: every weight scores w²/b_l (b_l its layer's bits); the longest prefix of the
-   sorted scores whose bits fit the payload budget is kept, each layer's best (as many as its output channels)
-   first, so no layer is emptied. A kept weight costs b_l plus its share of the
+   sorted scores whose bits fit the payload budget is kept. A kept weight costs b_l plus its share of the
    position code (1/density for a bitmap, or an index), so the projection pays for what the file will store;
 2. quantization projection: per layer and bit-width, 1-D k-means on the kept values (zero stays an exact,
    fixed centroid: it is the pruned weight); one bit-width per coupled group chosen by a multiple-choice
@@ -106,8 +105,7 @@ class ADMM(Strategy):
         position = {n: min(1 / max(density[n], 1e-3), 10.0) for n in graph.weight_layers}
         per_weight = {n: layer_bits[n] + position[n] for n in graph.weight_layers}
         books = sum(_book_bits(b) for b in layer_bits.values())
-        scores = torch.cat([self._floored((target[n] ** 2).flatten() / per_weight[n], target[n].shape[0])
-                            for n in graph.weight_layers])
+        scores = torch.cat([(target[n] ** 2).flatten() / per_weight[n] for n in graph.weight_layers])
         costs = torch.cat([torch.full((target[n].numel(),), per_weight[n], device=target[n].device)
                            for n in graph.weight_layers])
         order = torch.argsort(scores, descending=True)
@@ -121,17 +119,6 @@ class ADMM(Strategy):
             new_density[n] = max(float(masks[n].float().mean()), 1.0 / target[n].numel())
         positions = sum(float(masks[n].sum()) * position[n] for n in graph.weight_layers)
         return masks, new_density, payload - positions
-
-    @staticmethod
-    def _floored(scores: torch.Tensor, channels: int) -> torch.Tensor:
-        """One layer's scores with its `channels` best first whatever the other layers' (+inf): every layer keeps
-        at least as many weights as it has output channels, within the budget. Ranked by w²/bits across layers
-        alone, the layers of small weights lost all of theirs and the network went dead (ADMM at 1/32 of
-        MobileNetV2 and of ViT: 10% accuracy, layers at a density of 0.0004)."""
-        floor = min(channels, scores.numel())
-        out = scores.clone()
-        out[torch.topk(scores, floor, sorted=False).indices] = float("inf")
-        return out
 
     def _error(self, problem: Problem, target: dict, masks: dict, bits: dict[str, int]) -> float:
         """Squared error of the projection: energy of the dropped weights + k-means error of the kept ones."""
