@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from zerobit.budget import Budget, BudgetError, Size
+from zerobit.budget import Budget, BudgetError, Size, amount
 from zerobit.export.layout import layer_layouts
 from zerobit.policy import GroupDecision, LayerDecision, Policy, tied_scores
 from zerobit.quant.apply import magnitude_mask
@@ -69,6 +69,7 @@ class ADMM(Strategy):
 
     def search(self, problem: Problem) -> SearchResult:
         self.check_budget(problem.budget)
+        self._check_channels_fit(problem)
         graph = problem.graph
         model = copy.deepcopy(problem.model)
         weights = {n: model.get_submodule(n).weight for n in graph.weight_layers}  # a tied weight once
@@ -95,6 +96,23 @@ class ADMM(Strategy):
         return SearchResult(policy, None, finetune_epochs_used=problem.finetune.epochs * self.share,
                             info={"bits": bits, "density": {n: round(d, 4) for n, d in density.items()}},
                             start_model=model)
+
+    def _check_channels_fit(self, problem: Problem) -> None:
+        """Refuse, before any work, a budget that every channel cannot fit with (almost) no weights at 2 bits.
+
+        ADMM's sparsity is unstructured: it removes only channels it happens to empty in every layer of their
+        group. Below this floor — the scales, biases and the tensors outside the layers (a transformer's
+        positional embeddings and LayerNorms) of every channel — it could reach the budget only by emptying
+        channels wholesale, which left a dead network (ViT at 1/32 of its bytes: the floor is 21.6 KB of a
+        17.6 KB budget, and ADMM returned a 6.4 KB file at 10% accuracy)."""
+        graph = problem.graph
+        floor = problem.cost(self._policy(problem, dict.fromkeys(graph.groups, ADMM_BITS[-1]),
+                                          dict.fromkeys(graph.layers, 0.0)))
+        if floor > problem.limit:
+            raise BudgetError(f"ADMM keeps every channel (it prunes single weights), and every channel's scales, "
+                              f"biases and other tensors alone take {amount(floor)} bytes, over the budget "
+                              f"({amount(problem.limit)}); use a strategy that removes channels (uniform, "
+                              "sequential, ajpq, sbs) or a larger budget")
 
     def _sparse(self, problem: Problem, target: dict[str, torch.Tensor], bits: dict[str, int],
                 density: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
