@@ -181,7 +181,9 @@ def test_a_vision_transformer_exports_with_every_linear_stored_as_codes(tmp_path
 
     torch.manual_seed(0)
     model = ViT(dim=16, depth=1, heads=2, hidden=32, patch=4, image=8).eval()
-    result, path = _compressed(tmp_path, digits, model, strategy, zb.Size(fraction=1 / 5))
+    # ADMM keeps every channel: at 1/5 their scales, biases and embeddings alone exceed the budget (it refuses)
+    result, path = _compressed(tmp_path, digits, model, strategy, zb.Size(fraction=1 / 4 if strategy == "admm"
+                                                                          else 1 / 5))
     fresh = ViT(dim=16, depth=1, heads=2, hidden=32, patch=4, image=8)
     report = export_onnx(path, tmp_path / "m.onnx", model=fresh, mode="exact")
     assert all(not kind.startswith("float") for kind in report.layers.values()), report.layers
