@@ -39,6 +39,17 @@ def _policy(graph, kept: int, bits: int = 4) -> Policy:
     return Policy(groups, 8)
 
 
+# Budgets between the smallest policy and the whole model, at a batch where compute outweighs onnxruntime's fixed
+# costs. How deep the policy is cut still depends on this CPU's measured/predicted ratio (over the budget → search
+# again, smaller): on a 2-core EPYC, a ratio of 1 kept 6 stem channels of 8 (SBS, 77% on digits), a simulated 1.5
+# kept 4 (53%). FINETUNE trains enough that a cut policy recovers far above chance.
+FINETUNE = zb.FinetuneConfig(epochs=6, lr=0.02, batch_size=64)
+
+
+def _latency_budget(graph) -> zb.Latency:
+    return zb.Latency(ms=LatencyTable(batch=256, threads=1).predict(graph, _policy(graph, 6, bits=6)), batch=256)
+
+
 def test_predictions_never_fall_when_channels_are_added(graph):
     table = LatencyTable(batch=8, threads=1)
     shape = LayerShape.of(graph, "a1.0.0")
@@ -99,15 +110,14 @@ def test_parse_latency_budgets():
 def test_compress_under_a_latency_budget_meets_it_measured(digits):
     model = train_tiny("residual", digits)
     graph = zb.analyse(model, EXAMPLE)
-    ms = LatencyTable(batch=32, threads=1).predict(graph, _policy(graph, 6, bits=6))  # between smallest and all
-    budget = zb.Latency(ms=ms, batch=32)
+    budget = _latency_budget(graph)
     torch.manual_seed(0)
     result = zb.compress(model, EXAMPLE, budget, "uniform", train_data=digits.train, eval_data=digits.val,
-                         finetune_config=zb.FinetuneConfig(epochs=0.5), progress=False)
+                         finetune_config=FINETUNE, progress=False)
     info = result.info
     assert info["latency_ms"] <= budget.limit(graph)  # measured on the exported file
     assert 1 <= info["latency_tries"] <= 3
-    assert result.accuracy > 0.4  # far above chance (0.1); the policy found depends on the timings measured
+    assert result.accuracy > 0.3  # far above chance (0.1); the policy found depends on the timings measured
 
 
 def test_opq_refuses_a_latency_budget(digits, graph):
@@ -136,10 +146,9 @@ def test_the_table_is_differentiable_in_the_kept_channels(graph):
 def test_sbs_trains_under_a_latency_budget_and_meets_it_measured(digits):
     model = train_tiny("residual", digits)
     graph = zb.analyse(model, EXAMPLE)
-    ms = LatencyTable(batch=32, threads=1).predict(graph, _policy(graph, 6, bits=6))
-    budget = zb.Latency(ms=ms, batch=32)
+    budget = _latency_budget(graph)
     torch.manual_seed(0)
     result = zb.compress(model, EXAMPLE, budget, "sbs", train_data=digits.train, eval_data=digits.val,
-                         finetune_config=zb.FinetuneConfig(epochs=2), progress=False)
+                         finetune_config=FINETUNE, progress=False)
     assert result.info["latency_ms"] <= budget.limit(graph)  # measured on the exported file
-    assert result.info["sbs_steps"] >= 8 and result.accuracy > 0.4  # gates trained; far above chance (0.1)
+    assert result.info["sbs_steps"] >= 40 and result.accuracy > 0.3  # gates trained; far above chance (0.1)
