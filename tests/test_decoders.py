@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import zerobit as zb
+from zerobit.graph.fused import FusedLinear
 from zerobit.graph.linears import linearized
 
 transformers = pytest.importorskip("transformers", reason="these cases need `pip install transformers`")
@@ -102,10 +103,42 @@ def test_a_conv1d_is_swapped_for_an_equal_linear_on_a_copy() -> None:
     example = {"input_ids": torch.randint(0, VOCAB, (2, 10))}
     torch.testing.assert_close(_logits(swapped, example), _logits(model, example), atol=1e-5, rtol=1e-5)
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the original is untouched
-    assert type(swapped.transformer.h[0].attn.c_attn) is nn.Linear
-    assert swapped.transformer.h[0].attn.c_attn.weight.shape == (3 * HIDDEN, HIDDEN)
+    assert type(swapped.transformer.h[0].attn.c_proj) is nn.Linear
+    assert swapped.transformer.h[0].attn.c_proj.weight.shape == (HIDDEN, HIDDEN)
+    fused = swapped.transformer.h[0].attn.c_attn  # q, k and v: three Linears (zerobit.graph.fused)
+    assert type(fused) is FusedLinear and fused.v.weight.shape == (HIDDEN, HIDDEN)
+    unsplit = linearized(model, split=False).transformer.h[0].attn.c_attn
+    assert type(unsplit) is nn.Linear and unsplit.weight.shape == (3 * HIDDEN, HIDDEN)
     plain = nn.Sequential(nn.Linear(3, 2))
     assert linearized(plain) is plain  # nothing to swap: no copy
+
+
+def test_gpt2_heads_are_removed_from_its_fused_qkv_projection() -> None:
+    """GPT-2's c_attn holds q, k and v in one weight: it is split into three layers whose rows of one head are one
+    decision. Removing head 1 of block 0 equals switching it off by hand (its value columns zero), and the
+    attention module's head count and split size follow."""
+    from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
+    from zerobit.quant.apply import prune_structure
+
+    model, span = linearized(gpt2_lm()), HIDDEN // HEADS
+    example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
+    graph = zb.analyse(model, example)
+    prefix = "transformer.h.0.attn"
+    group = graph.groups[f"{prefix}.c_attn.q"]
+    assert group.layers == [f"{prefix}.c_attn.{p}" for p in "qkv"] and group.span == span and group.prunable
+    assert graph.layers[f"{prefix}.c_proj"].in_sources == [(group.name, 1)]
+    decisions = {n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}
+    decisions[group.name] = GroupDecision(tuple(0 if span <= c < 2 * span else FLOAT_BITS for c in range(HIDDEN)))
+    pruned = prune_structure(model, graph, Policy(decisions, FLOAT_BITS), example)
+    attn = pruned.transformer.h[0].attn
+    assert (attn.num_heads, attn.split_size) == (HEADS - 1, HIDDEN - span)
+    assert all(getattr(attn.c_attn, p).weight.shape == (HIDDEN - span, HIDDEN) for p in "qkv")
+    assert attn.c_proj.weight.shape == (HIDDEN, HIDDEN - span)
+    masked = gpt2_lm()
+    with torch.no_grad():  # Conv1D weight: (in, out); the value third starts at 2·HIDDEN
+        masked.transformer.h[0].attn.c_attn.weight[:, 2 * HIDDEN + span:2 * HIDDEN + 2 * span] = 0
+        masked.transformer.h[0].attn.c_attn.bias[2 * HIDDEN + span:2 * HIDDEN + 2 * span] = 0
+    torch.testing.assert_close(_logits(pruned, example), _logits(masked, example), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "sbs"])
@@ -117,9 +150,9 @@ def test_gpt2_language_model_compresses_without_labels(strategy: str, tmp_path) 
     state = gpt2_lm().state_dict()
     assert r.graph.fp32_bytes < 4 * sum(v.numel() for v in state.values())
     assert r.graph.fp32_bytes > 4 * (sum(v.numel() for v in state.values()) - state["lm_head.weight"].numel())
-    # the fused q/k/v projection is quantized, never cut (its rows are three tensors split by the model's code)
-    assert not r.graph.groups["transformer.h.0.attn.c_attn"].prunable
-    assert type(loaded.transformer.h[0].attn.c_attn) is nn.Linear
+    # the fused q/k/v projection is three layers, one group deciding head by head (see the test below)
+    assert r.graph.groups["transformer.h.0.attn.c_attn.q"].span == HIDDEN // HEADS
+    assert type(loaded.transformer.h[0].attn.c_attn) is FusedLinear
     assert r.accuracy > 0.5  # cosine similarity of the logits with the original's
 
 
@@ -236,7 +269,9 @@ def test_a_tied_table_is_quantized_once_stored_once_and_loads_tied(strategy: str
     assert estimate_bytes(untied, twice) - r.file_bytes >= table
 
 
-def test_a_version_3_file_with_a_tied_table_stored_twice_still_loads(tmp_path) -> None:
+@pytest.mark.parametrize("version", ["3", "4"])
+def test_a_file_of_an_older_version_still_loads(version, tmp_path) -> None:
+    """Version 3 stored GPT-2's tied table twice; versions 3 and 4 held its fused q/k/v projection as one layer."""
     from safetensors.numpy import save_file
 
     from zerobit.export.container import checksum, read_container
@@ -244,15 +279,15 @@ def test_a_version_3_file_with_a_tied_table_stored_twice_still_loads(tmp_path) -
     from zerobit.quant import apply_policy
 
     example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
-    graph = zb.analyse(gpt2_lm(), example, tied=False)
+    graph = zb.analyse(gpt2_lm(), example, tied=version != "3", split=False)
     policy = zb.Policy({n: zb.GroupDecision((6,) * g.channels) for n, g in graph.groups.items()}, 32)
-    q = apply_policy(linearized(gpt2_lm()), graph, policy, example).eval()  # Conv1D as Linear, as compress does
+    q = apply_policy(linearized(gpt2_lm(), split=False), graph, policy, example).eval()  # as compress did then
     save_zbit(q, graph, policy, tmp_path / "now.zbit")
     meta, arrays = read_container(tmp_path / "now.zbit")
-    meta["version"] = "3"
+    meta["version"] = version
     meta["crc32"] = f"{checksum(meta, arrays):08x}"
-    save_file(arrays, str(tmp_path / "v3.zbit"), metadata=meta)
-    loaded = zb.load(tmp_path / "v3.zbit", gpt2_lm(), example_inputs=example)
+    save_file(arrays, str(tmp_path / "old.zbit"), metadata=meta)
+    loaded = zb.load(tmp_path / "old.zbit", gpt2_lm(), example_inputs=example)
     torch.testing.assert_close(_logits(loaded, example), _logits(q, example), atol=1e-5, rtol=1e-5)
-    with pytest.raises(zb.ZbitFormatError, match="different model"):  # read as version 4 it is another model
+    with pytest.raises(zb.ZbitFormatError, match="different model"):  # read as version 5 it is another model
         zb.load(tmp_path / "now.zbit", gpt2_lm(), example_inputs=example)

@@ -25,7 +25,9 @@ from zerobit.export.layout import PACKED_BITS, LayerLayout, decode_positions, la
 from zerobit.export.zbit import (
     BLOB_DTYPES,
     DTYPES_BY_TORCH,
+    FUSED_VERSIONS,
     READ_VERSIONS,
+    UNTIED_VERSIONS,
     blob_sizes,
     decode_act_bits,
     decode_layer_decisions,
@@ -290,7 +292,7 @@ def decode(path: str | os.PathLike, model: nn.Module | None = None, example_inpu
         model = _zoo_model(path, zf)
     elif model_device(model).type != "cpu":  # decoded on the CPU; the caller's model stays where it is
         model = copy.deepcopy(model).cpu()
-    model = linearized(model)  # GPT-2-style Conv1D layers were compressed as nn.Linear
+    model = linearized(model, split=zf.header.version not in FUSED_VERSIONS)  # as it was compressed
     with torch.inference_mode(False), torch.enable_grad():  # tracing needs autograd
         graph = _graph_of(path, model, zf, example_inputs)
         try:
@@ -324,7 +326,7 @@ def _graph_of(path: str | os.PathLike, model: nn.Module, zf: ZbitFile, example_i
     example = example_inputs if example_inputs is not None else torch.zeros((1,) + zf.input_shape[1:])
     try:
         graph = analyse(model, example, ignored_layers=zf.header.ignored,
-                        tied=zf.header.version not in ("1", "2", "3"))  # older files store tied weights twice
+                        tied=zf.header.version not in UNTIED_VERSIONS, split=zf.header.version not in FUSED_VERSIONS)
     except ValueError as exc:  # the model ran when the file was written: its input shape or names do not fit
         hint = "" if example_inputs is not None else (" If the model does not take one float tensor (token ids, a "
                                                        "dict of inputs), pass example_inputs= to zerobit.load.")

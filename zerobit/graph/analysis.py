@@ -17,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from zerobit.graph.fused import FusedLinear, merge_fused_groups, remove_fused_rows
 from zerobit.graph.heads import head_size, update_head_counts
 from zerobit.graph.linears import linearize_
 from zerobit.graph.tied import share_tied_weights
@@ -282,7 +283,7 @@ def input_shape(example_inputs: Any) -> tuple[int, ...]:
 
 
 def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | None = None,
-            tied: bool = True) -> ModelGraph:
+            tied: bool = True, split: bool = True) -> ModelGraph:
     """Trace `model` into a `ModelGraph`.
 
     Args:
@@ -292,6 +293,8 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
             (their groups are only quantized).
         tied: layers that use one weight tensor share one group and are stored once (see zerobit.graph.tied);
             False traces them as separate layers, as .zbit files before version 4 hold them.
+        split: fused q/k/v projections are traced as three layers (see zerobit.graph.fused); False keeps them one
+            layer, as .zbit files before version 5 hold them.
 
     Example:
         >>> g = analyse(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
@@ -299,7 +302,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         >>> list(g.groups)
         ['0', '2']
     """
-    model = linearize_(copy.deepcopy(model)).eval()
+    model = linearize_(copy.deepcopy(model), split).eval()
     names = {m: n for n, m in model.named_modules()}
     areas, returned = _output_areas(model, example_inputs)
     ignored = _default_ignored(model, returned)
@@ -308,7 +311,9 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         missing = [n for n in ignored_layers if n not in by_name]
         if missing:
             raise ValueError(f"ignored_layers names {missing} are not modules of the model")
-        ignored += [by_name[n] for n in ignored_layers if by_name[n] not in ignored]
+        named = [m for n in ignored_layers for m in (by_name[n].children() if isinstance(by_name[n], FusedLinear)
+                                                     else [by_name[n]])]  # a fused projection: its parts
+        ignored += [m for m in named if m not in ignored]
     dg = build_dependency_graph(model, example_inputs)
     layers: dict[str, Layer] = {}
     for module in model.modules():
@@ -383,6 +388,7 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
                 elif (name, per) not in layer.in_sources:
                     layer.in_sources.append((name, per))
         groups[name] = ChannelGroup(name, channels, members, prunable)
+    merge_fused_groups(model, layers, groups)
     _tie_or_freeze(layers, groups)
     return groups
 
@@ -468,10 +474,17 @@ def _remove_decision_0(probe: nn.Module, dg: tp.DependencyGraph, groups: dict[st
                        name: str) -> None:
     """Remove the channels decision 0 of group `name` covers, and update the head counts it changes."""
     group = groups[name]
-    pruning_group(dg, probe.get_submodule(name), [c for c in range(group.channels) if group.decision_index(c) == 0]
-                  ).prune()
+    remove_channels(probe, dg, group, [c for c in range(group.channels) if group.decision_index(c) == 0])
     if group.span > 1:
         update_head_counts(probe, {layer: group.span for layer in group.layers})
+
+
+def remove_channels(model: nn.Module, dg: tp.DependencyGraph, group: ChannelGroup, idxs: list[int]) -> None:
+    """Remove channels `idxs` of `group` from `model`: Torch-Pruning's walk from the group's first layer, then the
+    rows of fused q/k/v parts the walk does not reach (zerobit.graph.fused)."""
+    before = {n: model.get_submodule(n).weight.shape[0] for n in group.layers}
+    pruning_group(dg, model.get_submodule(group.name), idxs).prune()
+    remove_fused_rows(model, group.layers, idxs, before)
 
 
 def _pruned_copy(model: nn.Module, example_inputs: Any, groups: dict[str, ChannelGroup],

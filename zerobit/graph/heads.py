@@ -5,7 +5,8 @@ An attention module (Hugging Face BERT/ViT/GPT-style, or hand-written) keeps its
 integer attributes and reshapes a projection's output to (B, T, heads, head size). Removing single rows of q, k or
 v breaks that reshape; removing whole heads keeps it, once the head count is updated. So the channels of such a
 projection are decided head by head (`ChannelGroup.span` = head size), and after pruning every attribute that
-holds the head count (or heads × head size) is set to what is left.
+holds the head count (or heads × head size) is set to what is left. A fused q/k/v projection (GPT-2's `c_attn`) is
+three such layers once split (zerobit.graph.fused); their attention module is the FusedLinear's parent.
 
 Example:
     >>> class Attn(nn.Module):
@@ -23,10 +24,10 @@ from torch import nn
 
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "d_head", "d_k")
-WIDTH_ATTRS = ("all_head_size", "inner_dim")  # heads × head size, where a module keeps it
+WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")  # heads × head size, where a module keeps it
 
 
-def _int_attr(module: nn.Module, names: tuple[str, ...]) -> tuple[str, int] | None:
+def int_attr(module: nn.Module, names: tuple[str, ...]) -> tuple[str, int] | None:
     for name in names:
         value = getattr(module, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -35,8 +36,14 @@ def _int_attr(module: nn.Module, names: tuple[str, ...]) -> tuple[str, int] | No
 
 
 def _parent(model: nn.Module, layer_name: str) -> nn.Module | None:
+    """The module that holds `layer_name`; for the q, k or v part of a fused projection, the attention module."""
+    from zerobit.graph.fused import FusedLinear
+
     parent = layer_name.rpartition(".")[0]
-    return model.get_submodule(parent) if parent else None
+    module = model.get_submodule(parent) if parent else None
+    if isinstance(module, FusedLinear):
+        return _parent(model, parent)
+    return module
 
 
 def head_size(model: nn.Module, layer_name: str) -> int:
@@ -45,7 +52,7 @@ def head_size(model: nn.Module, layer_name: str) -> int:
     layer, parent = model.get_submodule(layer_name), _parent(model, layer_name)
     if not isinstance(layer, nn.Linear) or parent is None:
         return 1
-    count, size = _int_attr(parent, HEAD_COUNT_ATTRS), _int_attr(parent, HEAD_SIZE_ATTRS)
+    count, size = int_attr(parent, HEAD_COUNT_ATTRS), int_attr(parent, HEAD_SIZE_ATTRS)
     if count is None or size is None or size[1] < 2 or count[1] < 2:
         return 1
     return size[1] if layer.out_features == count[1] * size[1] else 1
@@ -61,7 +68,7 @@ def update_head_counts(model: nn.Module, spans: dict[str, int]) -> None:
             continue
         done.add(id(parent))
         width = model.get_submodule(name).out_features
-        count = _int_attr(parent, HEAD_COUNT_ATTRS)
+        count = int_attr(parent, HEAD_COUNT_ATTRS)
         if count is not None:
             setattr(parent, count[0], width // span)
         for attr in WIDTH_ATTRS:

@@ -24,6 +24,8 @@ import copy
 import torch
 from torch import nn
 
+from zerobit.graph.fused import fused_projections, split_fused_
+
 TRANSPOSED_LINEARS = ("Conv1D",)
 
 
@@ -46,25 +48,28 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     return linear
 
 
-def linearize_(model: nn.Module) -> nn.Module:
-    """Swap every transposed linear of `model` for an equal nn.Linear, in place; returns `model`."""
+def linearize_(model: nn.Module, split: bool = True) -> nn.Module:
+    """Swap every transposed linear of `model` for an equal nn.Linear, and (`split`) every fused q/k/v projection
+    for a FusedLinear (zerobit.graph.fused), in place; returns `model`."""
     swaps = [(name, m) for name, m in model.named_modules() if name and is_transposed_linear(m)]
     for name, module in swaps:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, _as_linear(module))
-    return model
+    return split_fused_(model) if split else model
 
 
-def linearized(model: nn.Module) -> nn.Module:
-    """The model zerobit works on: `model` itself when it has no transposed linears and all its floating-point
-    tensors are float32; else a copy with each transposed linear swapped for an nn.Linear, in float32.
+def linearized(model: nn.Module, split: bool = True) -> nn.Module:
+    """The model zerobit works on: `model` itself when it has no transposed linears, no fused q/k/v projections
+    (`split`) and all its floating-point tensors are float32; else a copy with each transposed linear swapped for
+    an nn.Linear and each fused projection for a FusedLinear, in float32.
 
     A model loaded in bfloat16/float16 is compressed and measured in float32, and `load` returns it in float32:
     dequantized weights (codes × float16 scales) are exact in float32, not in bfloat16.
     """
     tensors = [*model.parameters(), *model.buffers()]
     low = any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors)
-    if not low and not any(is_transposed_linear(m) for m in model.modules()):
+    if not low and not any(is_transposed_linear(m) for m in model.modules()) and not (
+            split and fused_projections(model)):
         return model
-    copied = linearize_(copy.deepcopy(model))
+    copied = linearize_(copy.deepcopy(model), split)
     return copied.float() if low else copied

@@ -13,10 +13,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from zerobit.device import model_device
 from zerobit.graph import ModelGraph, build_dependency_graph
-from zerobit.graph.analysis import run_or_explain
+from zerobit.graph.analysis import remove_channels, run_or_explain
 from zerobit.graph.heads import update_head_counts
 from zerobit.graph.tied import retie
-from zerobit.graph.tp_compat import pruning_group
 from zerobit.policy import GroupDecision, Policy, kept_weights, tied_scores
 from zerobit.quant.codebook import kmeans_1d
 from zerobit.quant.modules import QuantLayer
@@ -86,7 +85,7 @@ def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example
     for name, decision in policy.groups.items():
         removed = decision.removed_indices()
         if removed:
-            pruning_group(dg, model.get_submodule(name), removed).prune()
+            remove_channels(model, dg, graph.groups[name], removed)
     update_head_counts(model, {n: graph.groups[layer.out_group].span for n, layer in graph.layers.items()
                                if graph.groups[layer.out_group].span > 1})
     retie(model, graph.layers)
