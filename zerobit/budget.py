@@ -210,10 +210,6 @@ class Latency(Budget):
 
     def check_feasible(self, graph: ModelGraph, act_bits: int) -> None:
         """Refuse a latency below the fastest policy (one channel per group, in the fastest weight format)."""
-        tables = [n for n, layer in graph.layers.items() if layer.kind == "embedding"]
-        if tables:
-            raise BudgetError(f"Latency budgets measure models that take one image-like tensor; this model has "
-                              f"embedding tables ({', '.join(tables[:2])}): use Size, BOPs or MACs")
         floor = min(self.cost(graph, smallest_policy(graph, act_bits, bits)) for bits in (2, 6, 8))
         if floor > self.limit(graph):
             raise BudgetError(f"budget {self} = {self.limit(graph):.3f} ms cannot be met: the fastest policy "

@@ -239,29 +239,3 @@ def take_examples(data: Any, n: int, batch_size: int = 500) -> list:
         if count >= n:
             break
     return out
-
-
-def input_tensor(data: Any, n: int) -> Tensor:
-    """The inputs of the first `n` examples of `data` as one tensor (fewer when it holds fewer).
-
-    Raises:
-        ValueError: the batches' inputs are not single tensors (a dict or tuple of inputs, as a text model
-            takes): ONNX export and latency measurement handle models with one tensor input only.
-    """
-    if isinstance(data, TensorData):
-        return data.x[:n]
-    from zerobit.task import DEFAULT_TASK
-
-    parts, count = [], 0
-    for batch in data:
-        x = DEFAULT_TASK.inputs(batch)
-        if not isinstance(x, Tensor):
-            raise ValueError(f"the data's batches hold inputs of type {type(x).__name__}; ONNX export and latency "
-                             "budgets support models that take one tensor input")
-        parts.append(x)
-        count += len(x)
-        if count >= n:
-            break
-    if not parts:
-        raise ValueError("the data holds no batches")
-    return torch.cat(parts)[:n]

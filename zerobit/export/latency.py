@@ -91,6 +91,12 @@ class LayerShape:
                                          self.height, self.width, self.groups))
 
 
+def timed_layers(graph: ModelGraph) -> list[str]:
+    """The layers the table times: every Conv2d/Linear. An embedding table's lookup (a Gather of token rows) has
+    no entry: its time, like the attention's, is in what `compress` calibrates against whole-model timings."""
+    return [name for name, layer in graph.layers.items() if layer.kind != "embedding"]
+
+
 def grid(channels: int) -> list[int]:
     """Channel counts a layer is timed at: 1, a few fractions, all."""
     return sorted({1, channels} | {max(1, round(channels * f)) for f in GRID_FRACTIONS})
@@ -274,7 +280,8 @@ class LatencyTable:
         from zerobit.export.onnx import weight_format
 
         total = self._call_overhead()
-        for name, layer in graph.layers.items():
+        for name in timed_layers(graph):
+            layer = graph.layers[name]
             act = "u8" if policy.act_of(name) < FLOAT_BITS else "float"
             bits = policy[layer.out_group].kept_bits()
             fmt = weight_format(bits, policy.layer(name).codebook, int4)
@@ -308,23 +315,24 @@ def _interp(x, xs: list[int], ys):
 def measure_policy(model, graph: ModelGraph, policy: Policy, example, data, batch: int, threads: int) -> float:
     """Measured milliseconds of one onnxruntime call (batch `batch`) of `policy` applied to `model`, exported
     exactly as `export_onnx` (mode "fast") writes it. Latency does not depend on the weights' values, so the
-    policy is applied without fine-tuning; `data` (its first 256 inputs) calibrates the activation scales."""
+    policy is applied without fine-tuning; `data` (its first batches, up to 256 inputs) calibrates the activation
+    scales. `example` is an input as the model is called (token ids for a text model)."""
     import tempfile
 
-    from zerobit.data.loaders import input_tensor
+    from zerobit.data.loaders import batches_of
     from zerobit.export.onnx import export_onnx, onnx_session
     from zerobit.export.runtime import save_zbit
     from zerobit.quant.apply import apply_policy
     from zerobit.train.calibrate import calibrate_activations
 
     qmodel = apply_policy(model, graph, policy, example).eval()
-    calib = input_tensor(data, 256)
-    calibrate_activations(qmodel, [calib], max_batches=1)
+    calibrate_activations(qmodel, batches_of(data, 256), max_batches=1)
     with tempfile.TemporaryDirectory() as tmp:
         save_zbit(qmodel, graph, policy, f"{tmp}/m.zbit")
-        export_onnx(f"{tmp}/m.zbit", f"{tmp}/m.onnx", model=model, calibration_data=calib)
+        export_onnx(f"{tmp}/m.zbit", f"{tmp}/m.onnx", model=model, example_inputs=example,
+                    calibration_data=data, max_calibration=256)
         session = onnx_session(f"{tmp}/m.onnx", threads)
-        return median_ms(session, {session.get_inputs()[0].name: _batch_of(data, batch)}, reps=9, min_seconds=0.3)
+        return median_ms(session, _feed(session, data, batch), reps=9, min_seconds=0.3)
 
 
 def measure_float(model, example, data, batch: int, threads: int) -> float:
@@ -337,12 +345,16 @@ def measure_float(model, example, data, batch: int, threads: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         export_float(model, example, f"{tmp}/fp32.onnx")
         session = onnx_session(f"{tmp}/fp32.onnx", threads)
-        return median_ms(session, {session.get_inputs()[0].name: _batch_of(data, batch)}, reps=9, min_seconds=0.3)
+        return median_ms(session, _feed(session, data, batch), reps=9, min_seconds=0.3)
 
 
-def _batch_of(data, batch: int) -> np.ndarray:
-    """`batch` inputs from the data (repeated when it holds fewer)."""
-    from zerobit.data.loaders import input_tensor
+def _feed(session, data, batch: int) -> dict[str, np.ndarray]:
+    """onnxruntime's feed of `batch` inputs from the data's first batch (its rows repeated when it holds fewer),
+    for every input of the session: one image tensor, or a text model's token ids and attention mask."""
+    from zerobit.export.onnx_run import feeds
 
-    x = input_tensor(data, batch)
-    return x.repeat((batch + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:batch].float().cpu().numpy()
+    names = [i.name for i in session.get_inputs()]
+    _, first = next(iter(feeds(data, names)), (None, None))
+    if first is None:
+        raise ValueError("latency is measured on the data's inputs, and the data holds none")
+    return {n: np.concatenate([a] * -(-batch // len(a)))[:batch] for n, a in first.items()}

@@ -260,14 +260,6 @@ def _input_quants(model: nn.Module) -> dict[str, nn.Module]:
             if hasattr(m, "input_quant") and m.input_quant.bits < FLOAT_BITS}
 
 
-def _without_cache(model: nn.Module) -> nn.Module:
-    """`model` (a decoded copy) set not to build a key/value cache: torch.export cannot return a Hugging Face
-    cache object, and a deployed file of a classifier or a language model's logits has no use for it."""
-    if getattr(getattr(model, "config", None), "use_cache", False):
-        model.config.use_cache = False
-    return model
-
-
 def _without_input_quants(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     for m in plain.modules():
@@ -456,7 +448,7 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
                 _check_one_float_input(model, exc)
             raise
         example = example if example is not None else torch.zeros((1,) + zf.input_shape[1:])
-        export_float(_without_cache(_without_input_quants(decoded)), example, tmp / "float.onnx")
+        export_float(_without_input_quants(decoded), example, tmp / "float.onnx")
         g = _Graph(onnx.load(str(tmp / "float.onnx")))
         report = OnnxReport(str(path), 0, zbit_path.stat().st_size, mode)
         nodes = _layer_nodes(g, stored, decoded)

@@ -72,7 +72,11 @@ def export_float(model: nn.Module, example, path: str | os.PathLike) -> None:
         shapes = tuple(dims(v) if isinstance(v, torch.Tensor) else None for v in args)
         if inspect.Parameter.VAR_POSITIONAL in star:
             shapes = {star[inspect.Parameter.VAR_POSITIONAL]: shapes}
-    try:
+    config = getattr(model, "config", None)
+    cached = bool(getattr(config, "use_cache", False))  # torch.export cannot return a Hugging Face cache object,
+    try:  # and a deployed classifier or language model's logits have no use for it: off while exporting
+        if cached:
+            config.use_cache = False
         with quiet():
             torch.onnx.export(model.cpu().eval(), args, str(path), kwargs=kwargs, dynamo=True, external_data=False,
                               output_names=["y"], opset_version=OPSET, dynamic_shapes=shapes, **names)
@@ -83,6 +87,9 @@ def export_float(model: nn.Module, example, path: str | os.PathLike) -> None:
         raise ValueError(f"torch.onnx.export could not export {type(model).__name__}: {first[:300]}. The model "
                          "must run under torch.export (no data-dependent Python control flow on tensor values); "
                          "the .zbit file itself still loads with zerobit.load") from exc
+    finally:
+        if cached:
+            config.use_cache = True
 
 
 def _toposort(graph) -> None:

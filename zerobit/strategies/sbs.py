@@ -25,7 +25,7 @@ from torch import nn
 from zerobit.budget import BOPs, Budget, BudgetError, Latency, MACs, Size, amount, layer_bops
 from zerobit.data.loaders import batches_of
 from zerobit.device import model_device
-from zerobit.export.latency import LayerShape
+from zerobit.export.latency import LayerShape, timed_layers
 from zerobit.policy import ACT_BITS, BIT_CHOICES, FLOAT_BITS, GroupDecision, Policy, tied_scores
 from zerobit.quant.apply import inputs_kept, set_module, weights_per_channel
 from zerobit.quant.sbs import (
@@ -315,18 +315,20 @@ class GatedNet:
         kept = {g: (s["keep"].sum() if s["keep"] is not None else torch.tensor(float(graph.groups[g].channels)))
                 for g, s in self.state.items()}
         wbits = {g: expected_bits(self.chain, s["gates"]) for g, s in self.state.items()}
-        total = torch.zeros(())
+        total, timed = torch.zeros(()), set(timed_layers(graph))
         for name, layer in graph.layers.items():
             q, out = self.layers[name], layer.out_group
             abits = q.act.bits() if q.act is not None else torch.tensor(
                 float(self.problem.act_bits if layer.kind != "embedding" else FLOAT_BITS))
-            if isinstance(budget, Latency):  # the table's time at the expected kept channels, the chosen format
+            if isinstance(budget, Latency) and name in timed:  # the table's time at the expected kept channels
                 from zerobit.export.onnx import weight_format
 
                 fmt = weight_format([chosen_bits(self.chain, self.state[out]["gates"])])
                 act = "u8" if float(abits.detach()) < FLOAT_BITS else "float"
                 total = total + budget.table().layer_ms_torch(LayerShape.of(graph, name),
                                                               inputs_kept(graph, kept, name), kept[out], fmt, act)
+            elif isinstance(budget, Latency):
+                continue  # a table lookup: in the whole-model calibration
             elif isinstance(budget, BOPs):
                 total = total + layer_bops(graph, name, kept, kept[out] * wbits[out], abits)
             elif isinstance(budget, MACs):
