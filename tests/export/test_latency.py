@@ -152,3 +152,18 @@ def test_sbs_trains_under_a_latency_budget_and_meets_it_measured(digits):
                          finetune_config=FINETUNE, progress=False)
     assert result.info["latency_ms"] <= budget.limit(graph)  # measured on the exported file
     assert result.info["sbs_steps"] >= 40 and result.accuracy > 0.3  # gates trained; far above chance (0.1)
+
+
+def test_the_next_search_follows_the_line_through_the_last_two_measurements():
+    from zerobit.api import next_latency_target
+
+    def measure(predicted: float) -> float:  # a machine that adds 0.5 ms to twice the table's prediction
+        return 0.5 + 2 * predicted
+
+    seen = [(0.5, measure(0.5))]
+    first = next_latency_target(1.0, seen)
+    assert first == pytest.approx(0.98 * 0.5 / 1.5) and measure(first) > 1.0  # the ratio alone: still over
+    seen.append((first, measure(first)))
+    assert measure(next_latency_target(1.0, seen)) == pytest.approx(0.98)  # the line: 2% under the budget
+    assert next_latency_target(1.0, [(0.5, 1.5), (0.4, 1.6)]) == pytest.approx(0.98 * 0.4 / 1.6)  # falls: ratio
+    assert next_latency_target(1.0, [(0.5, 0.5)]) == pytest.approx(1.0)  # under the budget: aim at it
