@@ -17,7 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from zerobit.graph.fused import FusedLinear, merge_fused_groups, remove_fused_rows
+from zerobit.graph.fused import FusedLinear, merge_fused_groups, rejoined, remove_fused_rows
 from zerobit.graph.heads import head_size, update_head_counts
 from zerobit.graph.linears import linearize_
 from zerobit.graph.tied import share_tied_weights
@@ -155,7 +155,8 @@ class ModelGraph:
 
 def fp32_file_bytes(model: nn.Module) -> int:
     """Bytes of the model's float32 state_dict written as a safetensors file (the "fp32 file"); a tensor tied to
-    another (GPT-2's lm_head and token embedding) is written once."""
+    another (GPT-2's lm_head and token embedding) is written once, a split q/k/v projection as the one tensor the
+    original holds (zerobit.graph.fused)."""
     from safetensors.torch import save
 
     state, seen = {}, set()
@@ -165,7 +166,7 @@ def fp32_file_bytes(model: nn.Module) -> int:
             continue
         seen.add(where)
         state[k] = v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-    return len(save(state))
+    return len(save(rejoined(model, state)))
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:

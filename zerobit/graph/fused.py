@@ -133,3 +133,16 @@ def remove_fused_rows(model: nn.Module, group_layers: list[str], idxs: list[int]
         if module.bias is not None:
             module.bias = nn.Parameter(module.bias.data[keep].clone(), module.bias.requires_grad)
         module.out_features = len(keep)
+
+
+def rejoined(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (of `model`) with each FusedLinear's q, k and v tensors joined into the one the original
+    projection holds, so sizes taken from it are the original model's."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            for kind in ("weight", "bias"):
+                keys = [f"{name}.{p}.{kind}" for p in PARTS]
+                if all(k in state for k in keys):
+                    state[f"{name}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+    return state
