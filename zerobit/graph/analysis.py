@@ -145,11 +145,13 @@ class ModelGraph:
         return [n for n, layer in self.layers.items() if not layer.shares]
 
     def summary(self) -> str:
-        """A readable table of groups and the layers they couple."""
-        lines = [f"{'group':28} {'ch':>4} {'prunable':>8} {'tie':>3}  layers (= shares the weight of)"]
+        """A readable table of groups and the layers they couple (`head`: channels decided together, one
+        attention head; `tie`: blocks next to a grouped conv)."""
+        lines = [f"{'group':28} {'ch':>4} {'prunable':>8} {'tie':>3} {'head':>4}  layers (= shares the weight of)"]
         for g in self.groups.values():
             names = [n + (f" (= {self.layers[n].shares})" if self.layers[n].shares else "") for n in g.layers]
-            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8} {g.tie:>3}  {', '.join(names)}")
+            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8} {g.tie:>3} {g.span:>4}  "
+                         f"{', '.join(names)}")
         return "\n".join(lines)
 
 
