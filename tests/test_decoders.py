@@ -128,6 +128,8 @@ def test_gpt2_heads_are_removed_from_its_fused_qkv_projection() -> None:
     assert group.layers == [f"{prefix}.c_attn.{p}" for p in "qkv"] and group.span == span and group.prunable
     assert graph.layers[f"{prefix}.c_proj"].in_sources == [(group.name, 1)]
     assert graph.fp32_bytes == zb.analyse(model, example, split=False).fp32_bytes  # the original's file size
+    kept = zb.analyse(model, example, ignored_layers=[f"{prefix}.c_attn"])  # the projection by its own name
+    assert not kept.groups[group.name].prunable and kept.groups["transformer.h.1.attn.c_attn.q"].prunable
     decisions = {n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}
     decisions[group.name] = GroupDecision(tuple(0 if span <= c < 2 * span else FLOAT_BITS for c in range(HIDDEN)))
     pruned = prune_structure(model, graph, Policy(decisions, FLOAT_BITS), example)
