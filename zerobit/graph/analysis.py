@@ -20,6 +20,8 @@ from torch import nn
 from zerobit.graph.fused import FusedLinear, merge_fused_groups, rejoined, remove_fused_rows
 from zerobit.graph.heads import head_size, update_head_counts
 from zerobit.graph.linears import linearize_
+from zerobit.graph.rotary import merge_rotary_heads
+from zerobit.graph.surgery import remove_columns, remove_rows
 from zerobit.graph.tied import share_tied_weights
 from zerobit.graph.tp_compat import CouplingLoopError, pruning_group
 from zerobit.task import call, first_tensor, main_output, map_tensors
@@ -81,6 +83,9 @@ class ChannelGroup:
 
     `span` > 1 (attention heads: the q/k/v rows of one head): every `span` consecutive channels share one
     decision, so a head is kept or removed, and quantized, as a whole.
+
+    `readers`: layers whose input columns follow the group where zerobit removes the channels itself, rows of
+    `layers` and columns of `readers` (zerobit.graph.rotary); empty: Torch-Pruning's walk removes them.
     """
 
     name: str
@@ -89,6 +94,7 @@ class ChannelGroup:
     prunable: bool = True
     tie: int = 1
     span: int = 1
+    readers: list[str] = field(default_factory=list)
 
     @property
     def block(self) -> int:
@@ -325,7 +331,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
             layers[name] = _make_layer(name, module, areas.get(module, 1))
             bn = _folded_bn(dg, module)
             layers[name].bn = names[bn] if bn is not None else None
-    groups = _coupled_groups(dg, model, names, layers, ignored)
+    groups = _coupled_groups(dg, model, names, layers, ignored, example_inputs)
     _find_heads(model, groups)
     if tied:
         share_tied_weights(model, layers, groups)
@@ -340,8 +346,9 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
 
 
 def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Module, str],
-                    layers: dict[str, Layer], ignored: list[nn.Module]) -> dict[str, ChannelGroup]:
+                    layers: dict[str, Layer], ignored: list[nn.Module], example_inputs: Any) -> dict[str, ChannelGroup]:
     groups: dict[str, ChannelGroup] = {}
+    looped: set[str] = set()
     for module in model.modules():
         name = names.get(module)
         if name not in layers or layers[name].out_group:
@@ -353,9 +360,10 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             continue
         try:
             group = pruning_group(dg, module, list(range(channels)))
-        except CouplingLoopError:  # e.g. q/k projections feeding rotary embeddings: quantized, never pruned
-            layers[name].out_group = name
+        except CouplingLoopError:  # e.g. q/k projections feeding rotary embeddings: quantized, unless
+            layers[name].out_group = name  # merge_rotary_heads finds whole heads
             groups[name] = ChannelGroup(name, channels, [name], prunable=False)
+            looped.add(name)
             continue
         members, prunable = [], module not in ignored
         for item in group:
@@ -392,6 +400,7 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
                     layer.in_sources.append((name, per))
         groups[name] = ChannelGroup(name, channels, members, prunable)
     merge_fused_groups(model, layers, groups)
+    merge_rotary_heads(model, names, layers, groups, looped, ignored, example_inputs)
     _tie_or_freeze(layers, groups)
     return groups
 
@@ -484,7 +493,14 @@ def _remove_decision_0(probe: nn.Module, dg: tp.DependencyGraph, groups: dict[st
 
 def remove_channels(model: nn.Module, dg: tp.DependencyGraph, group: ChannelGroup, idxs: list[int]) -> None:
     """Remove channels `idxs` of `group` from `model`: Torch-Pruning's walk from the group's first layer, then the
-    rows of fused q/k/v parts the walk does not reach (zerobit.graph.fused)."""
+    rows of fused q/k/v parts the walk does not reach (zerobit.graph.fused); or, for a group zerobit couples
+    itself, its layers' rows and its readers' columns (zerobit.graph.rotary)."""
+    if group.readers:
+        for name in group.layers:
+            remove_rows(model.get_submodule(name), idxs)
+        for name in group.readers:
+            remove_columns(model.get_submodule(name), idxs)
+        return
     before = {n: model.get_submodule(n).weight.shape[0] for n in group.layers}
     pruning_group(dg, model.get_submodule(group.name), idxs).prune()
     remove_fused_rows(model, group.layers, idxs, before)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from zerobit.graph.heads import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, int_attr
+from zerobit.graph.surgery import remove_rows
 
 PARTS = ("q", "k", "v")
 
@@ -126,13 +127,8 @@ def remove_fused_rows(model: nn.Module, group_layers: list[str], idxs: list[int]
     for name in group_layers:
         module = model.get_submodule(name)
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else None
-        if not isinstance(parent, FusedLinear) or module.out_features != before[name]:
-            continue
-        keep = [i for i in range(module.out_features) if i not in set(idxs)]
-        module.weight = nn.Parameter(module.weight.data[keep].clone(), module.weight.requires_grad)
-        if module.bias is not None:
-            module.bias = nn.Parameter(module.bias.data[keep].clone(), module.bias.requires_grad)
-        module.out_features = len(keep)
+        if isinstance(parent, FusedLinear) and module.out_features == before[name]:
+            remove_rows(module, idxs)
 
 
 def rejoined(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,13 +46,23 @@ def _parent(model: nn.Module, layer_name: str) -> nn.Module | None:
     return module
 
 
+def head_count(module: nn.Module) -> tuple[str, int] | None:
+    """(attribute, value) of an attention module's head count; else its `config`'s, where the module infers the
+    count from the widths (LLaMA's attention reshapes to (B, T, -1, head_dim)): attribute "" then."""
+    found = int_attr(module, HEAD_COUNT_ATTRS)
+    if found is None and getattr(module, "config", None) is not None:
+        in_config = int_attr(module.config, HEAD_COUNT_ATTRS)
+        found = ("", in_config[1]) if in_config is not None else None
+    return found
+
+
 def head_size(model: nn.Module, layer_name: str) -> int:
     """The head size when `layer_name` is a Linear whose rows form the heads of its parent attention module
     (its output features = head count × head size, both attributes of the parent); else 1."""
     layer, parent = model.get_submodule(layer_name), _parent(model, layer_name)
     if not isinstance(layer, nn.Linear) or parent is None:
         return 1
-    count, size = int_attr(parent, HEAD_COUNT_ATTRS), int_attr(parent, HEAD_SIZE_ATTRS)
+    count, size = head_count(parent), int_attr(parent, HEAD_SIZE_ATTRS)
     if count is None or size is None or size[1] < 2 or count[1] < 2:
         return 1
     return size[1] if layer.out_features == count[1] * size[1] else 1

@@ -1,0 +1,72 @@
+"""Attention heads Torch-Pruning cannot walk to: q, k and v projections around rotary position embeddings.
+
+Around rotary embeddings (LLaMA, GPT-J, Phi: ``cat((-x2, x1))`` of slices of q and k) Torch-Pruning's walk over
+coupled channels never ends (zerobit.graph.tp_compat), and so does the value projection's, which reaches q and k
+through the attention's matmuls: all three were left quantized only. Whole heads are what such a model can lose,
+since the rotation acts within a head: a head's q, k and v rows and the output projection's columns of that
+head. zerobit couples them itself where an attention module (head count H and head size d, zerobit.graph.heads)
+holds exactly three Linears of H·d outputs whose walks did not end, all reading one tensor, and exactly one more
+Linear of H·d inputs reading another (the output projection): one group deciding head by head, whose rows and
+columns zerobit removes without Torch-Pruning (`ChannelGroup.readers`). Grouped key/value heads (fewer k and v
+heads than q heads: Mistral, Qwen2, LLaMA 3) have narrower k and v and stay quantized only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from zerobit.graph.heads import HEAD_SIZE_ATTRS, head_count, int_attr
+from zerobit.task import call
+
+
+def _inputs_read(model: nn.Module, modules: list[nn.Module], example_inputs: Any) -> dict[nn.Module, int]:
+    """id() of the tensor each of `modules` reads, from one forward pass."""
+    seen: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        seen.setdefault(module, id(args[0]) if args else 0)
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        call(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _candidates(model: nn.Module, names: dict[nn.Module, str], layers: dict, looped: set[str]):
+    """(q/k/v names, output projection name) per attention module of the shape the module docstring says."""
+    for parent in model.modules():
+        count, size = head_count(parent), int_attr(parent, HEAD_SIZE_ATTRS)
+        if count is None or size is None or count[1] < 2:
+            continue
+        width = count[1] * size[1]
+        children = [m for m in parent.children() if type(m) is nn.Linear and names.get(m) in layers]
+        qkv = [m for m in children if names[m] in looped and m.out_features == width]
+        out = [m for m in children if names[m] not in looped and m.in_features == width]
+        if len(qkv) == 3 and len(out) == 1 and not layers[names[out[0]]].in_sources:
+            yield qkv, out[0]
+
+
+def merge_rotary_heads(model: nn.Module, names: dict[nn.Module, str], layers: dict, groups: dict,
+                       looped: set[str], ignored: list[nn.Module], example_inputs: Any) -> None:
+    """One group per attention module found (see the module docstring), in the group of its first projection,
+    deciding head by head (its span is set by zerobit.graph.analysis, as for any head projection)."""
+    found = list(_candidates(model, names, layers, looped))
+    if not found:
+        return
+    read = _inputs_read(model, [m for qkv, out in found for m in (*qkv, out)], example_inputs)
+    for qkv, out in found:
+        if len({read.get(m) for m in qkv}) != 1 or read.get(out) == read.get(qkv[0]) or None in read.values():
+            continue
+        first = groups[layers[names[qkv[0]]].out_group]
+        first.layers = [names[m] for m in qkv]
+        first.prunable = not any(m in ignored for m in qkv)
+        first.readers = [names[out]]
+        for m in qkv[1:]:
+            del groups[layers[names[m]].out_group]
+            layers[names[m]].out_group = first.name
+        layers[names[out]].in_sources = [(first.name, 1)]
