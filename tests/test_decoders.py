@@ -311,9 +311,11 @@ def test_a_tied_table_is_quantized_once_stored_once_and_loads_tied(strategy: str
     assert estimate_bytes(untied, twice) - r.file_bytes >= table
 
 
-@pytest.mark.parametrize("version", ["3", "4"])
-def test_a_file_of_an_older_version_still_loads(version, tmp_path) -> None:
-    """Version 3 stored GPT-2's tied table twice; versions 3 and 4 held its fused q/k/v projection as one layer."""
+@pytest.mark.parametrize("version,build", [("3", gpt2_lm), ("4", gpt2_lm), ("4", llama_mha)],
+                         ids=["v3-gpt2", "v4-gpt2", "v4-llama"])
+def test_a_file_of_an_older_version_still_loads(version, build, tmp_path) -> None:
+    """Version 3 stored GPT-2's tied table twice; versions 3 and 4 held its fused q/k/v projection as one layer
+    and LLaMA's rotary q, k and v as three groups kept whole."""
     from safetensors.numpy import save_file
 
     from zerobit.export.container import checksum, read_container
@@ -321,15 +323,15 @@ def test_a_file_of_an_older_version_still_loads(version, tmp_path) -> None:
     from zerobit.quant import apply_policy
 
     example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
-    graph = zb.analyse(gpt2_lm(), example, tied=version != "3", split=False)
+    graph = zb.analyse(build(), example, tied=version != "3", split=False)
     policy = zb.Policy({n: zb.GroupDecision((6,) * g.channels) for n, g in graph.groups.items()}, 32)
-    q = apply_policy(linearized(gpt2_lm(), split=False), graph, policy, example).eval()  # as compress did then
+    q = apply_policy(linearized(build(), split=False), graph, policy, example).eval()  # as compress did then
     save_zbit(q, graph, policy, tmp_path / "now.zbit")
     meta, arrays = read_container(tmp_path / "now.zbit")
     meta["version"] = version
     meta["crc32"] = f"{checksum(meta, arrays):08x}"
     save_file(arrays, str(tmp_path / "old.zbit"), metadata=meta)
-    loaded = zb.load(tmp_path / "old.zbit", gpt2_lm(), example_inputs=example)
+    loaded = zb.load(tmp_path / "old.zbit", build(), example_inputs=example)
     torch.testing.assert_close(_logits(loaded, example), _logits(q, example), atol=1e-5, rtol=1e-5)
     with pytest.raises(zb.ZbitFormatError, match="different model"):  # read as version 5 it is another model
-        zb.load(tmp_path / "now.zbit", gpt2_lm(), example_inputs=example)
+        zb.load(tmp_path / "now.zbit", build(), example_inputs=example)

@@ -45,10 +45,10 @@ from zerobit.quant.pack import pack
 FORMAT_VERSION = "5"  # 2: the CRC covers the metadata and every tensor's dtype and shape too; 3: biases behind
 # quantized inputs decode to the accumulator's grid (quant.modules.grid_bias), as integer runtimes add them;
 # 4: layers that share a weight (zerobit.graph.tied) store it once, in one channel group; 5: fused q/k/v
-# projections are three layers (zerobit.graph.fused), their heads removable
+# projections are three layers (zerobit.graph.fused), rotary attention heads one group (zerobit.graph.rotary)
 READ_VERSIONS = ("1", "2", "3", "4", FORMAT_VERSION)
 UNTIED_VERSIONS = ("1", "2", "3")  # files that store tied weights twice
-FUSED_VERSIONS = ("1", "2", "3", "4")  # files that hold a fused q/k/v projection as one layer
+FUSED_VERSIONS = ("1", "2", "3", "4")  # files traced without split q/k/v projections and rotary head groups
 _BIT_CODE = {b: i for i, b in enumerate(ALL_BITS)}
 
 def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:

@@ -302,8 +302,9 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
             (their groups are only quantized).
         tied: layers that use one weight tensor share one group and are stored once (see zerobit.graph.tied);
             False traces them as separate layers, as .zbit files before version 4 hold them.
-        split: fused q/k/v projections are traced as three layers (see zerobit.graph.fused); False keeps them one
-            layer, as .zbit files before version 5 hold them.
+        split: fused q/k/v projections are traced as three layers (zerobit.graph.fused) and rotary attention
+            heads are coupled by zerobit (zerobit.graph.rotary); False traces neither, as .zbit files before
+            version 5 hold them.
 
     Example:
         >>> g = analyse(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
@@ -331,7 +332,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
             layers[name] = _make_layer(name, module, areas.get(module, 1))
             bn = _folded_bn(dg, module)
             layers[name].bn = names[bn] if bn is not None else None
-    groups = _coupled_groups(dg, model, names, layers, ignored, example_inputs)
+    groups = _coupled_groups(dg, model, names, layers, ignored, example_inputs if split else None)
     _find_heads(model, groups)
     if tied:
         share_tied_weights(model, layers, groups)
@@ -400,7 +401,8 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
                     layer.in_sources.append((name, per))
         groups[name] = ChannelGroup(name, channels, members, prunable)
     merge_fused_groups(model, layers, groups)
-    merge_rotary_heads(model, names, layers, groups, looped, ignored, example_inputs)
+    if example_inputs is not None:  # None: as files before version 5 were traced
+        merge_rotary_heads(model, names, layers, groups, looped, ignored, example_inputs)
     _tie_or_freeze(layers, groups)
     return groups
 
