@@ -48,6 +48,7 @@ def builders() -> dict:
             vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=64,
             max_position_embeddings=40, word_embed_proj_dim=H, num_labels=3, pad_token_id=1)), "tokens"),
         "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**decoder)), "lm"),
+        "llama-mha": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**dict(decoder, num_key_value_heads=HEADS))), "lm"),
         "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**decoder)), "lm"),
         "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**decoder)), "lm"),
         "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(**image)), "images"),
