@@ -361,10 +361,14 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             continue
         try:
             group = pruning_group(dg, module, list(range(channels)))
-        except CouplingLoopError:  # e.g. q/k projections feeding rotary embeddings: quantized, unless
-            layers[name].out_group = name  # merge_rotary_heads finds whole heads
+        except (CouplingLoopError, IndexError, KeyError, TypeError, ValueError) as exc:
+            # a walk that does not end (q/k projections feeding rotary embeddings: quantized, unless
+            # merge_rotary_heads finds whole heads), or one Torch-Pruning cannot map (GPT-NeoX's interleaved q/k/v
+            # split): the layer keeps every channel
+            layers[name].out_group = name
             groups[name] = ChannelGroup(name, channels, [name], prunable=False)
-            looped.add(name)
+            if isinstance(exc, CouplingLoopError):
+                looped.add(name)
             continue
         members, prunable = [], module not in ignored
         for item in group:
@@ -399,6 +403,9 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
                     prunable = False
                 elif (name, per) not in layer.in_sources:
                     layer.in_sources.append((name, per))
+        if name not in members:  # the walk does not map the layer's own channels one for one (GPT-J's q_proj)
+            members, prunable = [name, *members], False
+            layers[name].out_group = name
         groups[name] = ChannelGroup(name, channels, members, prunable)
     merge_fused_groups(model, layers, groups)
     if example_inputs is not None:  # None: as files before version 5 were traced
