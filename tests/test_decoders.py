@@ -76,6 +76,16 @@ def phi() -> nn.Module:  # rotary on part of each head, biases on q/k/v: heads r
                                     bos_token_id=0, eos_token_id=0)).eval()
 
 
+def stablelm() -> nn.Module:  # rotary on part of each head; head and k/v head counts kept as attributes
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    torch.manual_seed(0)
+    return StableLmForCausalLM(StableLmConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                                              num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                                              intermediate_size=64, max_position_embeddings=24, bos_token_id=0,
+                                              eos_token_id=0)).eval()
+
+
 def opt_classifier() -> nn.Module:
     from transformers import OPTConfig, OPTForSequenceClassification
 
@@ -194,31 +204,37 @@ def test_gpt2_language_model_compresses_without_labels(strategy: str, tmp_path) 
     assert r.accuracy > 0.5  # cosine similarity of the logits with the original's
 
 
-def test_rotary_attention_heads_are_removed_whole(tmp_path) -> None:
-    """LLaMA with a k/v head per q head: Torch-Pruning's walk around the rotary embedding never ends, so zerobit
-    couples each head's q, k and v rows and o_proj's columns itself. Removing head 1 of layer 0 equals switching it
-    off by hand (its value rows zero); a compressed model with heads removed saves and loads."""
+@pytest.mark.parametrize("build,out", [(llama_mha, "o_proj"), (stablelm, "o_proj"), (phi, "dense")],
+                         ids=["llama", "stablelm", "phi"])
+def test_rotary_attention_heads_are_removed_whole(build, out, tmp_path) -> None:
+    """A k/v head per q head around rotary embeddings (LLaMA; StableLM and Phi rotate part of each head and keep
+    their head counts as attributes): Torch-Pruning's walk never ends, so zerobit couples each head's q, k and v
+    rows and the output projection's columns itself. Removing head 1 of layer 0 equals switching it off by hand
+    (its value rows zero); a compressed model with heads removed saves and loads."""
     from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
     from zerobit.quant.apply import prune_structure
 
-    model, span = llama_mha(), HIDDEN // HEADS
+    model, span = build(), HIDDEN // HEADS
     example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
     graph = zb.analyse(model, example)
     prefix = "model.layers.0.self_attn"
     group = graph.groups[f"{prefix}.q_proj"]
     assert group.layers == [f"{prefix}.{p}_proj" for p in "qkv"] and group.span == span and group.prunable
-    assert group.readers == [f"{prefix}.o_proj"] and graph.layers[f"{prefix}.o_proj"].in_sources == [(group.name, 1)]
+    assert group.readers == [f"{prefix}.{out}"] and graph.layers[f"{prefix}.{out}"].in_sources == [(group.name, 1)]
     decisions = {n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}
     decisions[group.name] = GroupDecision(tuple(0 if span <= c < 2 * span else FLOAT_BITS for c in range(HIDDEN)))
     pruned = prune_structure(model, graph, Policy(decisions, FLOAT_BITS), example)
     attn = pruned.model.layers[0].self_attn
     assert all(getattr(attn, f"{p}_proj").weight.shape == (HIDDEN - span, HIDDEN) for p in "qkv")
-    assert attn.o_proj.weight.shape == (HIDDEN, HIDDEN - span)
-    masked = llama_mha()
+    assert getattr(attn, out).weight.shape == (HIDDEN, HIDDEN - span)
+    masked = build()
     with torch.no_grad():
-        masked.model.layers[0].self_attn.v_proj.weight[span:2 * span] = 0
+        v = masked.model.layers[0].self_attn.v_proj
+        v.weight[span:2 * span] = 0
+        if v.bias is not None:
+            v.bias[span:2 * span] = 0
     torch.testing.assert_close(_logits(pruned, example), _logits(masked, example), atol=1e-5, rtol=1e-4)
-    r, loaded = _compress_and_reload(llama_mha, (tokens(4, 8, 1, False), tokens(2, 16, 2, False)), example,
+    r, loaded = _compress_and_reload(build, (tokens(4, 8, 1, False), tokens(2, 16, 2, False)), example,
                                      zb.Size(fraction=1 / 8), "uniform", "distillation", tmp_path)
     kept = [layer.self_attn.q_proj.out_features for layer in loaded.model.layers]
     assert min(kept) < HIDDEN and all(k % span == 0 for k in kept), kept  # whole heads removed

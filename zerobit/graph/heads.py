@@ -23,6 +23,7 @@ from __future__ import annotations
 from torch import nn
 
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "d_head", "d_k")
 WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")  # heads × head size, where a module keeps it
 
@@ -80,6 +81,9 @@ def update_head_counts(model: nn.Module, spans: dict[str, int]) -> None:
         width = model.get_submodule(name).out_features
         count = int_attr(parent, HEAD_COUNT_ATTRS)
         if count is not None:
+            kv = int_attr(parent, KV_COUNT_ATTRS)
+            if kv is not None and kv[1] == count[1]:  # a k/v head per q head: they lose the same heads
+                setattr(parent, kv[0], width // span)
             setattr(parent, count[0], width // span)
         for attr in WIDTH_ATTRS:
             if isinstance(getattr(parent, attr, None), int):
