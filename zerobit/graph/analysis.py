@@ -17,11 +17,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from zerobit.graph.fused import FusedLinear, merge_fused_groups, rejoined, remove_fused_rows
-from zerobit.graph.heads import head_size, update_head_counts
+from zerobit.graph.fused import FusedLinear, merge_fused_groups, rejoined
+from zerobit.graph.heads import head_size
 from zerobit.graph.linears import linearize_
+from zerobit.graph.removal import find_pruned_dims
 from zerobit.graph.rotary import merge_rotary_heads
-from zerobit.graph.surgery import remove_columns, remove_rows
 from zerobit.graph.tied import share_tied_weights
 from zerobit.graph.tp_compat import CouplingLoopError, pruning_group
 from zerobit.task import call, first_tensor, main_output, map_tensors
@@ -341,7 +341,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         layer.fixed_in = 0 if layer.kind == "depthwise" else layer.in_features - coupled
     owned = tuple(f"{n}." for layer in layers.values() for n in (layer.name, layer.bn) if n)
     extra = {k: ExtraTensor(tuple(v.shape)) for k, v in model.state_dict().items() if not k.startswith(owned)}
-    _find_pruned_dims(model, example_inputs, groups, extra)
+    find_pruned_dims(model, example_inputs, groups, extra)
     return ModelGraph(layers, groups, fp32_file_bytes(model), input_shape(example_inputs),
                       tuple(names[m] for m in ignored), extra)
 
@@ -356,8 +356,7 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             continue
         channels = layers[name].out_channels
         if layers[name].kind == "embedding":  # its rows (tokens) are never removed; only quantized
-            layers[name].out_group = name
-            groups[name] = ChannelGroup(name, channels, [name], prunable=False)
+            _kept_whole(layers, groups, name)
             continue
         try:
             group = pruning_group(dg, module, list(range(channels)))
@@ -365,8 +364,7 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             # a walk that does not end (q/k projections feeding rotary embeddings: quantized, unless
             # merge_rotary_heads finds whole heads), or one Torch-Pruning cannot map (GPT-NeoX's interleaved q/k/v
             # split): the layer keeps every channel
-            layers[name].out_group = name
-            groups[name] = ChannelGroup(name, channels, [name], prunable=False)
+            _kept_whole(layers, groups, name)
             if isinstance(exc, CouplingLoopError):
                 looped.add(name)
             continue
@@ -414,6 +412,12 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
     return groups
 
 
+def _kept_whole(layers: dict[str, Layer], groups: dict[str, ChannelGroup], name: str) -> None:
+    """`name` in a group of its own that keeps every channel (quantized only)."""
+    layers[name].out_group = name
+    groups[name] = ChannelGroup(name, layers[name].out_channels, [name], prunable=False)
+
+
 def _tie_or_freeze(layers: dict[str, Layer], groups: dict[str, ChannelGroup]) -> None:
     """Tie the channels around grouped convs; keep every channel (quantize only) where removal is not exact.
 
@@ -459,79 +463,3 @@ def _tie(group: ChannelGroup, blocks: int) -> None:
         group.prunable = False
     else:
         group.tie = tie
-
-
-def _find_pruned_dims(model: nn.Module, example_inputs: Any, groups: dict[str, ChannelGroup],
-                      extra: dict[str, ExtraTensor]) -> None:
-    """Which dimensions of the extra tensors each group's channels shorten, found by removing one channel.
-
-    Pruning is done by Torch-Pruning exactly as `prune_structure` does it, group after group on one copy, so
-    the sizes the file estimate uses are the sizes the pruned model has. After each group the copy is run: a
-    group whose removal the model's own code does not follow (a reshape to fixed sizes, such as Swin's patch
-    merging or ``x.view(B, 16, -1)``) keeps every channel (it is only quantized), and the copy is pruned again
-    without it. (Torch-Pruning builds its graph of a ResNet-20 in ~20 ms; one forward per group follows.)
-    """
-    done: list[str] = []
-    probe, dg = _pruned_copy(model, example_inputs, groups, done)
-    shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
-    for name, group in groups.items():
-        if not group.prunable or group.block < 2:
-            continue
-        if not _removes_and_runs(probe, dg, groups, name, example_inputs):
-            group.prunable = False
-            probe, dg = _pruned_copy(model, example_inputs, groups, done)
-            continue
-        done.append(name)
-        now = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k in extra}
-        removed = sum(1 for c in range(group.channels) if group.decision_index(c) == 0)
-        for key, shape in now.items():
-            for dim, (before, after) in enumerate(zip(shapes[key], shape, strict=True)):
-                if after != before:
-                    extra[key].pruned_dims.append((dim, name, (before - after) // removed))
-        shapes = now
-
-
-def _remove_decision_0(probe: nn.Module, dg: tp.DependencyGraph, groups: dict[str, ChannelGroup],
-                       name: str) -> None:
-    """Remove the channels decision 0 of group `name` covers, and update the head counts it changes."""
-    group = groups[name]
-    remove_channels(probe, dg, group, [c for c in range(group.channels) if group.decision_index(c) == 0])
-    if group.span > 1:
-        update_head_counts(probe, {layer: group.span for layer in group.layers})
-
-
-def remove_channels(model: nn.Module, dg: tp.DependencyGraph, group: ChannelGroup, idxs: list[int]) -> None:
-    """Remove channels `idxs` of `group` from `model`: Torch-Pruning's walk from the group's first layer, then the
-    rows of fused q/k/v parts the walk does not reach (zerobit.graph.fused); or, for a group zerobit couples
-    itself, its layers' rows and its readers' columns (zerobit.graph.rotary)."""
-    if group.readers:
-        for name in group.layers:
-            remove_rows(model.get_submodule(name), idxs)
-        for name in group.readers:
-            remove_columns(model.get_submodule(name), idxs)
-        return
-    before = {n: model.get_submodule(n).weight.shape[0] for n in group.layers}
-    pruning_group(dg, model.get_submodule(group.name), idxs).prune()
-    remove_fused_rows(model, group.layers, idxs, before)
-
-
-def _pruned_copy(model: nn.Module, example_inputs: Any, groups: dict[str, ChannelGroup],
-                 names: list[str]) -> tuple[nn.Module, tp.DependencyGraph]:
-    """A copy of `model` with decision 0 of each group in `names` removed, and its dependency graph."""
-    probe = copy.deepcopy(model)
-    dg = build_dependency_graph(probe, example_inputs)
-    for name in names:
-        _remove_decision_0(probe, dg, groups, name)
-    return probe, dg
-
-
-def _removes_and_runs(probe: nn.Module, dg: tp.DependencyGraph, groups: dict[str, ChannelGroup], name: str,
-                      example_inputs: Any) -> bool:
-    """Remove decision 0 of group `name` from `probe`; does the model's code still run?"""
-    try:
-        _remove_decision_0(probe, dg, groups, name)
-        with torch.no_grad():
-            call(probe, example_inputs)
-    except Exception:  # any failure of Torch-Pruning or of the model's own code on the pruned widths
-        return False
-    return True

@@ -13,8 +13,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from zerobit.device import model_device
 from zerobit.graph import ModelGraph, build_dependency_graph
-from zerobit.graph.analysis import remove_channels, run_or_explain
+from zerobit.graph.analysis import run_or_explain
 from zerobit.graph.heads import update_head_counts
+from zerobit.graph.removal import remove_channels
 from zerobit.graph.tied import retie
 from zerobit.policy import GroupDecision, Policy, kept_weights, tied_scores
 from zerobit.quant.codebook import kmeans_1d
