@@ -49,6 +49,7 @@ def builders() -> dict:
             max_position_embeddings=40, word_embed_proj_dim=H, num_labels=3, pad_token_id=1)), "tokens"),
         "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**decoder)), "lm"),
         "llama-mha": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**dict(decoder, num_key_value_heads=HEADS))), "lm"),
+        "llama-mqa": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**dict(decoder, num_key_value_heads=1))), "lm"),
         "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**decoder)), "lm"),
         "phi": (lambda: T.PhiForCausalLM(T.PhiConfig(**dict(decoder, num_key_value_heads=HEADS))), "lm"),
         "stablelm": (lambda: T.StableLmForCausalLM(T.StableLmConfig(**dict(decoder, num_key_value_heads=HEADS))),
@@ -62,6 +63,8 @@ def builders() -> dict:
             "lm"),
         "gpt-neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**decoder)), "lm"),
         "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**decoder)), "lm"),
+        "qwen3": (lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**decoder, head_dim=H // HEADS)), "lm"),
+        "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**decoder, head_dim=H // HEADS)), "lm"),
         "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(**image)), "images"),
         "deit": (lambda: T.DeiTForImageClassification(T.DeiTConfig(**image)), "images"),
         "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(

@@ -31,12 +31,12 @@ def gpt2_lm() -> nn.Module:
                                       bos_token_id=0, eos_token_id=0)).eval()
 
 
-def llama_gqa() -> nn.Module:
+def llama_gqa(kv_heads: int = 2) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
-                                        num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64,
+                                        num_attention_heads=HEADS, num_key_value_heads=kv_heads, intermediate_size=64,
                                         max_position_embeddings=24, bos_token_id=0, eos_token_id=0,
                                         pad_token_id=0)).eval()
 
@@ -253,15 +253,53 @@ def test_more_decoders_compress_save_and_load(build, tmp_path) -> None:
         assert len(heads) == 2 and all(g.prunable and g.span == HIDDEN // HEADS for g in heads)
 
 
-def test_rotary_attention_with_grouped_kv_heads_compresses(tmp_path) -> None:
+@pytest.mark.parametrize("kv_heads,attention", [(2, "eager"), (2, "sdpa"), (1, "sdpa")],
+                         ids=["gqa-eager", "gqa-sdpa", "mqa-sdpa"])
+def test_q_heads_of_grouped_kv_heads_are_removed_alike_in_every_kv_block(kv_heads, attention) -> None:
+    """4 q heads share 2 k/v heads (2 each: LLaMA 3, Mistral, Qwen2) or 1 (multi-query): k and v stay whole, and
+    decision j removes the j-th q head of each k/v head's block, so each k/v head keeps as many q heads. Removing
+    decision 1 equals switching those heads off by hand (their output projection columns zero), under the eager
+    attention (repeat_kv by the module's q heads per k/v head) and PyTorch's (grouped query attention)."""
+    from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
+    from zerobit.quant.apply import prune_structure
+
+    def build() -> nn.Module:
+        model = llama_gqa(kv_heads)
+        model.config._attn_implementation = attention
+        return model
+
+    model, span, per_kv = build(), HIDDEN // HEADS, HEADS // kv_heads
+    example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
+    graph = zb.analyse(model, example)
+    prefix = "model.layers.0.self_attn"
+    group = graph.groups[f"{prefix}.q_proj"]
+    assert group.layers == [f"{prefix}.q_proj"] and (group.span, group.tie, group.block) == (span, kv_heads, per_kv)
+    assert group.prunable and group.readers == [f"{prefix}.o_proj"] and group.kv_heads == kv_heads
+    assert not graph.groups[f"{prefix}.k_proj"].prunable and not graph.groups[f"{prefix}.v_proj"].prunable
+    decisions = {n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}
+    gone = [c for c in range(HIDDEN) if group.decision_index(c) == 1]
+    assert gone == [c for b in range(kv_heads) for c in range((b * per_kv + 1) * span, (b * per_kv + 2) * span)]
+    decisions[group.name] = GroupDecision(tuple(0 if c in gone else FLOAT_BITS for c in range(HIDDEN)))
+    pruned = prune_structure(model, graph, Policy(decisions, FLOAT_BITS), example)
+    attn = pruned.model.layers[0].self_attn
+    assert attn.q_proj.out_features == attn.o_proj.in_features == HIDDEN - kv_heads * span
+    assert attn.k_proj.out_features == kv_heads * span and attn.num_key_value_groups == per_kv - 1
+    assert pruned.model.layers[1].self_attn.num_key_value_groups == per_kv  # layer 1 keeps its heads
+    masked = build()
+    with torch.no_grad():
+        masked.model.layers[0].self_attn.o_proj.weight[:, gone] = 0
+    torch.testing.assert_close(_logits(pruned, example), _logits(masked, example), atol=1e-5, rtol=1e-4)
+
+
+def test_rotary_attention_with_grouped_kv_heads_compresses_saves_and_loads(tmp_path) -> None:
     example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
     r, loaded = _compress_and_reload(llama_gqa, (tokens(4, 8, 1, False), tokens(2, 16, 2, False)), example,
-                                     zb.BOPs(fraction=1 / 32), "uniform", "distillation", tmp_path)
-    groups = r.graph.groups
-    # q and k feed the rotary embedding, whose coupling Torch-Pruning cannot close: quantized only
-    assert not groups["model.layers.0.self_attn.q_proj"].prunable
+                                     zb.Size(fraction=1 / 8), "uniform", "distillation", tmp_path)
+    heads = [layer.self_attn.q_proj.out_features // (HIDDEN // HEADS) for layer in loaded.model.layers]
+    assert min(heads) < HEADS and all(h % 2 == 0 for h in heads), heads  # the same q heads per k/v head
+    assert [layer.self_attn.num_key_value_groups for layer in loaded.model.layers] == [h // 2 for h in heads]
     # MLP neurons (gate and up rows, down columns) are one prunable group
-    mlp = groups["model.layers.0.mlp.gate_proj"]
+    mlp = r.graph.groups["model.layers.0.mlp.gate_proj"]
     assert mlp.prunable and set(mlp.layers) == {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"}
 
 
@@ -366,11 +404,12 @@ def test_a_tied_table_is_quantized_once_stored_once_and_loads_tied(strategy: str
     assert estimate_bytes(untied, twice) - r.file_bytes >= table
 
 
-@pytest.mark.parametrize("version,build", [("3", gpt2_lm), ("4", gpt2_lm), ("4", llama_mha)],
-                         ids=["v3-gpt2", "v4-gpt2", "v4-llama"])
+@pytest.mark.parametrize("version,build", [("3", gpt2_lm), ("4", gpt2_lm), ("4", llama_mha), ("5", llama_gqa)],
+                         ids=["v3-gpt2", "v4-gpt2", "v4-llama", "v5-llama-gqa"])
 def test_a_file_of_an_older_version_still_loads(version, build, tmp_path) -> None:
     """Version 3 stored GPT-2's tied table twice; versions 3 and 4 held its fused q/k/v projection as one layer
-    and LLaMA's rotary q, k and v as three groups kept whole."""
+    and LLaMA's rotary q, k and v as three groups kept whole; version 5 kept the q heads of grouped k/v heads whole
+    (here with a bit-width per head that tying them across k/v heads would not allow)."""
     from safetensors.numpy import save_file
 
     from zerobit.export.container import checksum, read_container
@@ -378,9 +417,14 @@ def test_a_file_of_an_older_version_still_loads(version, build, tmp_path) -> Non
     from zerobit.quant import apply_policy
 
     example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
-    graph = zb.analyse(build(), example, tied=version != "3", split=False)
-    policy = zb.Policy({n: zb.GroupDecision((6,) * g.channels) for n, g in graph.groups.items()}, 32)
-    q = apply_policy(linearized(build(), split=False), graph, policy, example).eval()  # as compress did then
+    graph = zb.analyse(build(), example, tied=version != "3", split=version == "5", grouped=False)
+    decisions = {n: zb.GroupDecision((6,) * g.channels) for n, g in graph.groups.items()}
+    if version == "5":
+        span = HIDDEN // HEADS
+        decisions["model.layers.0.self_attn.q_proj"] = zb.GroupDecision(tuple(b for b in (4, 6, 8, 6)
+                                                                              for _ in range(span)))
+    policy = zb.Policy(decisions, 32)
+    q = apply_policy(linearized(build(), split=version == "5"), graph, policy, example).eval()  # as compress did
     save_zbit(q, graph, policy, tmp_path / "now.zbit")
     meta, arrays = read_container(tmp_path / "now.zbit")
     meta["version"] = version
@@ -388,5 +432,5 @@ def test_a_file_of_an_older_version_still_loads(version, build, tmp_path) -> Non
     save_file(arrays, str(tmp_path / "old.zbit"), metadata=meta)
     loaded = zb.load(tmp_path / "old.zbit", build(), example_inputs=example)
     torch.testing.assert_close(_logits(loaded, example), _logits(q, example), atol=1e-5, rtol=1e-5)
-    with pytest.raises(zb.ZbitFormatError, match="different model"):  # read as version 5 it is another model
+    with pytest.raises(zb.ZbitFormatError, match="different model|damaged"):  # read as the version now: no fit
         zb.load(tmp_path / "now.zbit", build(), example_inputs=example)

@@ -185,8 +185,10 @@ def next_latency_target(limit: float, seen: list[tuple[float, float]]) -> float:
 
 def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> SearchResult:
     """Measure the searched policy's real latency and calibrate the table's predictions on this model: while the
-    policy is over the budget, or well under it, search again under the budget scaled by predicted/measured
-    (at most LATENCY_TRIES measurements). Returns the slowest measured policy that meets the budget."""
+    policy is over the budget, or well under it, search again under a predicted-latency target where the line
+    through the last two (predicted, measured) pairs meets the budget (the first retry scales the budget by
+    predicted/measured; `next_latency_target`), at most LATENCY_TRIES measurements. Returns the slowest measured
+    policy that meets the budget."""
     from zerobit.export.latency import measure_policy
 
     budget, limit, best, seen = problem.budget, problem.limit, None, []

@@ -27,6 +27,7 @@ from zerobit.export.zbit import (
     DTYPES_BY_TORCH,
     FUSED_VERSIONS,
     READ_VERSIONS,
+    UNGROUPED_VERSIONS,
     UNTIED_VERSIONS,
     blob_sizes,
     decode_act_bits,
@@ -326,7 +327,8 @@ def _graph_of(path: str | os.PathLike, model: nn.Module, zf: ZbitFile, example_i
     example = example_inputs if example_inputs is not None else torch.zeros((1,) + zf.input_shape[1:])
     try:
         graph = analyse(model, example, ignored_layers=zf.header.ignored,
-                        tied=zf.header.version not in UNTIED_VERSIONS, split=zf.header.version not in FUSED_VERSIONS)
+                        tied=zf.header.version not in UNTIED_VERSIONS, split=zf.header.version not in FUSED_VERSIONS,
+                        grouped=zf.header.version not in UNGROUPED_VERSIONS)
     except ValueError as exc:  # the model ran when the file was written: its input shape or names do not fit
         hint = "" if example_inputs is not None else (" If the model does not take one float tensor (token ids, a "
                                                        "dict of inputs), pass example_inputs= to zerobit.load.")

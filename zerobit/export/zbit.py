@@ -42,13 +42,15 @@ from zerobit.policy import ACT_BITS, ALL_BITS, FLOAT_BITS, GroupDecision, LayerD
 from zerobit.quant.apply import quant_layers
 from zerobit.quant.pack import pack
 
-FORMAT_VERSION = "5"  # 2: the CRC covers the metadata and every tensor's dtype and shape too; 3: biases behind
+FORMAT_VERSION = "6"  # 2: the CRC covers the metadata and every tensor's dtype and shape too; 3: biases behind
 # quantized inputs decode to the accumulator's grid (quant.modules.grid_bias), as integer runtimes add them;
 # 4: layers that share a weight (zerobit.graph.tied) store it once, in one channel group; 5: fused q/k/v
-# projections are three layers (zerobit.graph.fused), rotary attention heads one group (zerobit.graph.rotary)
-READ_VERSIONS = ("1", "2", "3", "4", FORMAT_VERSION)
+# projections are three layers (zerobit.graph.fused), rotary attention heads one group (zerobit.graph.rotary);
+# 6: the q heads of attention with grouped k/v heads are one group, tied across the k/v heads (graph.rotary)
+READ_VERSIONS = ("1", "2", "3", "4", "5", FORMAT_VERSION)
 UNTIED_VERSIONS = ("1", "2", "3")  # files that store tied weights twice
 FUSED_VERSIONS = ("1", "2", "3", "4")  # files traced without split q/k/v projections and rotary head groups
+UNGROUPED_VERSIONS = (*FUSED_VERSIONS, "5")  # files that keep the q heads of grouped k/v heads whole
 _BIT_CODE = {b: i for i, b in enumerate(ALL_BITS)}
 
 def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:

@@ -86,6 +86,9 @@ class ChannelGroup:
 
     `readers`: layers whose input columns follow the group where zerobit removes the channels itself, rows of
     `layers` and columns of `readers` (zerobit.graph.rotary); empty: Torch-Pruning's walk removes them.
+
+    `kv_heads` > 0: the group is the q heads of attention with that many grouped k/v heads, which stay whole;
+    `tie` = `kv_heads`, so each k/v head keeps as many q heads (zerobit.graph.rotary).
     """
 
     name: str
@@ -95,6 +98,7 @@ class ChannelGroup:
     tie: int = 1
     span: int = 1
     readers: list[str] = field(default_factory=list)
+    kv_heads: int = 0
 
     @property
     def block(self) -> int:
@@ -292,7 +296,7 @@ def input_shape(example_inputs: Any) -> tuple[int, ...]:
 
 
 def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | None = None,
-            tied: bool = True, split: bool = True) -> ModelGraph:
+            tied: bool = True, split: bool = True, grouped: bool = True) -> ModelGraph:
     """Trace `model` into a `ModelGraph`.
 
     Args:
@@ -305,6 +309,8 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         split: fused q/k/v projections are traced as three layers (zerobit.graph.fused) and rotary attention
             heads are coupled by zerobit (zerobit.graph.rotary); False traces neither, as .zbit files before
             version 5 hold them.
+        grouped: the q heads of attention with grouped k/v heads are one group (zerobit.graph.rotary); False
+            keeps them whole, as .zbit files before version 6 hold them.
 
     Example:
         >>> g = analyse(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
@@ -332,7 +338,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
             layers[name] = _make_layer(name, module, areas.get(module, 1))
             bn = _folded_bn(dg, module)
             layers[name].bn = names[bn] if bn is not None else None
-    groups = _coupled_groups(dg, model, names, layers, ignored, example_inputs if split else None)
+    groups = _coupled_groups(dg, model, names, layers, ignored, example_inputs if split else None, grouped)
     _find_heads(model, groups)
     if tied:
         share_tied_weights(model, layers, groups)
@@ -347,7 +353,8 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
 
 
 def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Module, str],
-                    layers: dict[str, Layer], ignored: list[nn.Module], example_inputs: Any) -> dict[str, ChannelGroup]:
+                    layers: dict[str, Layer], ignored: list[nn.Module], example_inputs: Any,
+                    grouped: bool = True) -> dict[str, ChannelGroup]:
     groups: dict[str, ChannelGroup] = {}
     looped: set[str] = set()
     for module in model.modules():
@@ -407,7 +414,7 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
         groups[name] = ChannelGroup(name, channels, members, prunable)
     merge_fused_groups(model, layers, groups)
     if example_inputs is not None:  # None: as files before version 5 were traced
-        merge_rotary_heads(model, names, layers, groups, looped, ignored, example_inputs)
+        merge_rotary_heads(model, names, layers, groups, looped, ignored, example_inputs, grouped)
     _tie_or_freeze(layers, groups)
     return groups
 
@@ -451,8 +458,8 @@ def _find_heads(model: nn.Module, groups: dict[str, ChannelGroup]) -> None:
         spans = {head_size(model, name) for name in group.layers}
         span = spans.pop() if len(spans) == 1 else 1  # every layer of the group a head projection of one size
         if span > 1:
-            if group.channels % span or group.tie > 1 or group.channels == span:
-                group.prunable = False  # heads that cannot be told apart: keep every channel
+            if group.channels % (span * group.tie) or group.channels // group.tie == span:
+                group.prunable = False  # heads that cannot be told apart, or one per tied block: keep every channel
             else:
                 group.span = span
 

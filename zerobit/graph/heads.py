@@ -20,10 +20,16 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
+
+if TYPE_CHECKING:
+    from zerobit.graph.analysis import ChannelGroup
 
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+KV_GROUPS_ATTRS = ("num_key_value_groups", "num_kv_groups")  # q heads per k/v head (grouped k/v heads)
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "d_head", "d_k")
 WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")  # heads × head size, where a module keeps it
 
@@ -57,6 +63,14 @@ def head_count(module: nn.Module) -> tuple[str, int] | None:
     return found
 
 
+def kv_head_count(module: nn.Module) -> int | None:
+    """An attention module's count of key/value heads (its attribute, else its `config`'s); None: not stated."""
+    found = int_attr(module, KV_COUNT_ATTRS)
+    if found is None and getattr(module, "config", None) is not None:
+        found = int_attr(module.config, KV_COUNT_ATTRS)
+    return found[1] if found is not None else None
+
+
 def head_size(model: nn.Module, layer_name: str) -> int:
     """The head size when `layer_name` is a Linear whose rows form the heads of its parent attention module
     (its output features = head count × head size, both attributes of the parent); else 1."""
@@ -69,22 +83,27 @@ def head_size(model: nn.Module, layer_name: str) -> int:
     return size[1] if layer.out_features == count[1] * size[1] else 1
 
 
-def update_head_counts(model: nn.Module, spans: dict[str, int]) -> None:
+def update_head_counts(model: nn.Module, groups: dict[str, ChannelGroup]) -> None:
     """After pruning: set the head count (and heads × head size) of every attention module that owns one of the
-    `spans` layers (layer name → head size) from the layer's new width."""
+    `groups` layers (layer name → its group: span = head size) from the layer's new width. The q heads of grouped
+    k/v heads (`ChannelGroup.kv_heads`, zerobit.graph.rotary) also set the q heads per k/v head."""
     done: set[int] = set()
-    for name, span in spans.items():
+    for name, group in groups.items():
         parent = _parent(model, name)
         if parent is None or id(parent) in done:
             continue
         done.add(id(parent))
         width = model.get_submodule(name).out_features
+        heads = width // group.span
         count = int_attr(parent, HEAD_COUNT_ATTRS)
         if count is not None:
             kv = int_attr(parent, KV_COUNT_ATTRS)
-            if kv is not None and kv[1] == count[1]:  # a k/v head per q head: they lose the same heads
-                setattr(parent, kv[0], width // span)
-            setattr(parent, count[0], width // span)
+            if kv is not None and kv[1] == count[1] and not group.kv_heads:  # a k/v head per q head: the same go
+                setattr(parent, kv[0], heads)
+            setattr(parent, count[0], heads)
+        per_kv = int_attr(parent, KV_GROUPS_ATTRS)
+        if per_kv is not None and group.kv_heads:
+            setattr(parent, per_kv[0], heads // group.kv_heads)
         for attr in WIDTH_ATTRS:
             if isinstance(getattr(parent, attr, None), int):
                 setattr(parent, attr, width)

@@ -56,7 +56,7 @@ def _remove_decision_0(probe: nn.Module, dg: tp.DependencyGraph, groups: dict[st
     group = groups[name]
     remove_channels(probe, dg, group, [c for c in range(group.channels) if group.decision_index(c) == 0])
     if group.span > 1:
-        update_head_counts(probe, {layer: group.span for layer in group.layers})
+        update_head_counts(probe, {layer: group for layer in group.layers})
 
 
 def remove_channels(model: nn.Module, dg: tp.DependencyGraph, group: ChannelGroup, idxs: list[int]) -> None:

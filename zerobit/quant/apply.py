@@ -87,7 +87,7 @@ def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example
         removed = decision.removed_indices()
         if removed:
             remove_channels(model, dg, graph.groups[name], removed)
-    update_head_counts(model, {n: graph.groups[layer.out_group].span for n, layer in graph.layers.items()
+    update_head_counts(model, {n: graph.groups[layer.out_group] for n, layer in graph.layers.items()
                                if graph.groups[layer.out_group].span > 1})
     retie(model, graph.layers)
     for name, layer in graph.layers.items():
