@@ -125,7 +125,7 @@ def images(n: int, size: int, seed: int) -> list[tuple]:
 def _logits(model: nn.Module, example) -> torch.Tensor:
     with torch.no_grad():
         out = model(**example) if isinstance(example, dict) else model(example)
-    return out.logits
+    return getattr(out, "logits", out)
 
 
 def _compress_and_reload(build, data, example, budget, strategy, task, tmp_path):
@@ -289,6 +289,43 @@ def test_q_heads_of_grouped_kv_heads_are_removed_alike_in_every_kv_block(kv_head
     with torch.no_grad():
         masked.model.layers[0].self_attn.o_proj.weight[:, gone] = 0
     torch.testing.assert_close(_logits(pruned, example), _logits(masked, example), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_hand_written_llama_q_heads_are_removed(kv_heads, tmp_path) -> None:
+    """LLaMA as Meta's reference code writes it (tests/hand_llama.py: `n_local_heads`, `n_rep`, complex rotary,
+    `repeat_interleave`; Torch-Pruning's walk fails with a division by zero): the q heads are one group tied
+    across the k/v heads, removing decision 1 equals switching those heads off, and the module's `n_local_heads`
+    and `n_rep` follow; compressed to 1/8 with heads removed, it saves and loads."""
+    from hand_llama import HandLlama
+
+    from zerobit.policy import FLOAT_BITS, GroupDecision, Policy
+    from zerobit.quant.apply import prune_structure
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return HandLlama(vocab=VOCAB, dim=HIDDEN, heads=HEADS, kv_heads=kv_heads).eval()
+
+    example = tokens(1, 2, 0, False)[0]["input_ids"]
+    graph = zb.analyse(build(), example)
+    group = graph.groups["layers.0.attention.wq"]
+    assert group.prunable and (group.kv_heads, group.tie, group.readers) == (kv_heads, kv_heads,
+                                                                            ["layers.0.attention.wo"])
+    gone = [c for c in range(HIDDEN) if group.decision_index(c) == 1]
+    decisions = {n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}
+    decisions[group.name] = GroupDecision(tuple(0 if c in gone else FLOAT_BITS for c in range(HIDDEN)))
+    pruned = prune_structure(build(), graph, Policy(decisions, FLOAT_BITS), example)
+    attn = pruned.layers[0].attention
+    assert (attn.n_local_heads, attn.n_rep, attn.n_local_kv_heads) == (HEADS - kv_heads, HEADS // kv_heads - 1,
+                                                                      kv_heads)
+    masked = build()
+    with torch.no_grad():
+        masked.layers[0].attention.wo.weight[:, gone] = 0
+        torch.testing.assert_close(pruned(example), masked(example), atol=1e-5, rtol=1e-4)
+    data = [b["input_ids"] for b in tokens(4, 8, 1, False)], [b["input_ids"] for b in tokens(2, 16, 2, False)]
+    r, loaded = _compress_and_reload(build, data, example, zb.Size(fraction=1 / 8), "uniform", "distillation",
+                                     tmp_path)
+    assert min(layer.attention.wq.out_features for layer in loaded.layers) < HIDDEN
 
 
 def test_rotary_attention_with_grouped_kv_heads_compresses_saves_and_loads(tmp_path) -> None:

@@ -356,7 +356,7 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
                     layers: dict[str, Layer], ignored: list[nn.Module], example_inputs: Any,
                     grouped: bool = True) -> dict[str, ChannelGroup]:
     groups: dict[str, ChannelGroup] = {}
-    looped: set[str] = set()
+    unwalked: set[str] = set()  # layers whose walk failed: rotary attention's q/k/v, where it never ends
     for module in model.modules():
         name = names.get(module)
         if name not in layers or layers[name].out_group:
@@ -367,13 +367,14 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             continue
         try:
             group = pruning_group(dg, module, list(range(channels)))
-        except (CouplingLoopError, IndexError, KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the walk leaves the layer whole, never the run
             # a walk that does not end (q/k projections feeding rotary embeddings: quantized, unless
             # merge_rotary_heads finds whole heads), or one Torch-Pruning cannot map (GPT-NeoX's interleaved q/k/v
-            # split): the layer keeps every channel
+            # split: IndexError; repeat_interleave of k/v heads in hand-written LLaMA code: ZeroDivisionError):
+            # the layer keeps every channel
             _kept_whole(layers, groups, name)
-            if isinstance(exc, CouplingLoopError):
-                looped.add(name)
+            if grouped or isinstance(exc, CouplingLoopError):  # files before version 6: only walks that never end
+                unwalked.add(name)
             continue
         members, prunable = [], module not in ignored
         for item in group:
@@ -414,7 +415,7 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
         groups[name] = ChannelGroup(name, channels, members, prunable)
     merge_fused_groups(model, layers, groups)
     if example_inputs is not None:  # None: as files before version 5 were traced
-        merge_rotary_heads(model, names, layers, groups, looped, ignored, example_inputs, grouped)
+        merge_rotary_heads(model, names, layers, groups, unwalked, ignored, example_inputs, grouped)
     _tie_or_freeze(layers, groups)
     return groups
 

@@ -27,9 +27,9 @@ from torch import nn
 if TYPE_CHECKING:
     from zerobit.graph.analysis import ChannelGroup
 
-HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
-KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
-KV_GROUPS_ATTRS = ("num_key_value_groups", "num_kv_groups")  # q heads per k/v head (grouped k/v heads)
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "n_local_heads")
+KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_local_kv_heads")
+KV_GROUPS_ATTRS = ("num_key_value_groups", "num_kv_groups", "n_rep")  # q heads per k/v head (grouped k/v heads)
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "d_head", "d_k")
 WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")  # heads × head size, where a module keeps it
 

@@ -5,7 +5,9 @@ coupled channels never ends (zerobit.graph.tp_compat), and so does the value pro
 through the attention's matmuls: all three were left quantized only. Whole heads are what such a model can lose,
 since the rotation acts within a head: a head's q, k and v rows and the output projection's columns of that
 head. zerobit couples them itself where an attention module (head count H and head size d, zerobit.graph.heads)
-holds exactly three Linears of H·d outputs whose walks did not end, all reading one tensor, and exactly one more
+holds exactly three Linears of H·d outputs whose walks did not end (or failed otherwise: Meta's LLaMA code
+repeats k/v heads with repeat_interleave, which Torch-Pruning maps with a division by zero), all reading one
+tensor, and exactly one more
 Linear of H·d inputs reading another (the output projection): one group deciding head by head, whose rows and
 columns zerobit removes without Torch-Pruning (`ChannelGroup.readers`).
 
@@ -43,7 +45,8 @@ def _inputs_read(model: nn.Module, modules: list[nn.Module], example_inputs: Any
     return seen
 
 
-def _candidates(model: nn.Module, names: dict[nn.Module, str], layers: dict, looped: set[str], grouped: bool):
+def _candidates(model: nn.Module, names: dict[nn.Module, str], layers: dict, unwalked: set[str],
+                grouped: bool):
     """(layers of the head group, every q/k/v projection, output projection, k/v heads when grouped else 0) per
     attention module of the shapes the module docstring says; `grouped` False: only those with a k/v head per q
     head."""
@@ -53,10 +56,10 @@ def _candidates(model: nn.Module, names: dict[nn.Module, str], layers: dict, loo
             continue
         heads, kv, width = count[1], kv_head_count(parent) or count[1], count[1] * size[1]
         children = [m for m in parent.children() if type(m) is nn.Linear and names.get(m) in layers]
-        q = [m for m in children if names[m] in looped and m.out_features == width]
+        q = [m for m in children if names[m] in unwalked and m.out_features == width]
         if kv == heads and len(q) == 3:  # a k/v head per q head: q, k and v rows of a head are one decision
             qkv, kv = q, 0
-            out = [m for m in children if names[m] not in looped and m.in_features == width]
+            out = [m for m in children if names[m] not in unwalked and m.in_features == width]
         elif grouped and kv < heads and heads % kv == 0 and len(q) == 1:  # k and v kept whole, walked or not
             qkv = q + [m for m in children if m.out_features == kv * size[1]]
             out = [m for m in children if m not in qkv and m.in_features == width]
@@ -67,11 +70,11 @@ def _candidates(model: nn.Module, names: dict[nn.Module, str], layers: dict, loo
 
 
 def merge_rotary_heads(model: nn.Module, names: dict[nn.Module, str], layers: dict, groups: dict,
-                       looped: set[str], ignored: list[nn.Module], example_inputs: Any, grouped: bool = True) -> None:
+                       unwalked: set[str], ignored: list[nn.Module], example_inputs: Any, grouped: bool = True) -> None:
     """One group per attention module found (see the module docstring), in the group of its first projection,
     deciding head by head (its span is set by zerobit.graph.analysis, as for any head projection); `grouped`
     False leaves attention with grouped k/v heads quantized only, as .zbit files before version 6 hold it."""
-    found = list(_candidates(model, names, layers, looped, grouped))
+    found = list(_candidates(model, names, layers, unwalked, grouped))
     if not found:
         return
     read = _inputs_read(model, [m for _, qkv, out, _ in found for m in (*qkv, out)], example_inputs)
