@@ -454,7 +454,7 @@ def test_a_file_of_an_older_version_still_loads(version, build, tmp_path) -> Non
     from zerobit.quant import apply_policy
 
     example = {"input_ids": tokens(1, 2, 0, False)[0]["input_ids"]}
-    graph = zb.analyse(build(), example, tied=version != "3", split=version == "5", grouped=False)
+    graph = zb.analyse(build(), example, tied=version != "3", split=version == "5", attention=False)
     decisions = {n: zb.GroupDecision((6,) * g.channels) for n, g in graph.groups.items()}
     if version == "5":
         span = HIDDEN // HEADS

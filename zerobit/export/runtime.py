@@ -27,8 +27,8 @@ from zerobit.export.zbit import (
     DTYPES_BY_TORCH,
     FUSED_VERSIONS,
     READ_VERSIONS,
-    UNGROUPED_VERSIONS,
     UNTIED_VERSIONS,
+    V5_ATTENTION_VERSIONS,
     blob_sizes,
     decode_act_bits,
     decode_layer_decisions,
@@ -293,7 +293,8 @@ def decode(path: str | os.PathLike, model: nn.Module | None = None, example_inpu
         model = _zoo_model(path, zf)
     elif model_device(model).type != "cpu":  # decoded on the CPU; the caller's model stays where it is
         model = copy.deepcopy(model).cpu()
-    model = linearized(model, split=zf.header.version not in FUSED_VERSIONS)  # as it was compressed
+    model = linearized(model, split=zf.header.version not in FUSED_VERSIONS,
+                       attention=zf.header.version not in V5_ATTENTION_VERSIONS)  # as it was compressed
     with torch.inference_mode(False), torch.enable_grad():  # tracing needs autograd
         graph = _graph_of(path, model, zf, example_inputs)
         try:
@@ -328,7 +329,7 @@ def _graph_of(path: str | os.PathLike, model: nn.Module, zf: ZbitFile, example_i
     try:
         graph = analyse(model, example, ignored_layers=zf.header.ignored,
                         tied=zf.header.version not in UNTIED_VERSIONS, split=zf.header.version not in FUSED_VERSIONS,
-                        grouped=zf.header.version not in UNGROUPED_VERSIONS)
+                        attention=zf.header.version not in V5_ATTENTION_VERSIONS)
     except ValueError as exc:  # the model ran when the file was written: its input shape or names do not fit
         hint = "" if example_inputs is not None else (" If the model does not take one float tensor (token ids, a "
                                                        "dict of inputs), pass example_inputs= to zerobit.load.")

@@ -46,11 +46,12 @@ FORMAT_VERSION = "6"  # 2: the CRC covers the metadata and every tensor's dtype 
 # quantized inputs decode to the accumulator's grid (quant.modules.grid_bias), as integer runtimes add them;
 # 4: layers that share a weight (zerobit.graph.tied) store it once, in one channel group; 5: fused q/k/v
 # projections are three layers (zerobit.graph.fused), rotary attention heads one group (zerobit.graph.rotary);
-# 6: the q heads of attention with grouped k/v heads are one group, tied across the k/v heads (graph.rotary)
+# 6: the q heads of attention with grouped k/v heads are one group, tied across the k/v heads (graph.rotary), and
+# nn.MultiheadAttention is three Linears (graph.mha)
 READ_VERSIONS = ("1", "2", "3", "4", "5", FORMAT_VERSION)
 UNTIED_VERSIONS = ("1", "2", "3")  # files that store tied weights twice
 FUSED_VERSIONS = ("1", "2", "3", "4")  # files traced without split q/k/v projections and rotary head groups
-UNGROUPED_VERSIONS = (*FUSED_VERSIONS, "5")  # files that keep the q heads of grouped k/v heads whole
+V5_ATTENTION_VERSIONS = (*FUSED_VERSIONS, "5")  # files that trace attention as version 5 did (see analyse)
 _BIT_CODE = {b: i for i, b in enumerate(ALL_BITS)}
 
 def _metadata(graph: ModelGraph, policy: Policy, crc: int) -> dict[str, str]:

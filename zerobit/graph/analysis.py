@@ -20,6 +20,7 @@ from torch import nn
 from zerobit.graph.fused import FusedLinear, merge_fused_groups, rejoined
 from zerobit.graph.heads import head_size
 from zerobit.graph.linears import linearize_
+from zerobit.graph.mha import rejoin_attention
 from zerobit.graph.removal import find_pruned_dims
 from zerobit.graph.rotary import merge_rotary_heads
 from zerobit.graph.tied import share_tied_weights
@@ -167,8 +168,8 @@ class ModelGraph:
 
 def fp32_file_bytes(model: nn.Module) -> int:
     """Bytes of the model's float32 state_dict written as a safetensors file (the "fp32 file"); a tensor tied to
-    another (GPT-2's lm_head and token embedding) is written once, a split q/k/v projection as the one tensor the
-    original holds (zerobit.graph.fused)."""
+    another (GPT-2's lm_head and token embedding) is written once, a split q/k/v projection (zerobit.graph.fused)
+    or nn.MultiheadAttention's (zerobit.graph.mha) as the one tensor the original holds."""
     from safetensors.torch import save
 
     state, seen = {}, set()
@@ -178,7 +179,7 @@ def fp32_file_bytes(model: nn.Module) -> int:
             continue
         seen.add(where)
         state[k] = v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-    return len(save(rejoined(model, state)))
+    return len(save(rejoin_attention(model, rejoined(model, state))))
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
@@ -296,7 +297,7 @@ def input_shape(example_inputs: Any) -> tuple[int, ...]:
 
 
 def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | None = None,
-            tied: bool = True, split: bool = True, grouped: bool = True) -> ModelGraph:
+            tied: bool = True, split: bool = True, attention: bool = True) -> ModelGraph:
     """Trace `model` into a `ModelGraph`.
 
     Args:
@@ -309,8 +310,9 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         split: fused q/k/v projections are traced as three layers (zerobit.graph.fused) and rotary attention
             heads are coupled by zerobit (zerobit.graph.rotary); False traces neither, as .zbit files before
             version 5 hold them.
-        grouped: the q heads of attention with grouped k/v heads are one group (zerobit.graph.rotary); False
-            keeps them whole, as .zbit files before version 6 hold them.
+        attention: nn.MultiheadAttention is traced as three Linears (zerobit.graph.mha) and the q heads of
+            attention with grouped k/v heads are one group (zerobit.graph.rotary); False traces neither, as .zbit
+            files before version 6 hold them.
 
     Example:
         >>> g = analyse(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
@@ -318,7 +320,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         >>> list(g.groups)
         ['0', '2']
     """
-    model = linearize_(copy.deepcopy(model), split).eval()
+    model = linearize_(copy.deepcopy(model), split, attention).eval()
     names = {m: n for n, m in model.named_modules()}
     areas, returned = _output_areas(model, example_inputs)
     ignored = _default_ignored(model, returned)
@@ -338,7 +340,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
             layers[name] = _make_layer(name, module, areas.get(module, 1))
             bn = _folded_bn(dg, module)
             layers[name].bn = names[bn] if bn is not None else None
-    groups = _coupled_groups(dg, model, names, layers, ignored, example_inputs if split else None, grouped)
+    groups = _coupled_groups(dg, model, names, layers, ignored, example_inputs if split else None, attention)
     _find_heads(model, groups)
     if tied:
         share_tied_weights(model, layers, groups)

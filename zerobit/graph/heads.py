@@ -77,6 +77,9 @@ def head_size(model: nn.Module, layer_name: str) -> int:
     layer, parent = model.get_submodule(layer_name), _parent(model, layer_name)
     if not isinstance(layer, nn.Linear) or parent is None:
         return 1
+    named = getattr(parent, "head_projections", None)  # where a module names them (zerobit.graph.mha)
+    if named is not None and layer_name.rpartition(".")[2] not in named:
+        return 1
     count, size = head_count(parent), int_attr(parent, HEAD_SIZE_ATTRS)
     if count is None or size is None or size[1] < 2 or count[1] < 2:
         return 1

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from zerobit.graph.fused import fused_projections, split_fused_
+from zerobit.graph.mha import convertible, unfuse_attention_
 
 TRANSPOSED_LINEARS = ("Conv1D",)
 
@@ -48,28 +49,31 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     return linear
 
 
-def linearize_(model: nn.Module, split: bool = True) -> nn.Module:
-    """Swap every transposed linear of `model` for an equal nn.Linear, and (`split`) every fused q/k/v projection
-    for a FusedLinear (zerobit.graph.fused), in place; returns `model`."""
+def linearize_(model: nn.Module, split: bool = True, attention: bool = True) -> nn.Module:
+    """Swap every transposed linear of `model` for an equal nn.Linear, (`split`) every fused q/k/v projection for a
+    FusedLinear (zerobit.graph.fused) and (`attention`) every nn.MultiheadAttention for a LinearMultiheadAttention
+    (zerobit.graph.mha), in place; returns `model`."""
     swaps = [(name, m) for name, m in model.named_modules() if name and is_transposed_linear(m)]
     for name, module in swaps:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, _as_linear(module))
+    if attention:
+        unfuse_attention_(model)
     return split_fused_(model) if split else model
 
 
-def linearized(model: nn.Module, split: bool = True) -> nn.Module:
+def linearized(model: nn.Module, split: bool = True, attention: bool = True) -> nn.Module:
     """The model zerobit works on: `model` itself when it has no transposed linears, no fused q/k/v projections
-    (`split`) and all its floating-point tensors are float32; else a copy with each transposed linear swapped for
-    an nn.Linear and each fused projection for a FusedLinear, in float32.
+    (`split`), no nn.MultiheadAttention (`attention`) and all its floating-point tensors are float32; else a copy
+    with each swapped as `linearize_` does, in float32.
 
     A model loaded in bfloat16/float16 is compressed and measured in float32, and `load` returns it in float32:
     dequantized weights (codes × float16 scales) are exact in float32, not in bfloat16.
     """
     tensors = [*model.parameters(), *model.buffers()]
     low = any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors)
-    if not low and not any(is_transposed_linear(m) for m in model.modules()) and not (
-            split and fused_projections(model)):
+    swapped = any(is_transposed_linear(m) or (attention and convertible(m)) for m in model.modules())
+    if not low and not swapped and not (split and fused_projections(model)):
         return model
-    copied = linearize_(copy.deepcopy(model), split)
+    copied = linearize_(copy.deepcopy(model), split, attention)
     return copied.float() if low else copied
