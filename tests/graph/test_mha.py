@@ -153,3 +153,10 @@ def test_a_version_5_file_holds_the_attention_as_pytorch_does_and_loads(tmp_path
         torch.backends.mha.set_fastpath_enabled(True)
     with pytest.raises(zb.ZbitFormatError, match="different model"):  # read as version 6: other layers
         zb.load(tmp_path / "now.zbit", build(), example_inputs=example)
+
+
+def test_ignoring_the_attention_module_keeps_its_heads() -> None:
+    example = batches(1, 2, 0)[0][0]
+    graph = zb.analyse(build(), example, ignored_layers=["encoder.layers.0.self_attn"])
+    assert not graph.groups["encoder.layers.0.self_attn.q_proj"].prunable
+    assert graph.groups["encoder.layers.1.self_attn.q_proj"].prunable

@@ -17,7 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from zerobit.graph.fused import FusedLinear, merge_fused_groups, rejoined
+from zerobit.graph.fused import merge_fused_groups, rejoined
 from zerobit.graph.heads import head_size
 from zerobit.graph.linears import linearize_
 from zerobit.graph.mha import rejoin_attention
@@ -304,7 +304,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         model: a trained network made of standard modules.
         example_inputs: one input batch, e.g. ``torch.zeros(1, 1, 28, 28)``.
         ignored_layers: names of layers whose output channels are never pruned, besides the output layer
-            (their groups are only quantized).
+            (their groups are only quantized); a module that holds layers (a block, an attention) names them all.
         tied: layers that use one weight tensor share one group and are stored once (see zerobit.graph.tied);
             False traces them as separate layers, as .zbit files before version 4 hold them.
         split: fused q/k/v projections are traced as three layers (zerobit.graph.fused) and rotary attention
@@ -329,8 +329,8 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
         missing = [n for n in ignored_layers if n not in by_name]
         if missing:
             raise ValueError(f"ignored_layers names {missing} are not modules of the model")
-        named = [m for n in ignored_layers for m in (by_name[n].children() if isinstance(by_name[n], FusedLinear)
-                                                     else [by_name[n]])]  # a fused projection: its parts
+        named = [m for n in ignored_layers for m in by_name[n].modules()  # a block, an attention: its layers
+                 if isinstance(m, QUANT_TYPES)]
         ignored += [m for m in named if m not in ignored]
     dg = build_dependency_graph(model, example_inputs)
     layers: dict[str, Layer] = {}
