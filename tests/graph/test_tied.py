@@ -60,3 +60,39 @@ def test_a_tied_model_compresses_and_loads_with_one_weight(digits, strategy: str
     x = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), r.model.eval()(x))
+
+
+class HandTiedLM(nn.Module):
+    """Token ids → logits over the vocabulary by the embedding table itself, read by the model's own code
+    (``F.linear(h, wte.weight)``, as nanoGPT-style models write a tied output projection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.fc1, self.fc2, self.ln = nn.Embedding(60, 32), nn.Linear(32, 64), nn.Linear(64, 32), \
+            nn.LayerNorm(32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.wte(ids)
+        h = h + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+        return torch.nn.functional.linear(self.ln(h), self.wte.weight)
+
+
+def test_a_weight_the_model_code_reads_itself_is_the_quantized_one(tmp_path) -> None:
+    """The compressed model computes its logits with the table as the file stores it (4-bit here), in training
+    (straight-through) and in eval: what it measured is what loads."""
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return HandTiedLM().eval()
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 60, (8, 12), generator=g) for _ in range(6)]
+    r = zb.compress(build(), data[0][:1], zb.Size(fraction=1 / 6), "uniform", train_data=data[:4],
+                    eval_data=data[4:], task="distillation", finetune_config=zb.FinetuneConfig(epochs=0.5),
+                    progress=False)
+    assert max(r.policy["wte"].bits) <= 4
+    table = r.model.wte
+    assert not torch.equal(table.weight, table.layer.weight)  # the float table is what training updates
+    r.save(tmp_path / "m.zbit")
+    loaded = zb.load(tmp_path / "m.zbit", build(), example_inputs=data[0][:1])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data[5]), r.model.eval()(data[5]), atol=1e-5, rtol=1e-5)

@@ -180,6 +180,16 @@ class QuantLayer(WrapsLayer):
         self.layer.weight = owner.layer.weight
         object.__setattr__(self, "_owner", owner)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with, for model code that reads it itself (``F.linear(h, wte.weight)``,
+        an output projection tied to its embedding by hand): fake-quantized in training (gradients pass straight
+        through), in eval what the file decodes to, so the model measured is the model written. (The float
+        weight being trained is `layer.weight`.)"""
+        if self.training or self.bn is not None:
+            return self._quantized_weight()
+        return self.deploy().weight
+
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Fix which weights are kept (None = all)."""
         self.mask = None if mask is None else mask.to(self.layer.weight.dtype).clone()
