@@ -185,8 +185,7 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, spec)
     rank, size = world()
-    show = progress and rank == 0
-    bar = tqdm(total=spec.steps, desc=desc, disable=not show, leave=False, mininterval=1.0)
+    bar = tqdm(total=spec.steps, desc=desc, disable=not (progress and rank == 0), leave=False, mininterval=1.0)
     guard = _Guard(model, opt, bar, history["restarts"], speak=rank == 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: guard.scale * spec.lr_factor(s))
     step = 0 if checkpoint is None else _resume(checkpoint, size, model, batches, spec, opt, sched, guard, history)
@@ -194,7 +193,7 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     model.train()
     replicas = Replicas(model) if size > 1 and params else None
     net = model if replicas is None else replicas.net
-    running, epoch_loss = None, []
+    shown = _Shown(bar, on_epoch, progress and rank == 0)
     try:
         while step < spec.steps:
             for batch in batches:
@@ -214,22 +213,14 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
                 if after_step is not None:
                     after_step()
                 sched.step()
-                value = seen.item()
-                running = value if running is None else 0.95 * running + 0.05 * value
-                history["loss"].append(value)
-                epoch_loss.append(value)
+                history["loss"].append(seen.item())
                 step += 1
                 guard.passed(step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}", refresh=False)
-                if on_epoch is not None and spec.steps_per_epoch and step % spec.steps_per_epoch == 0:
-                    text = on_epoch(step // spec.steps_per_epoch, sum(epoch_loss) / len(epoch_loss))
-                    epoch_loss = []
-                    if show and text:
-                        bar.write(text)
-                    net.train()
-                if checkpoint is not None and (step == spec.steps or (
-                        spec.steps_per_epoch and step % spec.steps_per_epoch == 0)):
+                shown.step(history["loss"][-1], sched.get_last_lr()[0])
+                epoch_end = bool(spec.steps_per_epoch) and step % spec.steps_per_epoch == 0
+                if epoch_end:
+                    shown.epoch(step // spec.steps_per_epoch, net)
+                if checkpoint is not None and (epoch_end or step == spec.steps):
                     checkpoint.save(model, opt, sched, guard.scale, step, history)
                 if step >= spec.steps:
                     break
@@ -237,6 +228,30 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
         bar.close()
     model.eval()
     return history
+
+
+class _Shown:
+    """The progress bar's running loss and learning rate, and the per-epoch callback (`fit`'s `on_epoch`)."""
+
+    def __init__(self, bar: Any, on_epoch: Callable[[int, float], str] | None, show: bool) -> None:
+        self.bar, self.on_epoch, self.show = bar, on_epoch, show
+        self.running: float | None = None
+        self.epoch_loss: list[float] = []
+
+    def step(self, loss: float, lr: float) -> None:
+        self.running = loss if self.running is None else 0.95 * self.running + 0.05 * loss
+        self.epoch_loss.append(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.running:.3f}", lr=f"{lr:.3g}", refresh=False)
+
+    def epoch(self, epoch: int, net: nn.Module) -> None:
+        """Call `on_epoch` with the epoch's mean loss (it may evaluate the model: training mode comes back)."""
+        if self.on_epoch is not None:
+            text = self.on_epoch(epoch, sum(self.epoch_loss) / len(self.epoch_loss))
+            if self.show and text:
+                self.bar.write(text)
+            net.train()
+        self.epoch_loss = []
 
 
 def _resume(checkpoint: Checkpoint, size: int, model: nn.Module, batches: Iterable, spec: LoopSpec,
