@@ -1,15 +1,20 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 from tiny_models import EXAMPLE
 
 from zerobit.budget import BOPs, MACs, Size, bops, macs
+from zerobit.data.loaders import batches_of
 from zerobit.export.zbit import estimate_bytes
 from zerobit.graph import analyse
 from zerobit.importance import group_scores
 from zerobit.policy import uniform_policy
 from zerobit.strategies import Problem, Sequential, Uniform, get_strategy
 from zerobit.strategies.uniform import UNIFORM_BITS
+from zerobit.train.calibrate import recalibrate_batchnorm
 from zerobit.train.finetune import FinetuneConfig
 
 
@@ -76,6 +81,15 @@ def test_sequential_prunes_then_quantizes(trained_residual, digits):
     assert found.policy == Uniform().search(prob).policy  # same allocation rule, staged training
     layer = found.model.get_submodule("stem.0")
     assert int(layer.bits.max()) == found.info["bits"]
+    # its BatchNorm statistics are of the quantized weights, not the float ones it was pruned and trained with
+    fresh = copy.deepcopy(found.model)
+    recalibrate_batchnorm(fresh, batches_of(digits.train, 256, shuffle=True, seed=prob.finetune.seed))
+    for (name, bn), (_, want) in zip(bns(found.model), bns(fresh), strict=True):
+        torch.testing.assert_close(bn.running_var, want.running_var, msg=name)
+
+
+def bns(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
 def test_registry():
