@@ -50,6 +50,30 @@ def test_seeded_runs_are_reproducible(trained_plain, digits):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_compress_leaves_the_callers_random_stream_alone(trained_plain, digits):
+    """Another pipeline in the same process draws the same numbers with or without a compress in between (the
+    fine-tune seeds itself; before, it reseeded the caller's global generator)."""
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    run(trained_plain, digits, zb.Size(fraction=1 / 5), epochs=0.25, seed=3)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_quiet_exports_give_back_the_callers_logging_level():
+    import logging
+
+    from zerobit.export.onnx_file import quiet
+
+    logging.disable(logging.CRITICAL)
+    try:
+        with quiet():
+            assert logging.root.manager.disable >= logging.WARNING
+        assert logging.root.manager.disable == logging.CRITICAL  # not reset to NOTSET
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def test_impossible_budget_refused_before_any_work(trained_plain, digits):
     with pytest.raises(zb.BudgetError, match="smallest achievable"):
         run(trained_plain, digits, zb.Size(bytes=100))

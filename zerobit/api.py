@@ -276,15 +276,23 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
     task = get_task(task)
     dev = resolve(device)
     home, was_training = model_device(model), model.training
-    try:
-        result = _compress(linearized(model.to(dev).eval()), move(example_inputs, dev), budget, strategy, train_data, eval_data,
-                           test_data, finetune_config or FinetuneConfig(), act_bits, model_name, progress,
-                           ignored_layers, task, channel_multiple)
+    try:  # seeded work inside (fine-tune, searches) must not move the caller's own random streams
+        with torch.random.fork_rng(devices=_cuda_index(dev)):
+            result = _compress(linearized(model.to(dev).eval()), move(example_inputs, dev), budget, strategy,
+                               train_data, eval_data, test_data, finetune_config or FinetuneConfig(), act_bits,
+                               model_name, progress, ignored_layers, task, channel_multiple)
         result.original, result.train_data = model, train_data
         result.example_inputs = move(example_inputs, torch.device("cpu"))
         return result
     finally:
         model.to(home).train(was_training)
+
+
+def _cuda_index(dev: torch.device) -> list[int]:
+    """The CUDA device whose random stream `compress` keeps apart from the caller's ([] on the CPU)."""
+    if dev.type != "cuda":
+        return []
+    return [dev.index if dev.index is not None else torch.cuda.current_device()]
 
 
 def _finetune_checkpoint(config: FinetuneConfig, policy: Policy, problem: Problem,

@@ -33,11 +33,12 @@ def quiet() -> Iterator[None]:
     """Silence the torch exporter's progress prints and warnings."""
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
+        before = logging.root.manager.disable  # the caller's own level comes back, not NOTSET
+        logging.disable(max(before, logging.WARNING))
         try:
             yield
         finally:
-            logging.disable(logging.NOTSET)
+            logging.disable(before)
 
 
 def export_float(model: nn.Module, example, path: str | os.PathLike) -> None:

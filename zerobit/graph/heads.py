@@ -53,21 +53,24 @@ def _parent(model: nn.Module, layer_name: str) -> nn.Module | None:
     return module
 
 
-def head_count(module: nn.Module) -> tuple[str, int] | None:
-    """(attribute, value) of an attention module's head count; else its `config`'s, where the module infers the
-    count from the widths (LLaMA's attention reshapes to (B, T, -1, head_dim)): attribute "" then."""
-    found = int_attr(module, HEAD_COUNT_ATTRS)
+def _attr_or_config(module: nn.Module, names: tuple[str, ...]) -> tuple[str, int] | None:
+    """(attribute, value) of the first of `names` the module holds as an int; else its `config`'s, with attribute
+    "" (the module infers the count from the widths, like LLaMA's reshape to (B, T, -1, head_dim))."""
+    found = int_attr(module, names)
     if found is None and getattr(module, "config", None) is not None:
-        in_config = int_attr(module.config, HEAD_COUNT_ATTRS)
+        in_config = int_attr(module.config, names)
         found = ("", in_config[1]) if in_config is not None else None
     return found
 
 
+def head_count(module: nn.Module) -> tuple[str, int] | None:
+    """(attribute, value) of an attention module's head count; attribute "" when only its `config` states it."""
+    return _attr_or_config(module, HEAD_COUNT_ATTRS)
+
+
 def kv_head_count(module: nn.Module) -> int | None:
     """An attention module's count of key/value heads (its attribute, else its `config`'s); None: not stated."""
-    found = int_attr(module, KV_COUNT_ATTRS)
-    if found is None and getattr(module, "config", None) is not None:
-        found = int_attr(module.config, KV_COUNT_ATTRS)
+    found = _attr_or_config(module, KV_COUNT_ATTRS)
     return found[1] if found is not None else None
 
 

@@ -7,9 +7,8 @@ since the rotation acts within a head: a head's q, k and v rows and the output p
 head. zerobit couples them itself where an attention module (head count H and head size d, zerobit.graph.heads)
 holds exactly three Linears of H·d outputs whose walks did not end (or failed otherwise: Meta's LLaMA code
 repeats k/v heads with repeat_interleave, which Torch-Pruning maps with a division by zero), all reading one
-tensor, and exactly one more
-Linear of H·d inputs reading another (the output projection): one group deciding head by head, whose rows and
-columns zerobit removes without Torch-Pruning (`ChannelGroup.readers`).
+tensor, and exactly one more Linear of H·d inputs reading another (the output projection): one group deciding
+head by head, whose rows and columns zerobit removes without Torch-Pruning (`ChannelGroup.readers`).
 
 Grouped key/value heads (K k/v heads shared by H/K q heads each: Mistral, Qwen2, LLaMA 3, Gemma; K = 1: multi-query
 attention): k and v, of K·d outputs, stay whole (quantized only). The q projection's heads form a group with the
