@@ -199,8 +199,8 @@ def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> Sea
     """Measure the searched policy's real latency and calibrate the table's predictions on this model: while the
     policy is over the budget, or well under it, search again under a predicted-latency target where the line
     through the last two (predicted, measured) pairs meets the budget (the first retry scales the budget by
-    predicted/measured; `next_latency_target`), at most LATENCY_TRIES measurements. Returns the slowest measured
-    policy that meets the budget."""
+    predicted/measured; `next_latency_target`), at most LATENCY_TRIES measurements (a search that returns the
+    policy just measured ends it). Returns the slowest measured policy that meets the budget."""
 
     budget, limit, best, seen = problem.budget, problem.limit, None, []
     for attempt in range(1, LATENCY_TRIES + 1):
@@ -221,7 +221,10 @@ def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> Sea
             retry.check_feasible(problem.graph, problem.act_bits)
         except BudgetError:
             break
-        found = _search(strat, dataclasses.replace(problem, budget=retry), previous=found)
+        again = _search(strat, dataclasses.replace(problem, budget=retry), previous=found)
+        if again.policy == found.policy:  # measured already: the search has nothing else to offer
+            break
+        found = again
     if best is None:
         raise BudgetError(f"the policy found takes {measured:.3f} ms measured, over the {limit:.3f} ms budget "
                           f"after {attempt} searches; raise the budget or use more threads")
