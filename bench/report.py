@@ -363,6 +363,40 @@ def widths_section(r: dict) -> str:
     return text
 
 
+def depth_section(r: dict) -> str:
+    """Residual branches removed whole against the same strategy keeping them (bench/depth.py)."""
+    base = r["runs"][0]["baseline_accuracy"]
+    text = (f"\n## Depth pruning: residual branches removed whole ({r['model']}, {r['budget']} of the bytes, "
+            "`bench/depth.py`)\n\n"
+            f"CPU: {r['cpu']}, onnxruntime on {r['threads']} thread(s); every model fine-tuned {r['epochs']:g} epochs "
+            f"(seed {r['seed']}) on the CPU, `uniform` with `channel_multiple=8`; *removed*: `Uniform(empty=...)` "
+            "(each branch's two convolutions leave the model, the file and the graph: the block adds a constant). "
+            f"fp32: {100 * base:.2f}%. *fast*: `export_onnx` as it writes by default (int4 where every channel has "
+            "≤ 4 bits); *int8*: the same codes stored as int8 (integer kernels throughout). *parity*: share of the "
+            "10,000 test images on which onnxruntime and the .zbit model agree. Latency: median of interleaved "
+            "calls (every repetition calls every file once); the peer is Torch-Pruning + onnxruntime static QDQ at "
+            "the same byte budget" + ("" if any(t["name"].startswith("peer") for t in r["timings"]) else
+                                      " (it has no file within this budget)")
+            + (f"; {r['conditions']}" if r.get("conditions") else "")
+            + f". `python bench/depth.py --budget {r['budget']} --epochs {r['epochs']:g}`\n\n"
+            "| run | layers removed | test acc % | Δ vs fp32 | .zbit bytes | MACs | fast .onnx bytes | parity | "
+            "int8 .onnx bytes | parity |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for run in r["runs"]:
+        fast, int8 = run["files"]["fast"], run["files"]["int8"]
+        text += (f"| {run['label']} | {len(run['removed'])} | {100 * run['accuracy']:.2f} | "
+                 f"{100 * (run['accuracy'] - base):+.2f} | {run['zbit_bytes']:,} | {run['macs'] / 1e6:.2f} M | "
+                 f"{fast['onnx_bytes']:,} | {100 * fast['agreement']:.2f} | {int8['onnx_bytes']:,} | "
+                 f"{100 * int8['agreement']:.2f} |\n")
+    batches = sorted({t["batch"] for t in r["timings"]})
+    text += ("\n| file | .onnx bytes | " + " | ".join(f"batch {b}: ms | × fp32" for b in batches) + " |\n|---|---:|"
+             + "---:|---:|" * len(batches) + "\n")
+    for name in dict.fromkeys(t["name"] for t in r["timings"]):
+        cells = {t["batch"]: t for t in r["timings"] if t["name"] == name}
+        text += (f"| {name} | {cells[batches[0]]['onnx_bytes']:,} | "
+                 + " | ".join(f"{cells[b]['ms']:.3f} | {cells[b]['speedup']:.2f}" for b in batches) + " |\n")
+    return text
+
+
 def parity_section(rows: list[dict]) -> str:
     """ONNX parity per zoo model and strategy (bench/parity.py)."""
     if not rows:
@@ -433,6 +467,8 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
     deploy = RESULTS / "deploy.json"
     if deploy.exists():
         text += deploy_section(json.loads(deploy.read_text()))
+    if (RESULTS / "depth.json").exists():
+        text += depth_section(json.loads((RESULTS / "depth.json").read_text()))
     if (RESULTS / "parity.json").exists():
         text += parity_section(json.loads((RESULTS / "parity.json").read_text()))
     for name, section in (("widths.json", widths_section), ("sweep.json", sweep_section),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -48,6 +49,28 @@ def test_seeded_runs_are_reproducible(trained_plain, digits):
     assert a.policy == b.policy and a.accuracy == b.accuracy
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfRateUniform(zb.strategies.Uniform):
+    """Uniform, asking the final fine-tune for half the configured learning rate (as SBS's final_lr does)."""
+
+    def search(self, problem):
+        return dataclasses.replace(super().search(problem), finetune_lr=0.5)
+
+
+def test_a_strategy_sets_the_final_finetunes_learning_rate(trained_plain, digits):
+    budget = zb.Size(fraction=1 / 5)
+    config = dict(train_data=digits.train, eval_data=digits.val, progress=False)
+    half = zb.compress(trained_plain, EXAMPLE, budget, HalfRateUniform(), **config,
+                       finetune_config=zb.FinetuneConfig(epochs=0.5, lr=0.04, seed=3))
+    same = zb.compress(trained_plain, EXAMPLE, budget, "uniform", **config,
+                       finetune_config=zb.FinetuneConfig(epochs=0.5, lr=0.02, seed=3))
+    full = zb.compress(trained_plain, EXAMPLE, budget, "uniform", **config,
+                       finetune_config=zb.FinetuneConfig(epochs=0.5, lr=0.04, seed=3))
+    a, b, c = (r.model.state_dict() for r in (half, same, full))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_compress_leaves_the_callers_random_stream_alone(trained_plain, digits):

@@ -214,13 +214,13 @@ def test_layer_rows_and_compress_result_store_them():
     model = TINY_MODELS["residual"]().eval()
     graph = analyse(model, EXAMPLE)
     groups = {n: GroupDecision((0, 2, 4, 4) + (8,) * (g.channels - 4)) for n, g in graph.groups.items()}
-    first = next(iter(graph.groups))
-    groups[first] = GroupDecision((0,) * graph.groups[first].channels)
+    groups["a1.0.0"] = GroupDecision((0,) * graph.groups["a1.0.0"].channels)  # a residual branch removed whole
     policy = Policy(groups, act_bits=8, act={"fc": 32})
     rows = layer_rows(graph, policy)
     assert [r["layer"] for r in rows] == list(graph.layers)
+    assert {r["layer"] for r in rows if r.get("removed")} == {"a1.0.0", "a1.1"}  # a1.1 read only that branch
     for row in rows:
-        kept = [b for b in groups[row["group"]].bits if b]
+        kept = [b for b in groups[row["group"]].bits if b] if not row.get("removed") else []
         assert row["kept"] == len(kept) and row["channels"] == len(groups[row["group"]].bits)
         assert row["weight_bits"] == pytest.approx(sum(kept) / len(kept) if kept else 0.0, abs=1e-4)
         assert row["act_bits"] == (32 if row["layer"] == "fc" else 8)

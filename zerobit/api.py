@@ -158,7 +158,8 @@ def _search(strat: Strategy, problem: Problem, previous: SearchResult | None = N
     changed = sum(aligned[n] != found.policy[n] for n in problem.graph.groups)
     # a model the strategy trained under the old policy no longer matches it: start again from its float weights
     return SearchResult(aligned, None, found.finetune_epochs_used if found.model is None else 0.0,
-                        found.info | {"aligned_groups": changed}, found.start_model)
+                        found.info | {"aligned_groups": changed}, found.start_model,
+                        finetune_lr=found.finetune_lr)
 
 
 def next_latency_target(limit: float, seen: list[tuple[float, float]]) -> float:
@@ -345,6 +346,7 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
         recalibrate_batchnorm(qmodel, calib, task=task)
     calibrate_activations(qmodel, calib, task=task)
     epochs = max(0.0, finetune_config.epochs - found.finetune_epochs_used)
+    finetune_config = dataclasses.replace(finetune_config, lr=finetune_config.lr * found.finetune_lr)
     finetune(qmodel, train_data, finetune_config, teacher=teacher, progress=progress, epochs=epochs, task=task,
              checkpoint=_finetune_checkpoint(finetune_config, found.policy, problem, epochs))
     clock["finetune"] = time.perf_counter() - t

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from zerobit.graph import ModelGraph
+from zerobit.graph.emptying import emptied_layers
 
 BIT_CHOICES = (0, 2, 3, 4, 5, 6, 8)
 FLOAT_BITS = 32
@@ -137,8 +138,9 @@ class Policy:
             d = self.groups[name]
             if d.channels != g.channels:
                 raise ValueError(f"group {name!r}: policy has {d.channels} channels, the model {g.channels}")
-            if d.kept == 0:
-                raise ValueError(f"group {name!r}: every channel is removed; keep at least one")
+            if d.kept == 0 and not g.empties:
+                raise ValueError(f"group {name!r}: every channel is removed; keep at least one (only a group whose "
+                                 "readers read nothing else, such as a residual branch, can go whole)")
             if not g.prunable and d.kept != d.channels:
                 raise ValueError(f"group {name!r} cannot lose channels (it feeds the model output, or removing "
                                  "its channels would not be exact)")
@@ -151,13 +153,26 @@ class Policy:
         unknown = sorted(set(self.act) - set(graph.layers))
         if unknown:
             raise ValueError(f"policy sets activation bits of layers {unknown[:3]}, which the model does not have")
+        gone = self.removed_layers(graph)
         for name, decision in self.layers.items():
             if name not in graph.layers:
                 raise ValueError(f"policy sets layer {name!r}, which the model does not have")
+            if name in gone:
+                raise ValueError(f"policy sets sparsity or a codebook for layer {name!r}, whose group it removes whole")
             bits = set(self.groups[graph.layers[name].out_group].kept_bits())
             if not decision.is_default and (len(bits) != 1 or FLOAT_BITS in bits):
                 raise ValueError(f"layer {name!r}: sparsity/codebook need one integer bit-width for all kept "
                                  f"channels of group {graph.layers[name].out_group!r}, got {sorted(bits)}")
+
+    def emptied(self, graph: ModelGraph) -> tuple[set[str], set[str]]:
+        """(producers, readers): the layers of the groups this policy keeps no channel of, and the layers that
+        read only such groups (they output a constant; zerobit.graph.emptying)."""
+        return emptied_layers(graph.layers, {n: d.kept for n, d in self.groups.items()})
+
+    def removed_layers(self, graph: ModelGraph) -> set[str]:
+        """Layers this policy removes whole (`emptied`, both kinds)."""
+        producers, readers = self.emptied(graph)
+        return producers | readers
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: one bit-character per channel ('f' = float)."""
@@ -201,7 +216,8 @@ class Policy:
         lines = [f"{'group':28} {'kept':>9}  bits (channels)", "-" * 60]
         for name, d in self.groups.items():
             hist = Counter(d.kept_bits())
-            bits = ", ".join(f"{'float' if b == FLOAT_BITS else b}b×{n}" for b, n in sorted(hist.items()))
+            bits = ", ".join(f"{'float' if b == FLOAT_BITS else b}b×{n}" for b, n in sorted(hist.items())) \
+                or "removed whole"
             lines.append(f"{name:28} {d.kept:>4}/{d.channels:<4}  {bits}")
         for name, d in self.layers.items():
             if not d.is_default:
@@ -309,9 +325,9 @@ def fill_aligned(graph: ModelGraph, policy: Policy, scores: Mapping[str, torch.T
 
 
 def uniform_policy(graph: ModelGraph, scores: Mapping[str, torch.Tensor], keep: float, bits: int,
-                   act_bits: int = 8, multiple: int = 1) -> Policy:
+                   act_bits: int = 8, multiple: int = 1, empty: Iterable[str] = ()) -> Policy:
     """Same keep-ratio and bits in every group; the lowest-scoring channels are removed (kept counts rounded by
-    `aligned_count` when `multiple` > 1).
+    `aligned_count` when `multiple` > 1). The groups in `empty` lose every channel (zerobit.graph.emptying).
 
     Example:
         >>> # policy = uniform_policy(graph, importance, keep=0.5, bits=4)
@@ -321,4 +337,6 @@ def uniform_policy(graph: ModelGraph, scores: Mapping[str, torch.Tensor], keep: 
         kept = g.block if not g.prunable else max(1, min(g.block, round(keep * g.block)))
         kept = aligned_count(kept, g.block, multiple) if aligns(g, multiple) else kept
         groups[name] = repeat(keep_top(tied_scores(scores[name], g.tie, g.span), kept, bits), g.tie, g.span)
+    for name in empty:
+        groups[name] = GroupDecision((0,) * graph.groups[name].channels)
     return Policy(groups, act_bits)

@@ -67,6 +67,17 @@ def test_predictions_never_fall_when_channels_are_added(graph):
     assert whole[0] > 0
 
 
+def test_a_branch_removed_whole_costs_no_time_in_the_table(graph):
+    table = LatencyTable(batch=8, threads=1)
+    full = _policy(graph, 8)
+    emptied = Policy(dict(full.groups) | {"a1.0.0": GroupDecision((0,) * 8)}, 8)
+    saved = full_ms = table.predict(graph, full)
+    for name in ("a1.0.0", "a1.1"):  # the branch's two convolutions, as the full policy has them
+        saved -= table.layer_ms(LayerShape.of(graph, name), 8, 8, "int4", "u8")
+    assert table.predict(graph, emptied) == pytest.approx(saved)
+    assert saved < full_ms
+
+
 def test_the_table_round_trips_without_measuring_again(graph, monkeypatch, tmp_path):
     monkeypatch.setenv("ZEROBIT_CACHE", str(tmp_path))
     first = LatencyTable(batch=4, threads=1)

@@ -139,6 +139,11 @@ def test_a_chain_of_widths_that_do_not_nest_is_refused(trained_residual, digits)
         SBS(bits=(2, 3)).search(_problem(trained_residual, digits, zb.BOPs(fraction=1 / 8)))
 
 
+def test_a_final_learning_rate_of_zero_is_refused(trained_residual, digits):
+    with pytest.raises(ValueError, match="final_lr > 0"):
+        SBS(final_lr=0).search(_problem(trained_residual, digits, zb.BOPs(fraction=1 / 8)))
+
+
 def test_per_layer_activation_bits_count_in_bops():
     model = TINY_MODELS["plain"]().eval()
     graph = analyse(model, EXAMPLE)

@@ -280,7 +280,10 @@ class LatencyTable:
         from zerobit.export.onnx import weight_format
 
         total = self._call_overhead()
+        gone = policy.removed_layers(graph)
         for name in timed_layers(graph):
+            if name in gone:  # a group removed whole: its layers do not run
+                continue
             layer = graph.layers[name]
             act = "u8" if policy.act_of(name) < FLOAT_BITS else "float"
             bits = policy[layer.out_group].kept_bits()

@@ -85,6 +85,7 @@ class LayerLayout:
     sparsity: float = 0.0
     codebook: bool = False
     shared: bool = False  # the weight is an earlier layer's: no codes, scales or float weights of its own
+    removed: bool = False  # its group is removed whole: nothing stored (a reader's constant is an extra tensor)
 
     @cached_property
     def _counts(self) -> Counter:
@@ -105,7 +106,7 @@ class LayerLayout:
 
     @property
     def code_bytes(self) -> int:
-        if self.shared:
+        if self.shared or self.removed:
             return 0
         if self.single_width:
             return packed_bytes(self.nnz, self.kept_bits[0])
@@ -113,27 +114,29 @@ class LayerLayout:
 
     @property
     def position_bytes(self) -> int:
-        if self.sparsity == 0 or self.shared:
+        if self.sparsity == 0 or self.shared or self.removed:
             return 0
         return position_bytes(len(self.kept_bits), self.weights_per_channel, self.nnz)
 
     @property
     def book_entries(self) -> int:
-        return 2 ** self.kept_bits[0] if self.codebook and not self.shared else 0
+        return 2 ** self.kept_bits[0] if self.codebook and not (self.shared or self.removed) else 0
 
     @property
     def scales(self) -> int:
-        return 0 if self.shared else len(self.kept_bits) - self.count(FLOAT_BITS)
+        return 0 if self.shared or self.removed else len(self.kept_bits) - self.count(FLOAT_BITS)
 
     @property
     def floats(self) -> int:
-        return 0 if self.shared else self.count(FLOAT_BITS) * self.weights_per_channel
+        return 0 if self.shared or self.removed else self.count(FLOAT_BITS) * self.weights_per_channel
 
 
 def layer_layouts(graph: ModelGraph, policy: Policy) -> Iterator[LayerLayout]:
     """Layout of every layer of `graph` under `policy`, in graph order."""
+    gone = policy.removed_layers(graph)
     for name, layer in graph.layers.items():
         per = kept_per_channel(graph, policy, name)
         decision = policy.layer(layer.shares or name)  # a shared weight is its owner's, sparsity and all
-        yield LayerLayout(name, policy[layer.out_group].kept_bits(), per, layer.has_bias or layer.bn is not None,
-                          decision.sparsity, decision.codebook, layer.shares is not None)
+        yield LayerLayout(name, policy[layer.out_group].kept_bits(), per,
+                          (layer.has_bias or layer.bn is not None) and name not in gone,
+                          decision.sparsity, decision.codebook, layer.shares is not None, name in gone)

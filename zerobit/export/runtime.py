@@ -226,6 +226,10 @@ def rebuild(model: nn.Module, zf: ZbitFile, graph: ModelGraph, policy: Policy,
     grid = zf.header.version not in ("1", "2")  # older files decode their biases as stored
     read: dict[str, LayerCodes] = {}
     for lay in layer_layouts(graph, policy):
+        if lay.removed:  # its group is gone whole (a reader's constant is read with the extra tensors)
+            if "act" in zf.blobs:
+                cur["act"].take(1)
+            continue
         module = pruned.get_submodule(lay.name)
         owner = graph.layers[lay.name].shares
         stored = read[lay.name] = read[owner] if owner else _layer_codes(lay, cur)

@@ -17,7 +17,8 @@ in graph order:
 - ``ldec`` (int16, only with per-layer decisions): each layer's sparsity in 1/10000, as −1−value for codebooks;
 - (a layer that shares an earlier layer's weight — tied weights — stores only its bias there);
 - ``x.<name>``: any other parameter or buffer of the model (float32), pruned with the channels it follows, e.g.
-  a LayerNorm, a layer-scale, or a BatchNorm no conv precedes.
+  a LayerNorm, a layer-scale, or a BatchNorm no conv precedes; and ``x.<layer>.value``, the constant output of a
+  layer whose every input channel is removed (a residual branch removed whole, see zerobit.graph.emptying).
 
 The metadata names the model, its input shape and its channel groups, and holds a CRC-32 of everything that
 decides the model (metadata, and every tensor's name, dtype, shape and bytes). Reading is strict (see
@@ -42,13 +43,14 @@ from zerobit.policy import ACT_BITS, ALL_BITS, FLOAT_BITS, GroupDecision, LayerD
 from zerobit.quant.apply import quant_layers
 from zerobit.quant.pack import pack
 
-FORMAT_VERSION = "6"  # 2: the CRC covers the metadata and every tensor's dtype and shape too; 3: biases behind
+FORMAT_VERSION = "7"  # 2: the CRC covers the metadata and every tensor's dtype and shape too; 3: biases behind
 # quantized inputs decode to the accumulator's grid (quant.modules.grid_bias), as integer runtimes add them;
 # 4: layers that share a weight (zerobit.graph.tied) store it once, in one channel group; 5: fused q/k/v
 # projections are three layers (zerobit.graph.fused), rotary attention heads one group (zerobit.graph.rotary);
 # 6: the q heads of attention with grouped k/v heads are one group, tied across the k/v heads (graph.rotary), and
-# nn.MultiheadAttention is three Linears (graph.mha)
-READ_VERSIONS = ("1", "2", "3", "4", "5", FORMAT_VERSION)
+# nn.MultiheadAttention is three Linears (graph.mha); 7: a group may lose every channel (graph.emptying): its
+# layers and its readers store nothing but their place in the per-layer blobs, the readers' constants are x.<name>
+READ_VERSIONS = ("1", "2", "3", "4", "5", "6", FORMAT_VERSION)
 UNTIED_VERSIONS = ("1", "2", "3")  # files that store tied weights twice
 FUSED_VERSIONS = ("1", "2", "3", "4")  # files traced without split q/k/v projections and rotary head groups
 V5_ATTENTION_VERSIONS = (*FUSED_VERSIONS, "5")  # files that trace attention as version 5 did (see analyse)
@@ -80,6 +82,8 @@ def blob_sizes(graph: ModelGraph, policy: Policy) -> dict[str, tuple[torch.dtype
     }
     removed = {n: d.channels - d.kept for n, d in policy.groups.items()}
     sizes.update({f"x.{k}": (torch.float32, t.numel(removed)) for k, t in graph.extra_params.items()})
+    sizes.update({f"x.{n}.value": (torch.float32, policy[graph.layers[n].out_group].kept)
+                  for n in policy.emptied(graph)[1]})  # the constants that readers of removed groups output
     return {k: v for k, v in sizes.items() if v[1] > 0}
 
 
@@ -229,6 +233,9 @@ def container_tensors(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> d
     parts: dict[str, list[np.ndarray]] = {k: [] for k in LAYER_BLOBS}
     act = []
     for lay in layer_layouts(graph, policy):
+        if lay.removed:  # its group is gone whole: only its place in the per-layer blobs
+            act.append(1.0)
+            continue
         q = layers[lay.name]
         for key, arrays in _layer_blobs(q, lay).items():
             parts[key].extend(arrays)

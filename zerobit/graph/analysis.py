@@ -17,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from zerobit.graph.emptying import find_emptiable
 from zerobit.graph.fused import merge_fused_groups, rejoined
 from zerobit.graph.heads import head_size
 from zerobit.graph.linears import linearize_
@@ -90,6 +91,9 @@ class ChannelGroup:
 
     `kv_heads` > 0: the group is the q heads of attention with that many grouped k/v heads, which stay whole;
     `tie` = `kv_heads`, so each k/v head keeps as many q heads (zerobit.graph.rotary).
+
+    `empties`: every channel may go (a residual branch or an MLP removed whole: its readers then output a
+    constant; zerobit.graph.emptying). Otherwise a policy keeps at least one.
     """
 
     name: str
@@ -100,6 +104,7 @@ class ChannelGroup:
     span: int = 1
     readers: list[str] = field(default_factory=list)
     kv_heads: int = 0
+    empties: bool = False
 
     @property
     def block(self) -> int:
@@ -157,12 +162,14 @@ class ModelGraph:
 
     def summary(self) -> str:
         """A readable table of groups and the layers they couple (`head`: channels decided together, one
-        attention head; `tie`: blocks next to a grouped conv)."""
-        lines = [f"{'group':28} {'ch':>4} {'prunable':>8} {'tie':>3} {'head':>4}  layers (= shares the weight of)"]
+        attention head; `tie`: blocks next to a grouped conv; `whole`: the group can be removed whole, a residual
+        branch or an MLP)."""
+        lines = [f"{'group':28} {'ch':>4} {'prunable':>8} {'whole':>5} {'tie':>3} {'head':>4}  "
+                 "layers (= shares the weight of)"]
         for g in self.groups.values():
             names = [n + (f" (= {self.layers[n].shares})" if self.layers[n].shares else "") for n in g.layers]
-            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8} {g.tie:>3} {g.span:>4}  "
-                         f"{', '.join(names)}")
+            lines.append(f"{g.name:28} {g.channels:>4} {str(g.prunable):>8} {'yes' if g.empties else '':>5} "
+                         f"{g.tie:>3} {g.span:>4}  {', '.join(names)}")
         return "\n".join(lines)
 
 
@@ -350,6 +357,7 @@ def analyse(model: nn.Module, example_inputs: Any, ignored_layers: list[str] | N
     owned = tuple(f"{n}." for layer in layers.values() for n in (layer.name, layer.bn) if n)
     extra = {k: ExtraTensor(tuple(v.shape)) for k, v in model.state_dict().items() if not k.startswith(owned)}
     find_pruned_dims(model, example_inputs, groups, extra)
+    find_emptiable(model, example_inputs, layers, groups, extra)
     return ModelGraph(layers, groups, fp32_file_bytes(model), input_shape(example_inputs),
                       tuple(names[m] for m in ignored), extra)
 

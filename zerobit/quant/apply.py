@@ -14,6 +14,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from zerobit.device import model_device
 from zerobit.graph import ModelGraph, build_dependency_graph
 from zerobit.graph.analysis import run_or_explain
+from zerobit.graph.emptying import empty_groups
 from zerobit.graph.heads import update_head_counts
 from zerobit.graph.removal import remove_channels
 from zerobit.graph.tied import retie
@@ -85,12 +86,16 @@ def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example
     dg = build_dependency_graph(model, example_inputs)
     for name, decision in policy.groups.items():
         removed = decision.removed_indices()
-        if removed:
+        if removed and decision.kept:
             remove_channels(model, dg, graph.groups[name], removed)
     update_head_counts(model, {n: graph.groups[layer.out_group] for n, layer in graph.layers.items()
                                if graph.groups[layer.out_group].span > 1})
     retie(model, graph.layers)
+    empty_groups(model, graph.layers, [n for n, d in policy.groups.items() if not d.kept])
+    gone = policy.removed_layers(graph)
     for name, layer in graph.layers.items():
+        if name in gone:
+            continue
         module = model.get_submodule(name)
         out_ch = module.weight.shape[0]
         in_ch = module.weight.shape[1] * (module.groups if isinstance(module, nn.Conv2d) else 1)
@@ -111,7 +116,10 @@ def prune_structure(model: nn.Module, graph: ModelGraph, policy: Policy, example
 
 def wrap_layers(model: nn.Module, graph: ModelGraph, policy: Policy) -> nn.Module:
     """Replace each Conv2d/Linear of a pruned model (in place) by a QuantLayer with the policy's bits."""
+    gone = policy.removed_layers(graph)
     for name, layer in graph.layers.items():
+        if name in gone:  # a group removed whole: Emptied and Constant modules (zerobit.graph.emptying)
+            continue
         bn = model.get_submodule(layer.bn) if layer.bn else None
         q = QuantLayer(model.get_submodule(name), bn, policy[layer.out_group].kept_bits(),
                        policy.act_of(name))
@@ -214,7 +222,10 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 def set_policy_bits(qmodel: nn.Module, graph: ModelGraph, policy: Policy) -> None:
     """Give an applied model new bit-widths for the same kept channels (e.g. quantize after pruning)."""
     layers = quant_layers(qmodel)
+    gone = policy.removed_layers(graph)
     for name, layer in graph.layers.items():
+        if name in gone:
+            continue
         bits = policy[layer.out_group].kept_bits()
         if len(bits) != len(layers[name].bits):
             raise ValueError(f"layer {name!r}: the new policy keeps different channels; re-apply it instead")

@@ -17,7 +17,9 @@ def layer_rows(graph: ModelGraph, policy: Policy) -> list[dict[str, Any]]:
     """One row per quantized layer: its group, kind, kept/total output channels, mean weight bits, input bits.
 
     `weight_bits` is the mean over the kept output channels (0.0 when none is kept); `act_bits` the bits of the
-    layer's input activations (32 = float). `compress()` stores these rows in result.json under "layers".
+    layer's input activations (32 = float). A layer the policy removes whole (its group, or every group it reads;
+    zerobit.graph.emptying) keeps 0 channels and says `removed`. `compress()` stores these rows in result.json
+    under "layers".
 
     Example:
         >>> rows = layer_rows(result.graph, result.policy)  # doctest: +SKIP
@@ -25,12 +27,13 @@ def layer_rows(graph: ModelGraph, policy: Policy) -> list[dict[str, Any]]:
         ('conv1', 13, 4.0)
     """
     rows = []
+    removed = policy.removed_layers(graph)
     for name, layer in graph.layers.items():
         decision = policy[layer.out_group]
-        kept = decision.kept_bits()
+        kept = decision.kept_bits() if name not in removed else []
         rows.append({"layer": name, "group": layer.out_group, "kind": layer.kind, "channels": decision.channels,
-                     "kept": decision.kept, "weight_bits": round(sum(kept) / len(kept), 4) if kept else 0.0,
-                     "act_bits": policy.act_of(name)})
+                     "kept": len(kept), "weight_bits": round(sum(kept) / len(kept), 4) if kept else 0.0,
+                     "act_bits": policy.act_of(name)} | ({"removed": True} if name in removed else {}))
     return rows
 
 

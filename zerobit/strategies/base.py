@@ -62,6 +62,8 @@ class SearchResult:
     policy is applied to instead of the original ones (e.g. after ADMM's training); or neither.
     `retarget`: answers the same problem under another budget of the same kind without searching again (SBS
     projects its trained gates anew), where a Latency budget must be tightened after measuring; None = search.
+    `finetune_lr`: the final fine-tune's peak learning rate as a multiple of the configured one (a search that
+    already trained the model may want it to start lower).
     """
 
     policy: Policy
@@ -70,6 +72,7 @@ class SearchResult:
     info: dict[str, Any] = field(default_factory=dict)
     start_model: nn.Module | None = None
     retarget: Callable[[Problem], SearchResult] | None = None
+    finetune_lr: float = 1.0
 
 
 class Strategy:

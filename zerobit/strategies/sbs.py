@@ -70,6 +70,8 @@ class SBS(Strategy):
             group's threshold can otherwise sweep past most of its channels at once); the projection goes below
             it only when the budget cannot be met otherwise. Lowered to 0.9× the keep-ratio of the uniform policy
             at the lowest weight width where the budget needs fewer channels.
+        final_lr: the fine-tune after the gate training starts at this multiple of the fine-tune learning rate
+            (the gated training has already trained the weights; 1 = restart at the peak).
         checkpoint: a file where the gate training keeps its progress after every epoch; a killed search
             started again with the same file, settings, model and budget goes on from its last epoch.
 
@@ -88,6 +90,7 @@ class SBS(Strategy):
     start_margin: float = 1.0
     by_sensitivity: bool = True
     min_keep: float = 0.5
+    final_lr: float = 1.0
     checkpoint: str | None = None
     name = "sbs"
 
@@ -124,8 +127,9 @@ class SBS(Strategy):
         if self.act_bits:
             check_chain(self.act_bits, [b for b in ACT_BITS if b < FLOAT_BITS], "activation bit-widths")
         if (self.channels_per_gate < 1 or not 0 <= self.share <= 1 or self.cost_weight < 0
-                or not 0 <= self.min_keep <= 1):
-            raise ValueError("SBS needs channels_per_gate ≥ 1, 0 ≤ share ≤ 1, 0 ≤ min_keep ≤ 1 and cost_weight ≥ 0")
+                or not 0 <= self.min_keep <= 1 or self.final_lr <= 0):
+            raise ValueError("SBS needs channels_per_gate ≥ 1, 0 ≤ share ≤ 1, 0 ≤ min_keep ≤ 1, cost_weight ≥ 0 "
+                             "and final_lr > 0")
         net = GatedNet(problem, self)
         epochs = problem.finetune.epochs * self.share
         history: list[dict] = []
@@ -157,7 +161,7 @@ class SBS(Strategy):
             return SearchResult(project(target, found, margins), None, finetune_epochs_used=epochs,
                                 start_model=start, retarget=answer,
                                 info={"sbs_history": history, "sbs_policy_cost": target.cost(found),
-                                      "sbs_steps": net.steps})
+                                      "sbs_steps": net.steps}, finetune_lr=self.final_lr)
 
         return answer(problem)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from zerobit.data.loaders import batches_of
+from zerobit.graph.emptying import groups_to_empty, name_list
 from zerobit.policy import FLOAT_BITS
 from zerobit.quant.apply import apply_policy, set_policy_bits
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
@@ -28,11 +29,17 @@ class Sequential(Strategy):
     bits: int | None = None
     min_keep: float = 0.7
     prune_share: float = 0.5
+    empty: tuple[str, ...] = ()  # residual branches removed whole first, as `Uniform(empty=...)`
     name = "sequential"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "empty", name_list(self.empty))
+
     def search(self, problem: Problem) -> SearchResult:
-        keep, bits = solve_uniform(problem, self.bits, self.min_keep)
-        pruned = replace(final_uniform(problem, keep, bits).with_bits(FLOAT_BITS), act_bits=FLOAT_BITS, act={})
+        empty = tuple(groups_to_empty(problem.graph.groups, self.empty))
+        keep, bits = solve_uniform(problem, self.bits, self.min_keep, empty)
+        pruned = replace(final_uniform(problem, keep, bits, empty).with_bits(FLOAT_BITS), act_bits=FLOAT_BITS,
+                         act={})
         model = apply_policy(problem.model, problem.graph, pruned, problem.example_inputs)
         recalibrate_batchnorm(model, batches_of(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed),
                               task=problem.task)
@@ -47,4 +54,5 @@ class Sequential(Strategy):
                               task=problem.task)
         recalibrate_batchnorm(model, batches_of(problem.train_data, 256, shuffle=True, seed=problem.finetune.seed),
                               task=problem.task)
-        return SearchResult(final, model, finetune_epochs_used=epochs, info={"keep": keep, "bits": bits})
+        return SearchResult(final, model, finetune_epochs_used=epochs,
+                            info={"keep": keep, "bits": bits} | ({"emptied": list(empty)} if empty else {}))
