@@ -159,6 +159,8 @@ def _empties_exactly(model: nn.Module, inputs: tuple[Any, Any], outputs: tuple[t
             for n in readers:
                 saved[n].weight.zero_()
         want = _output(model, inputs[0])
+    except Exception:  # noqa: BLE001 - a model that cannot run with these readers at zero: the group stays
+        return False
     finally:
         with torch.no_grad():
             for n, w in weights.items():
@@ -185,8 +187,11 @@ def find_emptiable(model: nn.Module, example_inputs: Any, layers: Mapping[str, L
     if not candidates:
         return
     inputs = (example_inputs, _perturbed(example_inputs))
-    outputs = (_output(model, inputs[0]), _output(model, inputs[1]))
-    informative = outputs if not _close(*outputs) else None
+    try:
+        outputs = (_output(model, inputs[0]), _output(model, inputs[1]))
+        informative = outputs if not _close(*outputs) else None
+    except Exception:  # noqa: BLE001 - a model that refuses the changed input: nothing to compare
+        informative = None
     for name in candidates:
         groups[name].empties = _empties_exactly(model, inputs, informative, layers, name)
 
