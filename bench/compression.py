@@ -31,6 +31,18 @@ from zerobit.device import resolve  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 
 
+def split_budgets(text: str) -> list[str]:
+    """"1/32,latency=1/4,batch=64,threads=1" → ["1/32", "latency=1/4,batch=64,threads=1"]: a latency's options
+    stay with it."""
+    budgets: list[str] = []
+    for part in text.split(","):
+        if budgets and part.split("=")[0].strip() in ("batch", "threads", "runtime"):
+            budgets[-1] += f",{part}"
+        else:
+            budgets.append(part)
+    return budgets
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
@@ -49,7 +61,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = str(resolve(args.device))
-    for budget in args.budgets.split(","):
+    for budget in split_budgets(args.budgets):
         for strategy in args.strategies.split(","):
             label = args.label or strategy
             torch.manual_seed(args.seed)

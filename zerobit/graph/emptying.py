@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 
 class _Geometry:
-    """Kernel, stride, padding and dilation of a Conv2d (None for a Linear): the output's spatial size."""
+    """Kernel, stride, padding and dilation of a Conv2d, for the spatial size of its output (a Linear's output
+    keeps its input's leading dimensions)."""
 
     def __init__(self, layer: nn.Module) -> None:
         conv = isinstance(layer, nn.Conv2d)
