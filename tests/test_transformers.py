@@ -156,6 +156,7 @@ def test_a_text_model_meets_a_latency_budget_measured_on_its_token_ids(monkeypat
     from zerobit.policy import GroupDecision, Policy
 
     monkeypatch.setenv("ZEROBIT_CACHE", str(tmp_path))
+    monkeypatch.setattr("zerobit.export.latency.SESSIONS", 1)  # a behaviour check: one session per timing
     model, batches = bert(), token_batches(3, 8, 0)
     example = {k: v[:2] for k, v in batches[0].items() if k != "labels"}
     graph = zb.analyse(model, example)

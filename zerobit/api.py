@@ -320,8 +320,8 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
     strat.check_budget(budget)  # before anything is traced or measured
     graph = analyse(model, example_inputs, ignored_layers)
     graph.model_name = model_name
-    if isinstance(budget, Latency):  # a fraction of fp32's latency is measured, not predicted
-        budget = budget.measured_against(model, example_inputs, train_data)
+    if isinstance(budget, Latency):  # calibrated on this model; a fraction of fp32's latency is measured
+        budget = budget.measured_against(model, graph, example_inputs, train_data, act_bits)
     budget.check_feasible(graph, act_bits)
     teacher = inference_copy(model, graph)
     task = task.bind(teacher)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,6 +57,19 @@ def amount(value: float) -> str:
 def float_policy(graph: ModelGraph) -> Policy:
     """Every channel kept in float, float activations: the uncompressed reference."""
     return Policy({n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}, FLOAT_BITS)
+
+
+def calibration_policy(graph: ModelGraph, act_bits: int = 8) -> Policy:
+    """3/4 of every prunable group's channels, rounded to a multiple of 8, at 8 bits: what a Latency budget is
+    calibrated on. A compressed model's widths, not the full model's: on this project's machine the table erred
+    most on full widths (ResNet-20's 16-channel first stage), and scaling by them misled every smaller policy
+    (BENCHMARKS.md, "Latency table vs whole-model timings")."""
+    import torch
+
+    from zerobit.policy import uniform_policy
+
+    scores = {n: torch.zeros(g.channels) for n, g in graph.groups.items()}  # which channels: latency does not care
+    return uniform_policy(graph, scores, 0.75, 8, act_bits, multiple=8)
 
 
 def smallest_policy(graph: ModelGraph, act_bits: int = 8, min_bits: int = 2) -> Policy:
@@ -162,7 +177,9 @@ _TABLES: dict[tuple, object] = {}  # (batch, threads, cache folder) → LatencyT
 @dataclass(frozen=True)
 class Latency(Budget):
     """Milliseconds of one onnxruntime call of the exported model on this machine (fraction = of the fp32
-    model's), predicted from a per-layer table measured once per machine (zerobit.export.latency).
+    model's), predicted from a per-layer table measured once per machine (zerobit.export.latency) times `scale`:
+    `measured_against` sets it to the measured / predicted time of the model's `calibration_policy` (layers timed
+    alone run faster or slower than in a whole model).
 
     Example:
         >>> Latency(ms=2.5, batch=64).unit
@@ -174,6 +191,7 @@ class Latency(Budget):
     batch: int = 1
     runtime: str = "onnxruntime"
     threads: int = 1
+    scale: float = 1.0
     unit = "ms"
 
     def __post_init__(self) -> None:
@@ -184,6 +202,8 @@ class Latency(Budget):
             raise ValueError(f"Latency runtime {self.runtime!r} is not supported; use 'onnxruntime'")
         if self.batch < 1 or self.threads < 0:
             raise ValueError("Latency needs batch ≥ 1 and threads ≥ 0 (0 = onnxruntime's default)")
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"Latency scale must be a positive number, not {self.scale!r}")
 
     def table(self):
         from zerobit.export.latency import LatencyTable, cache_dir
@@ -194,16 +214,23 @@ class Latency(Budget):
         return _TABLES[key]
 
     def cost(self, graph: ModelGraph, policy: Policy) -> float:
-        return self.table().predict(graph, policy)
+        return self.scale * self.table().predict(graph, policy)
 
-    def measured_against(self, model, example, data) -> Latency:
-        """This budget in milliseconds: a fraction becomes that fraction of the fp32 model's measured latency."""
-        if self.fraction is None:
-            return self
-        from zerobit.export.latency import measure_float
+    def measured_against(self, model, graph: ModelGraph, example, data, act_bits: int = 8) -> Latency:
+        """This budget calibrated on `model` (`calibrated`, on its `calibration_policy` measured over a second); and
+        a fraction becomes that fraction of the fp32 model's measured milliseconds."""
+        from zerobit.export.latency import measure_float, measure_policy
 
-        fp32 = measure_float(model, example, data, self.batch, self.threads)
-        return Latency(ms=self.fraction * fp32, batch=self.batch, runtime=self.runtime, threads=self.threads)
+        policy = calibration_policy(graph, act_bits)
+        measured = measure_policy(model, graph, policy, example, data, self.batch, self.threads, seconds=1.0)
+        ms = self.ms if self.fraction is None else \
+            self.fraction * measure_float(model, example, data, self.batch, self.threads)
+        return dataclasses.replace(self, ms=ms, fraction=None).calibrated(graph, policy, measured)
+
+    def calibrated(self, graph: ModelGraph, policy: Policy, measured_ms: float) -> Latency:
+        """This budget with `scale` = `measured_ms` / the table's prediction for `policy` (the one place the scale
+        is set: layers timed alone run faster or slower than in a whole model)."""
+        return dataclasses.replace(self, scale=measured_ms / self.table().predict(graph, policy))
 
     def limit(self, graph: ModelGraph) -> float:
         return float(self.ms) if self.ms is not None else self.fraction * self.reference(graph)

@@ -2,11 +2,13 @@
 
 Each layer is timed alone, as `export_onnx` (mode "fast") writes it: uint8 activations quantized in and out, weights
 dequantized from their stored format ("int8", "uint8", "int4", or "float" for codebook and float layers). A layer's
-time is measured on a grid of kept input × output channels and interpolated bilinearly; the grid is made monotone
-first (a running maximum along both axes), so predictions never fall when channels are added. A policy's latency
-is the sum of its layers plus the cost of one runtime call. A layer's time is that of its one-layer model minus
-that of the same call without the layer (see `kernel_ms`). The table lives in `cache_dir()` (one JSON file per
-CPU, onnxruntime version, threads and batch), so a machine measures each layer shape once.
+time is measured on a grid of kept input × output channels and interpolated bilinearly. A layer's time is that of
+its one-layer model minus that of the same call without the layer, the least of `SESSIONS` fresh sessions (see
+`kernel_ms`): one session of the same model runs up to 1.5× slower than another on a shared machine. The grid is
+then made monotone (`monotone`), so predictions never fall when channels are added. A policy's latency is the sum of
+its layers plus the cost of one runtime call; `zerobit.budget.Latency` scales it to the whole model it is used on
+(layers timed alone run faster or slower than in a model). The table lives in `cache_dir()` (one JSON file per CPU,
+onnxruntime version, threads and batch), so a machine measures each layer shape once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from zerobit.quant.apply import kept_in_features
 
 GRID_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
 INPUT_SCALE = 0.02
-TABLE_VERSION = 2  # bump when what is measured changes: older tables are then measured again
+SESSIONS = 3  # fresh sessions a layer is timed in; the least time is kept
+TABLE_VERSION = 3  # bump when what is measured changes: older tables are then measured again
 
 
 def cache_dir() -> Path:
@@ -181,15 +184,32 @@ def _boundary_model(x: np.ndarray, quantized: bool):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def kernel_ms(session_of, model, x: np.ndarray) -> float:
-    """Milliseconds a one-layer model spends on its layer: its time minus that of `_boundary_model`.
+def kernel_ms(session_of, model, x: np.ndarray, sessions: int | None = None) -> float:
+    """Milliseconds a one-layer model spends on its layer: its time minus that of `_boundary_model`, the least over
+    `sessions` (default `SESSIONS`) fresh sessions of both (a session's speed varies with where its buffers land; the least is the
+    layer's own cost).
 
     (onnxruntime's profiler was tried first: at batch 1 it inflates some kernels several-fold.)
     """
     quantized = any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in model.graph.node)
-    whole = median_ms(session_of(model), {"x": x}, reps=7, min_seconds=0.02)
-    boundary = median_ms(session_of(_boundary_model(x, quantized)), {"x": x}, reps=7, min_seconds=0.02)
-    return max(0.0, whole - boundary)
+    boundary = _boundary_model(x, quantized)
+    times = []
+    for _ in range(sessions or SESSIONS):
+        whole = median_ms(session_of(model), {"x": x}, reps=7, min_seconds=0.02)
+        times.append(whole - median_ms(session_of(boundary), {"x": x}, reps=7, min_seconds=0.02))
+    return max(0.0, min(times))
+
+
+def monotone(ms: np.ndarray) -> np.ndarray:
+    """`ms` made non-decreasing along both axes: along each, the midpoint of its running maximum from the start and
+    its running minimum from the end (both non-decreasing; a running maximum alone carries every slow outlier to
+    all larger widths)."""
+    out = np.asarray(ms, dtype=float)
+    for axis in (0, 1):
+        rising = np.maximum.accumulate(out, axis=axis)
+        falling = np.flip(np.minimum.accumulate(np.flip(out, axis), axis=axis), axis)
+        out = (rising + falling) / 2
+    return out
 
 
 class LatencyTable:
@@ -250,8 +270,7 @@ class LatencyTable:
                 for j, cout in enumerate(outs):
                     model, x = _layer_model(shape, cin, cout, weights, act, self.batch)
                     ms[i, j] = kernel_ms(self._session, model, x)
-            ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)  # monotone in both
-            self.entries[key] = {"in": ins, "out": outs, "ms": ms.tolist()}
+            self.entries[key] = {"in": ins, "out": outs, "ms": monotone(ms).tolist(), "measured": ms.tolist()}
             self.save()
         return self.entries[key]
 
@@ -315,15 +334,15 @@ def _interp(x, xs: list[int], ys):
     return ys[i] + slope * (inside - xs[i]) + slope * (x - x.detach())
 
 
-def measure_policy(model, graph: ModelGraph, policy: Policy, example, data, batch: int, threads: int) -> float:
-    """Measured milliseconds of one onnxruntime call (batch `batch`) of `policy` applied to `model`, exported
-    exactly as `export_onnx` (mode "fast") writes it. Latency does not depend on the weights' values, so the
-    policy is applied without fine-tuning; `data` (its first batches, up to 256 inputs) calibrates the activation
-    scales. `example` is an input as the model is called (token ids for a text model)."""
+def export_policy(model, graph: ModelGraph, policy: Policy, example, data, path: str | os.PathLike) -> Path:
+    """`policy` applied to `model` and written to `path` exactly as `export_onnx` (mode "fast") writes it, for
+    timing. Latency does not depend on the weights' values, so the policy is applied without fine-tuning; `data`
+    (its first batches, up to 256 inputs) calibrates the activation scales. `example` is an input as the model is
+    called (token ids for a text model)."""
     import tempfile
 
     from zerobit.data.loaders import batches_of
-    from zerobit.export.onnx import export_onnx, onnx_session
+    from zerobit.export.onnx import export_onnx
     from zerobit.export.runtime import save_zbit
     from zerobit.quant.apply import apply_policy
     from zerobit.train.calibrate import calibrate_activations
@@ -332,10 +351,22 @@ def measure_policy(model, graph: ModelGraph, policy: Policy, example, data, batc
     calibrate_activations(qmodel, batches_of(data, 256), max_batches=1)
     with tempfile.TemporaryDirectory() as tmp:
         save_zbit(qmodel, graph, policy, f"{tmp}/m.zbit")
-        export_onnx(f"{tmp}/m.zbit", f"{tmp}/m.onnx", model=model, example_inputs=example,
-                    calibration_data=data, max_calibration=256)
-        session = onnx_session(f"{tmp}/m.onnx", threads)
-        return median_ms(session, _feed(session, data, batch), reps=9, min_seconds=0.3)
+        export_onnx(f"{tmp}/m.zbit", path, model=model, example_inputs=example, calibration_data=data,
+                    max_calibration=256)
+    return Path(path)
+
+
+def measure_policy(model, graph: ModelGraph, policy: Policy, example, data, batch: int, threads: int,
+                   seconds: float = 0.3) -> float:
+    """Measured milliseconds of one onnxruntime call (batch `batch`) of `policy` applied to `model` and exported
+    by `export_policy`: the median of calls over at least `seconds`."""
+    import tempfile
+
+    from zerobit.export.onnx import onnx_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session = onnx_session(export_policy(model, graph, policy, example, data, f"{tmp}/m.onnx"), threads)
+        return median_ms(session, _feed(session, data, batch), reps=9, min_seconds=seconds)
 
 
 def measure_float(model, example, data, batch: int, threads: int) -> float:

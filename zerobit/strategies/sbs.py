@@ -329,8 +329,8 @@ class GatedNet:
 
                 fmt = weight_format([chosen_bits(self.chain, self.state[out]["gates"])])
                 act = "u8" if float(abits.detach()) < FLOAT_BITS else "float"
-                total = total + budget.table().layer_ms_torch(LayerShape.of(graph, name),
-                                                              inputs_kept(graph, kept, name), kept[out], fmt, act)
+                total = total + budget.scale * budget.table().layer_ms_torch(
+                    LayerShape.of(graph, name), inputs_kept(graph, kept, name), kept[out], fmt, act)
             elif isinstance(budget, Latency):
                 continue  # a table lookup: in the whole-model calibration
             elif isinstance(budget, BOPs):
