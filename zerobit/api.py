@@ -207,7 +207,8 @@ def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> Sea
     for attempt in range(1, LATENCY_TRIES + 1):
         measured = _measured_ms(problem, found.policy, limit)
         predicted = problem.budget.cost(problem.graph, found.policy)
-        found.info |= {"latency_ms": measured, "latency_predicted_ms": predicted, "latency_tries": attempt}
+        found.info |= {"latency_ms": measured, "latency_predicted_ms": predicted, "latency_tries": attempt,
+                       "latency_scale": budget.scale}
         if measured <= limit and (best is None or measured > best.info["latency_ms"]):
             best = found
         if LATENCY_CLOSE * limit <= measured <= limit or attempt == LATENCY_TRIES:

@@ -166,7 +166,7 @@ def test_compress_under_a_latency_budget_meets_it_measured(digits):
                          finetune_config=FINETUNE, progress=False)
     info = result.info
     assert info["latency_ms"] <= budget.limit(graph)  # measured on the exported file
-    assert 1 <= info["latency_tries"] <= 3
+    assert 1 <= info["latency_tries"] <= 3 and info["latency_scale"] > 0  # the table's calibration on this model
     assert result.accuracy > 0.3  # far above chance (0.1); the policy found depends on the timings measured
 
 
