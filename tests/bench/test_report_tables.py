@@ -1,4 +1,4 @@
-"""bench/report.py's latency-table check: the calibration row is shown but not counted, widths ×8 summed apart."""
+"""bench/report_latency.py's latency-table check: the calibration row is shown but not counted, widths ×8 summed apart."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.report import _table_check_lines  # noqa: E402
+from bench.report_latency import table_check_lines  # noqa: E402
 
 
 def _row(measured: float, predicted: float, multiple: int = 1, calibration: bool = False) -> dict:
@@ -18,7 +18,7 @@ def _row(measured: float, predicted: float, multiple: int = 1, calibration: bool
 
 def test_the_calibration_row_is_not_counted_and_aligned_widths_are_summed_apart():
     rows = [_row(1.0, 1.0, calibration=True), _row(1.0, 1.5), _row(2.0, 2.2, multiple=8)]
-    head, *rest = _table_check_lines(rows, "CPU")
+    head, *rest = table_check_lines(rows, "CPU")
     assert "mean |error| 30%, largest 50%" in head  # (50% + 10%) / 2: the calibration row left out
     assert "widths ×8 alone: mean |error| 10%, largest 10%" in head
     assert "the table alone errs by mean |error| 35%, largest 45%" in head  # predicted / 2 vs measured

@@ -186,8 +186,8 @@ def _boundary_model(x: np.ndarray, quantized: bool):
 
 def kernel_ms(session_of, model, x: np.ndarray, sessions: int | None = None) -> float:
     """Milliseconds a one-layer model spends on its layer: its time minus that of `_boundary_model`, the least over
-    `sessions` (default `SESSIONS`) fresh sessions of both (a session's speed varies with where its buffers land; the least is the
-    layer's own cost).
+    `sessions` (default `SESSIONS`) fresh sessions of both (one session runs slower than another of the same model;
+    the least is the layer's own cost).
 
     (onnxruntime's profiler was tried first: at batch 1 it inflates some kernels several-fold.)
     """
