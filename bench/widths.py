@@ -1,7 +1,7 @@
 """onnxruntime time of one quantized 3×3 conv by kept channel count: why `channel_multiple` exists.
 
 Each conv is a one-layer model as `export_onnx` writes it (uint8 input, int8 weights, ReLU, uint8 output) and is
-timed by the latency table's own method (`zerobit.export.latency.kernel_ms`: the model minus the same call
+timed by the latency table's own method (`LatencyTable.kernel_ms`: the model minus the same call
 without the layer, median of repeated calls). Input and output channels are equal. Results:
 bench/results/widths.json and the "Channel widths" section of BENCHMARKS.md.
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import write_benchmarks_md  # noqa: E402
-from zerobit.export.latency import LatencyTable, LayerShape, _layer_model, cpu_name, kernel_ms  # noqa: E402
+from zerobit.export.latency import LatencyTable, LayerShape, _layer_model, cpu_name  # noqa: E402
 
 SHAPES = ((28, 16), (14, 32), (7, 64))  # (side, full channels): ResNet-20's three stages on 28×28 images
 
@@ -37,7 +37,7 @@ def main() -> int:
             if c > full:
                 continue
             model, x = _layer_model(shape, c, c, "int8", "u8", args.batch)
-            ms = kernel_ms(table._session, model, x)
+            ms = table.kernel_ms(model, x)
             rows.append({"side": side, "channels": c, "ms": ms})
             print(f"{side}×{side}  {c:>3} channels  {ms:7.3f} ms", flush=True)
     out = ROOT / "bench" / "results" / "widths.json"

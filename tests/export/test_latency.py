@@ -90,7 +90,7 @@ def test_the_table_round_trips_without_measuring_again(graph, monkeypatch, tmp_p
     def no_measuring(*args, **kwargs):
         raise AssertionError("a cached layer was measured again")
 
-    monkeypatch.setattr(latency, "kernel_ms", no_measuring)
+    monkeypatch.setattr(LatencyTable, "kernel_ms", no_measuring)
     again = LatencyTable(batch=4, threads=1)
     assert again.predict(graph, policy) == predicted
     assert LatencyTable(batch=4, threads=1, path=first.path).entries == first.entries
@@ -145,6 +145,22 @@ def test_the_table_is_made_monotone_without_carrying_outliers():
     spike = rising.copy()
     spike[0, 1] = 50.0  # one slow measurement at a small width
     assert monotone(spike)[3, 5] < 50.0  # does not become the time of every larger width
+
+
+def test_a_busy_moment_of_the_machine_does_not_enter_the_table(tmp_path, monkeypatch):
+    """Each measurement is scaled to the machine's speed when the table began (its REFERENCE layer timed around
+    it): on a machine that has become three times slower a layer times about as before, not three times slower."""
+    monkeypatch.setattr(latency, "SESSIONS", 3)
+    table = LatencyTable(batch=4, threads=1, path=tmp_path / "table.json")
+    model, x = latency._layer_model(latency.REFERENCE, 32, 24, "int8", "u8", 4)
+    quiet = table.kernel_ms(model, x)
+    assert quiet > 0 and table.reference_ms > 0
+    measured = latency.median_ms
+    monkeypatch.setattr(latency, "median_ms", lambda *args, **kwargs: 3 * measured(*args, **kwargs))
+    busy = table.kernel_ms(model, x)
+    assert quiet / 1.8 < busy < 1.8 * quiet, (quiet, busy)
+    table.save()
+    assert LatencyTable(batch=4, threads=1, path=table.path).reference_ms == table.reference_ms
 
 
 def test_parse_latency_budgets():

@@ -3,8 +3,9 @@
 Each layer is timed alone, as `export_onnx` (mode "fast") writes it: uint8 activations quantized in and out, weights
 dequantized from their stored format ("int8", "uint8", "int4", or "float" for codebook and float layers). A layer's
 time is measured on a grid of kept input × output channels and interpolated bilinearly. A layer's time is that of
-its one-layer model minus that of the same call without the layer, the least of `SESSIONS` fresh sessions (see
-`kernel_ms`): one session of the same model runs up to 1.5× slower than another on a shared machine. The grid is
+its one-layer model minus that of the same call without the layer, the least of `SESSIONS` fresh sessions, each
+scaled to the machine's speed when the table began (see `kernel_ms`: a busy moment slows a measurement up to 2×,
+one session of the same model runs up to 1.5× slower than another). The grid is
 then made monotone (`monotone`), so predictions never fall when channels are added. A policy's latency is the sum of
 its layers plus the cost of one runtime call; `zerobit.budget.Latency` scales it to the whole model it is used on
 (layers timed alone run faster or slower than in a model). The table lives in `cache_dir()` (one JSON file per CPU,
@@ -32,7 +33,7 @@ from zerobit.quant.apply import kept_in_features
 GRID_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
 INPUT_SCALE = 0.02
 SESSIONS = 3  # fresh sessions a layer is timed in; the least time is kept
-TABLE_VERSION = 3  # bump when what is measured changes: older tables are then measured again
+TABLE_VERSION = 4  # bump when what is measured changes: older tables are then measured again
 
 
 def cache_dir() -> Path:
@@ -92,6 +93,12 @@ class LayerShape:
     def key(self) -> str:
         return "|".join(str(v) for v in (self.kind, self.in_full, self.out_full, self.kernel, self.stride,
                                          self.height, self.width, self.groups))
+
+
+# The layer timed beside every measurement (at batch REFERENCE_BATCH, int8 weights, uint8 activations): its time then
+# over its time when the table began is how much slower the machine is at that moment.
+REFERENCE = LayerShape("conv", 32, 32, 3, 1, 16, 16, 1)
+REFERENCE_BATCH = 4
 
 
 def timed_layers(graph: ModelGraph) -> list[str]:
@@ -184,22 +191,6 @@ def _boundary_model(x: np.ndarray, quantized: bool):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def kernel_ms(session_of, model, x: np.ndarray, sessions: int | None = None) -> float:
-    """Milliseconds a one-layer model spends on its layer: its time minus that of `_boundary_model`, the least over
-    `sessions` (default `SESSIONS`) fresh sessions of both (one session runs slower than another of the same model;
-    the least is the layer's own cost).
-
-    (onnxruntime's profiler was tried first: at batch 1 it inflates some kernels several-fold.)
-    """
-    quantized = any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in model.graph.node)
-    boundary = _boundary_model(x, quantized)
-    times = []
-    for _ in range(sessions or SESSIONS):
-        whole = median_ms(session_of(model), {"x": x}, reps=7, min_seconds=0.02)
-        times.append(whole - median_ms(session_of(boundary), {"x": x}, reps=7, min_seconds=0.02))
-    return max(0.0, min(times))
-
-
 def monotone(ms: np.ndarray) -> np.ndarray:
     """`ms` made non-decreasing along both axes: along each, the midpoint of its running maximum from the start and
     its running minimum from the end (both non-decreasing; a running maximum alone carries every slow outlier to
@@ -231,12 +222,15 @@ class LatencyTable:
         self.path = Path(path) if path is not None else cache_dir() / name
         self.entries: dict[str, dict] = {}
         self.overhead: float | None = None
+        self.reference_ms: float | None = None  # the REFERENCE layer's time when the table began
+        self._reference_run = None
         if self.path.exists():
             try:
                 saved = json.loads(self.path.read_text())
-                self.entries, self.overhead = saved["layers"], saved["overhead_ms"]
+                self.entries, self.overhead, self.reference_ms = saved["layers"], saved["overhead_ms"], \
+                    saved["reference_ms"]
             except (ValueError, KeyError, TypeError):  # a damaged cache is measured again, not trusted
-                self.entries, self.overhead = {}, None
+                self.entries, self.overhead, self.reference_ms = {}, None, None
 
     def _session(self, model):
         import onnxruntime as ort
@@ -260,6 +254,38 @@ class LatencyTable:
             self.save()
         return self.overhead
 
+    def reference_now(self) -> float:
+        """Milliseconds of the REFERENCE layer now, in one session kept for the table's life (its speed then
+        changes only with the machine's). The first call sets `reference_ms`, the machine's speed the table is in."""
+        if self._reference_run is None:
+            model, x = _layer_model(REFERENCE, REFERENCE.in_full, REFERENCE.out_full, "int8", "u8", REFERENCE_BATCH)
+            session = self._session(model)
+            self._reference_run = lambda: median_ms(session, {"x": x}, reps=7, min_seconds=0.01)
+        now = self._reference_run()
+        if self.reference_ms is None:
+            self.reference_ms = min([now] + [self._reference_run() for _ in range(4)])
+        return now
+
+    def kernel_ms(self, model, x: np.ndarray) -> float:
+        """Milliseconds a one-layer model spends on its layer: its time minus that of `_boundary_model`, at the
+        machine speed of the table (`reference_ms`), the least over `SESSIONS` fresh sessions of both.
+
+        A busy machine slows a measurement for seconds at a time (a layer's cells measured in such a moment came
+        out up to 2× slow); each session's time is multiplied by `reference_ms` / the REFERENCE layer's time around
+        it, measured just before and after, which halved the error of a table measured beside a busy process.
+        One session of a model can also run slower than another of the same model: the least is its own cost.
+        (onnxruntime's profiler was tried first: at batch 1 it inflates some kernels several-fold.)
+        """
+        quantized = any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in model.graph.node)
+        boundary = _boundary_model(x, quantized)
+        times = []
+        for _ in range(SESSIONS):
+            before = self.reference_now()
+            cost = median_ms(self._session(model), {"x": x}, reps=7, min_seconds=0.02) - \
+                median_ms(self._session(boundary), {"x": x}, reps=7, min_seconds=0.02)
+            times.append(cost * self.reference_ms / min(before, self.reference_now()))
+        return max(0.0, min(times))
+
     def _measured(self, shape: LayerShape, weights: str, act: str) -> dict:
         key = f"{shape.key()}|{weights}|{act}"
         if key not in self.entries:
@@ -269,7 +295,7 @@ class LatencyTable:
             for i, cin in enumerate(ins):
                 for j, cout in enumerate(outs):
                     model, x = _layer_model(shape, cin, cout, weights, act, self.batch)
-                    ms[i, j] = kernel_ms(self._session, model, x)
+                    ms[i, j] = self.kernel_ms(model, x)
             self.entries[key] = {"in": ins, "out": outs, "ms": monotone(ms).tolist(), "measured": ms.tolist()}
             self.save()
         return self.entries[key]
@@ -316,7 +342,8 @@ class LatencyTable:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"cpu": cpu_name(), "batch": self.batch, "threads": self.threads,
-                                   "overhead_ms": self.overhead, "layers": self.entries}))
+                                   "overhead_ms": self.overhead, "reference_ms": self.reference_ms,
+                                   "layers": self.entries}))
         os.replace(tmp, self.path)
 
 
