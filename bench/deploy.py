@@ -168,11 +168,12 @@ def table_check(args: argparse.Namespace, splits) -> list[dict]:
     """The latency table against whole-model timings: uniform policies of every zoo model, with widths as they fall
     and rounded to multiples of 8, each exported (weights as calibrated, not fine-tuned: latency does not depend on
     their values) and timed interleaved with the others (`interleaved_ms`: a busy moment of the machine slows every
-    file alike). Predicted as a Latency budget predicts: the table times the model's scale, set on its
-    `calibration_policy` (`Latency.calibrated`; that row is marked and left out of the errors)."""
+    file alike). Predicted as a Latency budget predicts: the table fitted to the model's `calibration_policies`
+    (`Latency.calibrated`; those rows are marked and left out of the errors, and so is any policy equal to one of
+    them). Beside it, the error of the earlier fit: a scale alone, set on the 3/4 calibration policy."""
     import tempfile
 
-    from zerobit.budget import calibration_policy
+    from zerobit.budget import CALIBRATION_KEEP, calibration_policies
     from zerobit.export.latency import export_policy
     from zerobit.importance import group_scores
     from zerobit.policy import uniform_policy
@@ -182,26 +183,33 @@ def table_check(args: argparse.Namespace, splits) -> list[dict]:
         model, example = zoo.load_pretrained(name), zoo.example_input(name)
         graph = analyse(model, example)
         scores = group_scores(model, graph)
-        policies = {("calibration", 0.75, 8, 8): calibration_policy(graph)}
-        policies |= {(f"{keep}_{bits}_m{m}", keep, bits, m): uniform_policy(graph, scores, keep, bits, 8, multiple=m)
-                     for keep, bits in TABLE_POLICIES for m in (1, 8)}
+        calibration = dict(zip(CALIBRATION_KEEP, calibration_policies(graph), strict=True))
+        policies = {(f"calibration_{keep}", keep, 8, 8): p for keep, p in calibration.items()}
+        for keep, bits in TABLE_POLICIES:
+            for m in (1, 8):
+                policy = uniform_policy(graph, scores, keep, bits, 8, multiple=m)
+                if all(policy.groups != p.groups for p in policies.values()):
+                    policies[(f"{keep}_{bits}_m{m}", keep, bits, m)] = policy
         with tempfile.TemporaryDirectory() as tmp:
             files = {key[0]: export_policy(model, graph, policy, example, splits.train, f"{tmp}/{key[0]}.onnx")
                      for key, policy in policies.items()}
             for batch in (int(b) for b in args.batches.split(",")):
                 reps = args.reps * (10 if batch == 1 else 1)  # batch 1: calls of under a millisecond
                 timed = interleaved_ms(files, splits.test.x[:batch].numpy(), args.threads, reps)
-                budget = Latency(ms=1.0, batch=batch, threads=args.threads).calibrated(
-                    graph, policies[("calibration", 0.75, 8, 8)], timed["calibration"])
+                plain = Latency(ms=1.0, batch=batch, threads=args.threads)
+                budget = plain.calibrated(graph, list(calibration.values()),
+                                          [timed[f"calibration_{keep}"] for keep in calibration])
+                single = plain.calibrated(graph, [calibration[0.75]], [timed["calibration_0.75"]])
                 for (key, keep, bits, multiple), policy in policies.items():
                     measured, predicted = timed[key], budget.cost(graph, policy)
                     rows.append({"model": name, "batch": batch, "keep": keep, "bits": bits, "multiple": multiple,
                                  "measured_ms": measured, "predicted_ms": predicted,
-                                 "table_ms": predicted / budget.scale, "error": predicted / measured - 1,
-                                 "calibration": key == "calibration"})
+                                 "table_ms": budget.table().predict(graph, policy), "error": predicted / measured - 1,
+                                 "single_error": single.cost(graph, policy) / measured - 1,
+                                 "power": budget.power, "calibration": key.startswith("calibration")})
                     print(f"{name:>12} b{batch:<3} keep {keep:.2f} {bits}b ×{multiple}  measured {measured:8.3f} ms  "
-                          f"predicted {predicted:8.3f} ms  ({100 * rows[-1]['error']:+.0f}%; table alone "
-                          f"{100 * (rows[-1]['table_ms'] / measured - 1):+.0f}%)", flush=True)
+                          f"predicted {predicted:8.3f} ms  ({100 * rows[-1]['error']:+.0f}%; one-policy scale "
+                          f"{100 * rows[-1]['single_error']:+.0f}%)", flush=True)
     return rows
 
 

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from zerobit.graph import ModelGraph
 from zerobit.policy import FLOAT_BITS, GroupDecision, Policy, repeat
 from zerobit.quant.apply import KeptCounts, kept_per_channel, weights_per_channel
@@ -59,17 +61,24 @@ def float_policy(graph: ModelGraph) -> Policy:
     return Policy({n: GroupDecision((FLOAT_BITS,) * g.channels) for n, g in graph.groups.items()}, FLOAT_BITS)
 
 
-def calibration_policy(graph: ModelGraph, act_bits: int = 8) -> Policy:
-    """3/4 of every prunable group's channels, rounded to a multiple of 8, at 8 bits: what a Latency budget is
-    calibrated on. A compressed model's widths, not the full model's: on this project's machine the table erred
-    most on full widths (ResNet-20's 16-channel first stage), and scaling by them misled every smaller policy
-    (BENCHMARKS.md, "Latency table vs whole-model timings")."""
+CALIBRATION_KEEP = (1.0, 0.75, 0.3)  # of every prunable group's channels (rounded to multiples of 8), at 8 bits
+
+
+def calibration_policies(graph: ModelGraph, act_bits: int = 8) -> list[Policy]:
+    """What a Latency budget is calibrated on: uniform policies keeping `CALIBRATION_KEEP` of every prunable
+    group's channels, rounded to multiples of 8, at 8 bits (the widths onnxruntime runs fast); a policy equal to an
+    earlier one (a model of small groups) is left out."""
     import torch
 
     from zerobit.policy import uniform_policy
 
     scores = {n: torch.zeros(g.channels) for n, g in graph.groups.items()}  # which channels: latency does not care
-    return uniform_policy(graph, scores, 0.75, 8, act_bits, multiple=8)
+    policies: list[Policy] = []
+    for keep in CALIBRATION_KEEP:
+        policy = uniform_policy(graph, scores, keep, 8, act_bits, multiple=8)
+        if all(policy.groups != p.groups for p in policies):
+            policies.append(policy)
+    return policies
 
 
 def smallest_policy(graph: ModelGraph, act_bits: int = 8, min_bits: int = 2) -> Policy:
@@ -177,9 +186,10 @@ _TABLES: dict[tuple, object] = {}  # (batch, threads, cache folder) → LatencyT
 @dataclass(frozen=True)
 class Latency(Budget):
     """Milliseconds of one onnxruntime call of the exported model on this machine (fraction = of the fp32
-    model's), predicted from a per-layer table measured once per machine (zerobit.export.latency) times `scale`:
-    `measured_against` sets it to the measured / predicted time of the model's `calibration_policy` (layers timed
-    alone run faster or slower than in a whole model).
+    model's), predicted from a per-layer table measured once per machine (zerobit.export.latency) and fitted to
+    the model: `scale` × table ** `power`, set by `measured_against` from measured times of the model's
+    `calibration_policies` (layers timed alone run faster or slower than in a whole model, and the machine runs
+    faster or slower from one hour to the next).
 
     Example:
         >>> Latency(ms=2.5, batch=64).unit
@@ -192,6 +202,7 @@ class Latency(Budget):
     runtime: str = "onnxruntime"
     threads: int = 1
     scale: float = 1.0
+    power: float = 1.0
     unit = "ms"
 
     def __post_init__(self) -> None:
@@ -202,8 +213,9 @@ class Latency(Budget):
             raise ValueError(f"Latency runtime {self.runtime!r} is not supported; use 'onnxruntime'")
         if self.batch < 1 or self.threads < 0:
             raise ValueError("Latency needs batch ≥ 1 and threads ≥ 0 (0 = onnxruntime's default)")
-        if not math.isfinite(self.scale) or self.scale <= 0:
-            raise ValueError(f"Latency scale must be a positive number, not {self.scale!r}")
+        for name in ("scale", "power"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"Latency {name} must be a positive number, not {getattr(self, name)!r}")
 
     def table(self):
         from zerobit.export.latency import LatencyTable, cache_dir
@@ -213,24 +225,37 @@ class Latency(Budget):
             _TABLES[key] = LatencyTable(self.batch, self.threads)
         return _TABLES[key]
 
+    def fitted(self, table_ms):
+        """Milliseconds on the model for a table prediction `table_ms` (a number, or a tensor to differentiate)."""
+        return self.scale * table_ms ** self.power
+
     def cost(self, graph: ModelGraph, policy: Policy) -> float:
-        return self.scale * self.table().predict(graph, policy)
+        return self.fitted(self.table().predict(graph, policy))
 
     def measured_against(self, model, graph: ModelGraph, example, data, act_bits: int = 8) -> Latency:
-        """This budget calibrated on `model` (`calibrated`, on its `calibration_policy` measured over a second); and
-        a fraction becomes that fraction of the fp32 model's measured milliseconds."""
+        """This budget fitted to `model` (`calibrated`, on its `calibration_policies`, each exported and measured
+        for 0.4 s); and a fraction becomes that fraction of the fp32 model's measured milliseconds."""
         from zerobit.export.latency import measure_float, measure_policy
 
-        policy = calibration_policy(graph, act_bits)
-        measured = measure_policy(model, graph, policy, example, data, self.batch, self.threads, seconds=1.0)
+        policies = calibration_policies(graph, act_bits)
+        measured = [measure_policy(model, graph, p, example, data, self.batch, self.threads, seconds=0.4)
+                    for p in policies]
         ms = self.ms if self.fraction is None else \
             self.fraction * measure_float(model, example, data, self.batch, self.threads)
-        return dataclasses.replace(self, ms=ms, fraction=None).calibrated(graph, policy, measured)
+        return dataclasses.replace(self, ms=ms, fraction=None).calibrated(graph, policies, measured)
 
-    def calibrated(self, graph: ModelGraph, policy: Policy, measured_ms: float) -> Latency:
-        """This budget with `scale` = `measured_ms` / the table's prediction for `policy` (the one place the scale
-        is set: layers timed alone run faster or slower than in a whole model)."""
-        return dataclasses.replace(self, scale=measured_ms / self.table().predict(graph, policy))
+    def calibrated(self, graph: ModelGraph, policies: list[Policy], measured_ms: list[float]) -> Latency:
+        """This budget with `scale` and `power` fitted to measured milliseconds of `policies` (the one place they
+        are set): log(measured) = log(scale) + power × log(table's prediction), least squares; `power` stays 1
+        unless the predictions differ by more than 10%, and within [0.5, 1.5]. A power against the table's shape:
+        on this project's machine the table timed alone over-predicted the growth with channels of some models and
+        under-predicted others' (BENCHMARKS.md, "Latency table vs whole-model timings")."""
+        predicted = np.log([self.table().predict(graph, p) for p in policies])
+        measured = np.log(np.asarray(measured_ms, dtype=float))
+        power = 1.0
+        if np.ptp(predicted) > math.log(1.1):
+            power = float(np.clip(np.polyfit(predicted, measured, 1)[0], 0.5, 1.5))
+        return dataclasses.replace(self, scale=float(np.exp(np.mean(measured - power * predicted))), power=power)
 
     def limit(self, graph: ModelGraph) -> float:
         return float(self.ms) if self.ms is not None else self.fraction * self.reference(graph)

@@ -113,23 +113,38 @@ def test_impossible_latency_is_refused_before_any_work(digits, graph):
 
 
 def test_a_budget_is_calibrated_on_its_model(digits, graph):
-    """The table's predictions are scaled by measured / predicted milliseconds of the model's calibration policy
-    (at a batch where compute outweighs onnxruntime's fixed costs: a tiny model's batch-1 time is mostly noise)."""
-    from zerobit.budget import calibration_policy
+    """The table's predictions are fitted to measured milliseconds of the model's calibration policies (at a batch
+    where compute outweighs onnxruntime's fixed costs: a tiny model's batch-1 time is mostly noise)."""
+    from zerobit.budget import calibration_policies
     from zerobit.export.latency import measure_policy
 
     model = TINY_MODELS["residual"]().eval()
     calibrated = zb.Latency(ms=3.0, batch=256).measured_against(model, graph, EXAMPLE, digits.train)
     assert calibrated.ms == 3.0 and calibrated.batch == 256 and calibrated.scale > 0
-    policy = calibration_policy(graph)
-    kept = {n: policy[n].kept for n in graph.groups if graph.groups[n].prunable}
-    assert all(k % 8 == 0 or k == graph.groups[n].channels for n, k in kept.items())  # widths of fast kernels
-    predicted = calibrated.table().predict(graph, policy)
-    assert calibrated.cost(graph, policy) == pytest.approx(calibrated.scale * predicted)
-    measured = measure_policy(model, graph, policy, EXAMPLE, digits.train, batch=256, threads=1)
-    assert 0.5 * measured <= calibrated.cost(graph, policy) <= 2 * measured  # measured twice: close, not equal
-    with pytest.raises(ValueError, match="scale"):
-        zb.Latency(ms=1, scale=0.0)
+    policies = calibration_policies(graph)
+    assert len({str(p.groups) for p in policies}) == len(policies) >= 1  # the same policy is not timed twice
+    for policy in policies:
+        kept = {n: policy[n].kept for n in graph.groups if graph.groups[n].prunable}
+        assert all(k % 8 == 0 or k == graph.groups[n].channels for n, k in kept.items())  # widths of fast kernels
+    predicted = calibrated.table().predict(graph, policies[0])
+    assert calibrated.cost(graph, policies[0]) == pytest.approx(calibrated.scale * predicted ** calibrated.power)
+    measured = measure_policy(model, graph, policies[0], EXAMPLE, digits.train, batch=256, threads=1)
+    assert 0.5 * measured <= calibrated.cost(graph, policies[0]) <= 2 * measured  # measured twice: close
+
+
+def test_the_fit_follows_the_measurements_shape(graph):
+    """scale × table ** power through measured times: an exact power law is recovered, the power is kept within
+    [0.5, 1.5], and predictions that hardly differ fit a scale alone."""
+    budget = zb.Latency(ms=1.0, batch=8)
+    policies = [_policy(graph, k) for k in (1, 4, 8)]
+    table = [budget.table().predict(graph, p) for p in policies]
+    assert table[-1] > 1.1 * table[0]
+    fit = budget.calibrated(graph, policies, [2.0 * t ** 0.8 for t in table])
+    assert fit.power == pytest.approx(0.8) and fit.scale == pytest.approx(2.0)
+    assert [fit.cost(graph, p) for p in policies] == pytest.approx([2.0 * t ** 0.8 for t in table])
+    assert budget.calibrated(graph, policies, [t ** 3 for t in table]).power == 1.5
+    same = budget.calibrated(graph, policies[-1:] * 3, [3.0, 3.3, 2.7])
+    assert same.power == 1.0 and same.scale == pytest.approx(3.0 / table[-1], rel=0.01)
 
 
 def test_the_table_is_made_monotone_without_carrying_outliers():
