@@ -31,6 +31,32 @@ RESULTS = ROOT / "bench" / "results" / "sweep.json"
 DOCS = ROOT / "docs" / "sweep"
 
 
+def _record(args: argparse.Namespace, budgets: list[str], strategies: list[str], options: dict, walls: dict) -> dict:
+    """What bench/results/sweep.json holds: each run of the Ray sweep beside the same run done serially."""
+    ray_runs = {r["name"]: json.loads((walls["ray"]["out"] / r["dir"] / "result.json").read_text())
+                for r in walls["ray"]["summary"]["runs"] if r["status"] == "done"}
+    serial_runs = {}
+    if "serial" in walls:
+        serial_runs = {r["name"]: json.loads((walls["serial"]["out"] / r["dir"] / "result.json").read_text())
+                       for r in walls["serial"]["summary"]["runs"] if r["status"] == "done"}
+    record = {
+        "model": args.model, "budgets": budgets, "strategies": strategies, "epochs": args.epochs, "seed": args.seed,
+        "options": options, "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or 'x86_64'})",
+        "runs": len(budgets) * len(strategies),
+        "ray_seconds": walls["ray"]["wall_seconds"], "serial_seconds": walls.get("serial", {}).get("wall_seconds"),
+        "rows": [{"name": name, "strategy": r["strategy"], "budget": r["budget_text"], "accuracy": r["accuracy"],
+                  "file_bytes": r["file_bytes"], "ratio": r["ratio"], "ray_run_seconds": r["seconds"],
+                  "serial_accuracy": serial_runs.get(name, {}).get("accuracy"),
+                  "serial_run_seconds": serial_runs.get(name, {}).get("seconds")}
+                 for name, r in ray_runs.items()],
+        "failed": {r["name"]: r.get("error", r["status"]) for r in walls["ray"]["summary"]["runs"]
+                   if r["status"] != "done"},
+        "baseline_accuracy": walls["ray"]["summary"]["baseline_accuracy"]}
+    if record["serial_seconds"]:
+        record["speedup"] = record["serial_seconds"] / record["ray_seconds"]
+    return record
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
@@ -67,27 +93,7 @@ def main() -> int:
         for r in summary["runs"]:  # a budget a strategy cannot meet is a result too (the report lists it)
             if r["status"] != "done":
                 print(f"{mode}: {r['name']} {r['status']}: {r.get('error', '')}")
-    ray_runs = {r["name"]: json.loads((walls["ray"]["out"] / r["dir"] / "result.json").read_text())
-                for r in walls["ray"]["summary"]["runs"] if r["status"] == "done"}
-    serial_runs = {}
-    if "serial" in walls:
-        serial_runs = {r["name"]: json.loads((walls["serial"]["out"] / r["dir"] / "result.json").read_text())
-                       for r in walls["serial"]["summary"]["runs"] if r["status"] == "done"}
-    record = {
-        "model": args.model, "budgets": budgets, "strategies": strategies, "epochs": args.epochs, "seed": args.seed,
-        "options": common["options"], "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or 'x86_64'})",
-        "runs": len(budgets) * len(strategies),
-        "ray_seconds": walls["ray"]["wall_seconds"], "serial_seconds": walls.get("serial", {}).get("wall_seconds"),
-        "rows": [{"name": name, "strategy": r["strategy"], "budget": r["budget_text"], "accuracy": r["accuracy"],
-                  "file_bytes": r["file_bytes"], "ratio": r["ratio"], "ray_run_seconds": r["seconds"],
-                  "serial_accuracy": serial_runs.get(name, {}).get("accuracy"),
-                  "serial_run_seconds": serial_runs.get(name, {}).get("seconds")}
-                 for name, r in ray_runs.items()],
-        "failed": {r["name"]: r.get("error", r["status"]) for r in walls["ray"]["summary"]["runs"]
-                   if r["status"] != "done"},
-        "baseline_accuracy": walls["ray"]["summary"]["baseline_accuracy"]}
-    if record["serial_seconds"]:
-        record["speedup"] = record["serial_seconds"] / record["ray_seconds"]
+    record = _record(args, budgets, strategies, common["options"], walls)
     RESULTS.write_text(json.dumps(record, indent=1))
     shutil.rmtree(DOCS, ignore_errors=True)
     shutil.copytree(walls["ray"]["out"] / "figures", DOCS / "figures")

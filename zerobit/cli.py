@@ -238,22 +238,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return w
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zerobit", description="Joint pruning + quantization under a real budget.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a zoo model with its recipe and write its checkpoint + card")
-    t.add_argument("--model", required=True)
-    t.add_argument("--epochs", type=int, default=0, help="override the recipe's epochs")
-    t.add_argument("--out", default=None, help="checkpoint folder (default: the zoo's)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--quiet", action="store_true")
-    t.set_defaults(func=_cmd_train)
+def _add_compress(sub) -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a zoo model under a budget")
     c.add_argument("--model", default="resnet20")
     c.add_argument("--data", default="fashion-mnist")
     c.add_argument("--budget", required=True, help="1/32 (of fp32 file), 40KB, 40000B, bops=1/64, macs=1/4, "
                    "latency=2.5ms (onnxruntime, batch 1, 1 thread), latency=1/4,batch=64,threads=2")
-    c.add_argument("--strategy", default="uniform", help="uniform, sequential, opq, admm, ajpq")
+    c.add_argument("--strategy", default="uniform", help="uniform, sequential, opq, admm, ajpq, sbs")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy setting, repeatable (e.g. --option episodes=300 --option checkpoint=s.state)")
     c.add_argument("--finetune-epochs", type=float, default=1.0)
@@ -266,11 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_compress)
-    e = sub.add_parser("eval", help="test accuracy of a .zbit file")
-    e.add_argument("file")
-    e.add_argument("--data", default="fashion-mnist")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(func=_cmd_eval)
+    return c
+
+
+def _add_export(sub) -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a .zbit file as a deployable ONNX file (onnxruntime)")
     x.add_argument("file", help="a .zbit file of a zoo model")
     x.add_argument("--format", default="onnx")
@@ -282,6 +272,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", default="fashion-mnist", help="calibration and parity data ('' for none)")
     x.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs .zbit parity check")
     x.set_defaults(func=_cmd_export)
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zerobit", description="Joint pruning + quantization under a real budget.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a zoo model with its recipe and write its checkpoint + card")
+    t.add_argument("--model", required=True)
+    t.add_argument("--epochs", type=int, default=0, help="override the recipe's epochs")
+    t.add_argument("--out", default=None, help="checkpoint folder (default: the zoo's)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+    c = _add_compress(sub)
+    e = sub.add_parser("eval", help="test accuracy of a .zbit file")
+    e.add_argument("file")
+    e.add_argument("--data", default="fashion-mnist")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+    _add_export(sub)
     w = _add_sweep(sub)
     r = sub.add_parser("report", help="write DIR/report.html (Pareto fronts, per-layer maps, every number)")
     r.add_argument("folder", help="a sweep folder or a compress --out folder")

@@ -153,46 +153,59 @@ def sweep(budgets: Sequence[str], strategies: Sequence[str], out: str | os.PathL
     runs = [SweepRun(s, b) for s in strategies for b in budgets]
     root = Path(out)
     (root / "runs").mkdir(parents=True, exist_ok=True)
-    status = {r.name: "done" if finished(settings, r, root / "runs" / r.name) else "left" for r in runs}
-    errors: dict[str, str] = {}
     meta = {"model": model, "data": data, "finetune_epochs": float(finetune_epochs), "seed": seed,
             "budgets": list(budgets), "strategies": list(strategies), "options": options or {}, "device": device,
             "mode": "ray" if ray_address else "local", "ray_address": ray_address, "cpus_per_run": cpus_per_run,
             "gpus_per_run": gpus_per_run}
-    start = time.perf_counter()
-    todo = [r for r in runs if status[r.name] == "left"]
-    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="sweep", unit="run", disable=not progress)
-
-    def finish(run: SweepRun, files: dict[str, bytes] | None, error: str | None) -> None:
-        if error is None:
-            if finished(settings, run, root / "runs" / run.name) is None:  # the run wrote on another machine
-                _write_files(root / "runs" / run.name, files)
-            status[run.name] = "done"
-        else:
-            status[run.name], errors[run.name] = "failed", error
-            bar.write(f"sweep: {run.name} failed: {error}")
-        bar.update(1)
-        _save_meta(root, meta, runs, status, errors, time.perf_counter() - start)
-
-    def show(running: int) -> None:
-        left = sum(v == "left" for v in status.values()) - running
-        bar.set_postfix_str(f"done {sum(v == 'done' for v in status.values())}, running {running}, left {left}, "
-                            f"failed {len(errors)}")
-
-    _save_meta(root, meta, runs, status, errors, 0.0)
+    ledger = _Ledger(settings, runs, root, meta, progress)
     try:
         if ray_address:
-            _on_ray(settings, todo, root, objects, ray_address, cpus_per_run, gpus_per_run, finish, show)
+            _on_ray(settings, ledger.todo, root, objects, ray_address, cpus_per_run, gpus_per_run, ledger.finish,
+                    ledger.show)
         else:
-            _here(settings, todo, root, objects, finish, show)
+            _here(settings, ledger.todo, root, objects, ledger.finish, ledger.show)
     finally:
-        bar.close()
-    summary = _save_meta(root, meta, runs, status, errors, time.perf_counter() - start)
+        ledger.bar.close()
+    summary = ledger.save()
     if report:
         from zerobit.report import write_report
 
         summary["report"] = str(write_report(root))
     return summary
+
+
+class _Ledger:
+    """Where a sweep stands — each run done, left or failed — saved to DIR/sweep.json at every change and shown on a
+    progress bar. Runs finished earlier with the same settings count as done and are not run again (`todo`)."""
+
+    def __init__(self, settings: SweepSettings, runs: list[SweepRun], root: Path, meta: dict, progress: bool):
+        self.settings, self.runs, self.root, self.meta = settings, runs, root, meta
+        self.status = {r.name: "done" if finished(settings, r, root / "runs" / r.name) else "left" for r in runs}
+        self.errors: dict[str, str] = {}
+        self.todo = [r for r in runs if self.status[r.name] == "left"]
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=len(runs), initial=len(runs) - len(self.todo), desc="sweep", unit="run",
+                        disable=not progress)
+        self.save()
+
+    def save(self) -> dict:
+        return _save_meta(self.root, self.meta, self.runs, self.status, self.errors, time.perf_counter() - self.start)
+
+    def finish(self, run: SweepRun, files: dict[str, bytes] | None, error: str | None) -> None:
+        if error is None:
+            if finished(self.settings, run, self.root / "runs" / run.name) is None:  # written on another machine
+                _write_files(self.root / "runs" / run.name, files)
+            self.status[run.name] = "done"
+        else:
+            self.status[run.name], self.errors[run.name] = "failed", error
+            self.bar.write(f"sweep: {run.name} failed: {error}")
+        self.bar.update(1)
+        self.save()
+
+    def show(self, running: int) -> None:
+        done = sum(v == "done" for v in self.status.values())
+        left = sum(v == "left" for v in self.status.values()) - running
+        self.bar.set_postfix_str(f"done {done}, running {running}, left {left}, failed {len(self.errors)}")
 
 
 def _check(budgets: Sequence[str], strategies: Sequence[str], options: dict[str, dict]) -> None:

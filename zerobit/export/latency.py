@@ -138,24 +138,7 @@ def _layer_model(shape: LayerShape, cin: int, cout: int, weights: str, act: str,
         nodes += [helper.make_node("QuantizeLinear", ["x", s, z], ["xq"]),
                   helper.make_node("DequantizeLinear", ["xq", s, z], ["xd"])]
         value = "xd"
-    codes = rng.integers(-7, 8, wshape)
-    if weights == "float":
-        constant("w", (codes * 0.01).astype(np.float32))
-    else:
-        scale = constant("ws", np.full(cout, 0.01, np.float32))
-        if weights == "int4":
-            flat = (codes.astype(np.int8).ravel() & 0x0F).astype(np.uint8)
-            flat = np.append(flat, np.uint8(0)) if flat.size % 2 else flat
-            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-            inits.append(helper.make_tensor("wq", TensorProto.INT4, wshape, packed, raw=True))
-            nodes.append(helper.make_node("DequantizeLinear", ["wq", scale], ["w"], axis=0))
-        elif weights == "uint8":
-            constant("wq", (codes + 128).astype(np.uint8))
-            zp = constant("wz", np.full(cout, 128, np.uint8))
-            nodes.append(helper.make_node("DequantizeLinear", ["wq", scale, zp], ["w"], axis=0))
-        else:
-            constant("wq", codes.astype(np.int8))
-            nodes.append(helper.make_node("DequantizeLinear", ["wq", scale], ["w"], axis=0))
+    nodes += _weight_nodes(rng.integers(-7, 8, wshape), weights, constant, inits)
     bias = constant("b", np.zeros(cout, np.float32))
     if shape.kind == "linear":
         nodes.append(helper.make_node("Gemm", [value, "w", bias], ["y"], transB=1))
@@ -173,6 +156,29 @@ def _layer_model(shape: LayerShape, cin: int, cout: int, weights: str, act: str,
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), x
+
+
+def _weight_nodes(codes: np.ndarray, weights: str, constant, inits: list) -> list:
+    """Nodes that make the layer's float weight "w" from `codes` stored in format `weights` (as export_onnx
+    stores them: per-output-channel scales, int4 packed two to a byte), adding their initializers."""
+    from onnx import TensorProto, helper
+
+    if weights == "float":
+        constant("w", (codes * 0.01).astype(np.float32))
+        return []
+    scale = constant("ws", np.full(codes.shape[0], 0.01, np.float32))
+    if weights == "int4":
+        flat = (codes.astype(np.int8).ravel() & 0x0F).astype(np.uint8)
+        flat = np.append(flat, np.uint8(0)) if flat.size % 2 else flat
+        packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+        inits.append(helper.make_tensor("wq", TensorProto.INT4, codes.shape, packed, raw=True))
+        return [helper.make_node("DequantizeLinear", ["wq", scale], ["w"], axis=0)]
+    if weights == "uint8":
+        constant("wq", (codes + 128).astype(np.uint8))
+        zero = constant("wz", np.full(codes.shape[0], 128, np.uint8))
+        return [helper.make_node("DequantizeLinear", ["wq", scale, zero], ["w"], axis=0)]
+    constant("wq", codes.astype(np.int8))
+    return [helper.make_node("DequantizeLinear", ["wq", scale], ["w"], axis=0)]
 
 
 def _boundary_model(x: np.ndarray, quantized: bool):

@@ -410,6 +410,21 @@ def _write_inputs(g: _Graph, decoded: nn.Module, nodes: dict[str, object], kinds
     return quantized
 
 
+def _quantize_float_edges(g: _Graph, decoded: nn.Module, nodes: dict, data, max_calibration: int,
+                          percentile: float) -> int:
+    """Mode "fast": quantize the tensors between quantized layers that the .zbit model keeps in float, with scales
+    calibrated on `data`; returns how many."""
+    edges = _float_edges(g, [nodes[n] for n in nodes if _input_quants(decoded).get(n) is not None])
+    if not edges:
+        return 0
+    if data is None:
+        raise ValueError(f"mode 'fast' quantizes {len(edges)} tensors the .zbit model keeps in float and needs "
+                         "calibration_data= (a few hundred inputs) for their scales; or pass mode='exact'")
+    for value, (scale, signed) in calibrate(g.model, edges, data, max_calibration, percentile).items():
+        _quantize_edge(g, value, scale, signed)
+    return len(edges)
+
+
 def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = None, example_inputs=None,
                 calibration_data=None, mode: str = "fast", int4: bool = True, max_calibration: int = 512,
                 percentile: float = 0.9999) -> OnnxReport:
@@ -456,16 +471,8 @@ def export_onnx(source, path: str | os.PathLike, *, model: nn.Module | None = No
         quantized = _write_inputs(g, decoded, nodes, report.layers, mode)
         if mode == "fast":
             _share_quantized_inputs(g, quantized)
-            edges = _float_edges(g, [nodes[n] for n in nodes if _input_quants(decoded).get(n) is not None])
-            if edges:
-                data = calibration_data if calibration_data is not None else default_data
-                if data is None:
-                    raise ValueError(f"mode 'fast' quantizes {len(edges)} tensors the .zbit model keeps in float and "
-                                     "needs calibration_data= (a few hundred inputs) for their scales; or pass "
-                                     "mode='exact'")
-                for value, (scale, signed) in calibrate(g.model, edges, data, max_calibration, percentile).items():
-                    _quantize_edge(g, value, scale, signed)
-                report.calibrated = len(edges)
+            data = calibration_data if calibration_data is not None else default_data
+            report.calibrated = _quantize_float_edges(g, decoded, nodes, data, max_calibration, percentile)
         final = clean(g.model)
         onnx.checker.check_model(final, full_check=True)
         onnx.save(final, str(path))

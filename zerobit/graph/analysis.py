@@ -386,39 +386,7 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
             if grouped or isinstance(exc, CouplingLoopError):  # files before version 6: only walks that never end
                 unwalked.add(name)
             continue
-        members, prunable = [], module not in ignored
-        for item in group:
-            dep, idxs = item.dep, item.idxs
-            target = dep.target.module
-            tname = names.get(target)
-            if tname not in layers:
-                continue
-            layer = layers[tname]
-            if layer.kind == "embedding":  # the group shortens the embedding's rows: an input of the table
-                per, rest = divmod(len(idxs), channels)
-                if rest or not per:
-                    prunable = False
-                elif (name, per) not in layer.in_sources:
-                    layer.in_sources.append((name, per))
-            elif dg.is_out_channel_pruning_fn(dep.handler):
-                if layer.out_channels != channels or layer.out_group not in ("", name) or \
-                        list(item.root_idxs) != list(idxs):
-                    # coupling Torch-Pruning reports but channels cannot follow one for one (x * gate with a
-                    # 1-channel gate broadcast over x; a channel shuffle): both keep every channel, own groups
-                    prunable = False
-                    continue
-                if tname not in members:
-                    members.append(tname)
-                    layer.out_group = name
-                prunable = prunable and target not in ignored
-                if layer.kind == "depthwise":
-                    layer.in_sources = [(name, 1)]
-            elif layer.kind != "depthwise":
-                per, rest = divmod(len(idxs), channels)
-                if rest or not per:
-                    prunable = False
-                elif (name, per) not in layer.in_sources:
-                    layer.in_sources.append((name, per))
+        members, prunable = _members(dg, group, name, channels, names, layers, ignored, module not in ignored)
         if name not in members:  # the walk does not map the layer's own channels one for one (GPT-J's q_proj)
             members, prunable = [name, *members], False
             layers[name].out_group = name
@@ -428,6 +396,49 @@ def _coupled_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict[nn.Mod
         merge_rotary_heads(model, names, layers, groups, unwalked, ignored, example_inputs, grouped)
     _tie_or_freeze(layers, groups)
     return groups
+
+
+def _members(dg: tp.DependencyGraph, group, name: str, channels: int, names: dict[nn.Module, str],
+             layers: dict[str, Layer], ignored: list[nn.Module], prunable: bool) -> tuple[list[str], bool]:
+    """The layers whose output channels follow layer `name`'s in Torch-Pruning's `group`, and whether the group
+    stays prunable; records on each layer that reads the group how (`Layer.in_sources`)."""
+    members = []
+    for item in group:
+        dep, idxs = item.dep, item.idxs
+        target = dep.target.module
+        tname = names.get(target)
+        if tname not in layers:
+            continue
+        layer = layers[tname]
+        if layer.kind == "embedding":  # the group shortens the embedding's rows: an input of the table
+            prunable = _reads(layer, name, idxs, channels) and prunable
+        elif dg.is_out_channel_pruning_fn(dep.handler):
+            if layer.out_channels != channels or layer.out_group not in ("", name) or \
+                    list(item.root_idxs) != list(idxs):
+                # coupling Torch-Pruning reports but channels cannot follow one for one (x * gate with a
+                # 1-channel gate broadcast over x; a channel shuffle): both keep every channel, own groups
+                prunable = False
+                continue
+            if tname not in members:
+                members.append(tname)
+                layer.out_group = name
+            prunable = prunable and target not in ignored
+            if layer.kind == "depthwise":
+                layer.in_sources = [(name, 1)]
+        elif layer.kind != "depthwise":
+            prunable = _reads(layer, name, idxs, channels) and prunable
+    return members, prunable
+
+
+def _reads(layer: Layer, source: str, idxs, channels: int) -> bool:
+    """Record that `layer` reads group `source` (`idxs`: a whole number of its inputs per channel); False where
+    they do not map one for one, and the group then keeps every channel."""
+    per, rest = divmod(len(idxs), channels)
+    if rest or not per:
+        return False
+    if (source, per) not in layer.in_sources:
+        layer.in_sources.append((source, per))
+    return True
 
 
 def _kept_whole(layers: dict[str, Layer], groups: dict[str, ChannelGroup], name: str) -> None:

@@ -123,11 +123,7 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
                          drop_last=True)
     steps = int(round(epochs * num_batches(batches))) if steps is None else steps
     if config.processes > 1 and steps > 0 and not initialized():
-        if penalty is not None or on_epoch is not None or checkpoint is not None:
-            raise ValueError(f"FinetuneConfig.processes={config.processes}: this fine-tune takes a callback "
-                             "or a checkpoint (penalty, on_epoch, checkpoint: as the SBS and ADMM searches do) that "
-                             "cannot be sent to other processes; run your script under torchrun --nproc_per_node="
-                             f"{config.processes} instead (see zerobit.train.distributed), or use processes=1")
+        _check_sendable(config.processes, penalty, on_epoch, checkpoint)
         return spawn_finetune(model, train_data, config, teacher, processes=config.processes, task=task,
                               steps=steps, progress=progress)
     spec = LoopSpec(steps=steps, lr=config.lr, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
@@ -145,6 +141,16 @@ def finetune(model: nn.Module, train_data: Iterable, config: FinetuneConfig | No
 
     return fit(model, batches, spec, loss_fn, progress=progress, desc="fine-tune", after_step=sync,
                on_epoch=on_epoch, checkpoint=checkpoint)
+
+
+def _check_sendable(processes: int, *callbacks: Any) -> None:
+    """A fine-tune spawned in `processes` processes cannot take callbacks or a checkpoint (penalty, on_epoch,
+    checkpoint): they cannot be sent to the other processes."""
+    if any(c is not None for c in callbacks):
+        raise ValueError(f"FinetuneConfig.processes={processes}: this fine-tune takes a callback or a checkpoint "
+                         "(penalty, on_epoch, checkpoint: as the SBS and ADMM searches do) that cannot be sent to "
+                         f"other processes; run your script under torchrun --nproc_per_node={processes} instead "
+                         "(see zerobit.train.distributed), or use processes=1")
 
 
 def _learn_steps(model: nn.Module) -> Callable[[], None]:
