@@ -17,11 +17,12 @@ def table_check_lines(rows: list[dict], cpu: str) -> list[str]:
             f"model, widths rounded to multiples of 8 (×8) and as they fall (×1), each exported and timed): "
             f"widths ×8: {stats(aligned)}; widths ×1: {stats(free)}; all: {stats(checked)}")
     if single:
-        head += (f". Predicted as a `Latency` budget predicts: the table fitted (scale × table^power) to the "
-                 f"model's `calibration_policies` (1, 3/4 and 0.3 of every group's channels, ×8, 8 bits; rows "
-                 f"*calibration*, not counted, nor any policy equal to one of them). *one-policy scale*: the "
-                 f"earlier fit, a scale alone set on the 3/4 policy — {stats(single, 'single_error')}. Every file "
-                 f"of a model is timed interleaved with the others (median of 300 rounds at batch 1, 30 at 64)")
+        head += (f". Predicted as a `Latency` budget predicts: the table times a scale fitted to the model's "
+                 f"`calibration_policies` (1, 3/4 and 0.3 of every group's channels, ×8, 8 bits: the geometric mean "
+                 f"of measured / predicted; rows *calibration*, not counted, nor timed again at the same widths). "
+                 f"*one-policy scale*: the earlier calibration, on the 3/4 policy alone — "
+                 f"{stats(single, 'single_error')}. Every file of a model is timed interleaved with the others "
+                 f"(median of 300 rounds at batch 1, 30 at 64)")
     out = [head + ".", "", "| model | batch | keep | bits | widths | measured ms | predicted ms | error | "
            "one-policy scale |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -208,7 +208,7 @@ def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> Sea
         measured = _measured_ms(problem, found.policy, limit)
         predicted = problem.budget.cost(problem.graph, found.policy)
         found.info |= {"latency_ms": measured, "latency_predicted_ms": predicted, "latency_tries": attempt,
-                       "latency_scale": budget.scale, "latency_power": budget.power}
+                       "latency_scale": budget.scale}
         if measured <= limit and (best is None or measured > best.info["latency_ms"]):
             best = found
         if LATENCY_CLOSE * limit <= measured <= limit or attempt == LATENCY_TRIES:

@@ -186,10 +186,9 @@ _TABLES: dict[tuple, object] = {}  # (batch, threads, cache folder) → LatencyT
 @dataclass(frozen=True)
 class Latency(Budget):
     """Milliseconds of one onnxruntime call of the exported model on this machine (fraction = of the fp32
-    model's), predicted from a per-layer table measured once per machine (zerobit.export.latency) and fitted to
-    the model: `scale` × table ** `power`, set by `measured_against` from measured times of the model's
-    `calibration_policies` (layers timed alone run faster or slower than in a whole model, and the machine runs
-    faster or slower from one hour to the next).
+    model's), predicted from a per-layer table measured once per machine (zerobit.export.latency) times `scale`,
+    set by `measured_against` from measured times of the model's `calibration_policies` (layers timed alone run
+    faster or slower than in a whole model, and the machine runs faster or slower from one hour to the next).
 
     Example:
         >>> Latency(ms=2.5, batch=64).unit
@@ -202,7 +201,6 @@ class Latency(Budget):
     runtime: str = "onnxruntime"
     threads: int = 1
     scale: float = 1.0
-    power: float = 1.0
     unit = "ms"
 
     def __post_init__(self) -> None:
@@ -213,9 +211,8 @@ class Latency(Budget):
             raise ValueError(f"Latency runtime {self.runtime!r} is not supported; use 'onnxruntime'")
         if self.batch < 1 or self.threads < 0:
             raise ValueError("Latency needs batch ≥ 1 and threads ≥ 0 (0 = onnxruntime's default)")
-        for name in ("scale", "power"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"Latency {name} must be a positive number, not {getattr(self, name)!r}")
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"Latency scale must be a positive number, not {self.scale!r}")
 
     def table(self):
         from zerobit.export.latency import LatencyTable, cache_dir
@@ -225,12 +222,8 @@ class Latency(Budget):
             _TABLES[key] = LatencyTable(self.batch, self.threads)
         return _TABLES[key]
 
-    def fitted(self, table_ms):
-        """Milliseconds on the model for a table prediction `table_ms` (a number, or a tensor to differentiate)."""
-        return self.scale * table_ms ** self.power
-
     def cost(self, graph: ModelGraph, policy: Policy) -> float:
-        return self.fitted(self.table().predict(graph, policy))
+        return self.scale * self.table().predict(graph, policy)
 
     def measured_against(self, model, graph: ModelGraph, example, data, act_bits: int = 8) -> Latency:
         """This budget fitted to `model` (`calibrated`, on its `calibration_policies`, each exported and measured
@@ -245,17 +238,13 @@ class Latency(Budget):
         return dataclasses.replace(self, ms=ms, fraction=None).calibrated(graph, policies, measured)
 
     def calibrated(self, graph: ModelGraph, policies: list[Policy], measured_ms: list[float]) -> Latency:
-        """This budget with `scale` and `power` fitted to measured milliseconds of `policies` (the one place they
-        are set): log(measured) = log(scale) + power × log(table's prediction), least squares; `power` stays 1
-        unless the predictions differ by more than 10%, and within [0.5, 1.5]. A power against the table's shape:
-        on this project's machine the table timed alone over-predicted the growth with channels of some models and
-        under-predicted others' (BENCHMARKS.md, "Latency table vs whole-model timings")."""
-        predicted = np.log([self.table().predict(graph, p) for p in policies])
-        measured = np.log(np.asarray(measured_ms, dtype=float))
-        power = 1.0
-        if np.ptp(predicted) > math.log(1.1):
-            power = float(np.clip(np.polyfit(predicted, measured, 1)[0], 0.5, 1.5))
-        return dataclasses.replace(self, scale=float(np.exp(np.mean(measured - power * predicted))), power=power)
+        """This budget with `scale` = the geometric mean of measured / predicted milliseconds over `policies` (the
+        one place the scale is set). Several policies from full width down: one timing of one policy can be off by
+        10–20% on a busy machine, and the table errs differently at different widths; fitting a power of the
+        table as well was tried and was no better (BENCHMARKS.md, "Latency table vs whole-model timings")."""
+        predicted = [self.table().predict(graph, p) for p in policies]
+        ratios = np.log(np.asarray(measured_ms, dtype=float) / np.asarray(predicted, dtype=float))
+        return dataclasses.replace(self, scale=float(np.exp(ratios.mean())))
 
     def limit(self, graph: ModelGraph) -> float:
         return float(self.ms) if self.ms is not None else self.fraction * self.reference(graph)

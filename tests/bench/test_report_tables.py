@@ -23,7 +23,7 @@ def test_calibration_rows_are_not_counted_and_aligned_widths_are_summed_apart():
     assert "all: mean |error| 30%, largest 50%" in head  # (50% + 10%) / 2: the calibration row left out
     assert "widths ×8: mean |error| 10%, largest 10%" in head
     assert "widths ×1: mean |error| 50%, largest 50%" in head
-    assert "the 3/4 policy — mean |error| 160%, largest 200%" in head  # 2 × predicted vs measured
+    assert "3/4 policy alone — mean |error| 160%, largest 200%" in head  # 2 × predicted vs measured
     table = [line for line in rest if line.startswith("| m |")]
     assert len(table) == 3 and "calibration" in table[0] and "+50%" in table[1] and "×8" in table[2]
     assert table[1].endswith("| +200% |")

@@ -329,7 +329,7 @@ class GatedNet:
 
                 fmt = weight_format([chosen_bits(self.chain, self.state[out]["gates"])])
                 act = "u8" if float(abits.detach()) < FLOAT_BITS else "float"
-                total = total + budget.table().layer_ms_torch(
+                total = total + budget.scale * budget.table().layer_ms_torch(
                     LayerShape.of(graph, name), inputs_kept(graph, kept, name), kept[out], fmt, act)
             elif isinstance(budget, Latency):
                 continue  # a table lookup: in the whole-model calibration
@@ -339,8 +339,6 @@ class GatedNet:
                 total = total + layer_bops(graph, name, kept, kept[out], 1.0)
             elif not layer.shares:  # a tied weight is stored once, with the layer that owns it
                 total = total + kept[out] * wbits[out] * weights_per_channel(graph, kept, name) / 8
-        if isinstance(budget, Latency):  # the table's milliseconds as fitted to the model
-            total = budget.fitted(total.clamp_min(1e-6))
         if self.steps % 20 == 0:  # what the differentiable count leaves out (headers, scales, biases), exactly
             self._offset = self.problem.cost(self.policy()) - float(total.detach())
         return (total + self._offset).clamp_min(1e-6)
