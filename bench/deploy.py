@@ -161,7 +161,7 @@ def latency_budget_rows(args, splits, model, example, fp32_ms: float) -> list[di
     return rows
 
 
-TABLE_POLICIES = ((1.0, 8), (0.75, 6), (0.6, 8), (0.5, 5), (0.5, 4), (0.4, 6), (0.3, 8), (0.25, 2))  # keep, bits
+TABLE_POLICIES = ((1.0, 8), (0.75, 8), (0.75, 6), (0.6, 8), (0.5, 5), (0.5, 4), (0.4, 6), (0.3, 8), (0.25, 2))  # keep, bits
 
 
 def _widths(policy) -> tuple:
@@ -175,8 +175,8 @@ def table_check(args: argparse.Namespace, splits) -> list[dict]:
     their values) and timed interleaved with the others (`interleaved_ms`: a busy moment of the machine slows every
     file alike). Predicted as a Latency budget predicts: the table times a scale fitted to the model's
     `calibration_policies` (`Latency.calibrated`; those rows are marked and left out of the errors, and policies
-    of the same widths and bits are not timed again). Beside it, the error of the earlier scale, set on the 3/4
-    calibration policy alone."""
+    of the same widths and bits are not timed again). Beside it, the error of the earlier scale, set on the
+    3/4 calibration policy alone."""
     import tempfile
 
     from zerobit.budget import CALIBRATION_KEEP, calibration_policies
