@@ -197,23 +197,15 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
     try:
         while step < spec.steps:
             for batch in batches:
-                if replicas is not None:
-                    batch = replicas.shard(batch)
-                batch = move(batch, device)
-                with autocast(device, spec.precision):
-                    loss = loss_fn(net, batch)
-                opt.zero_grad(set_to_none=True)
-                norm, seen = _backward(loss, replicas, params, spec.clip_norm)
-                if norm is None:
+                done = _train_step(net, batch, loss_fn, spec, opt, params, replicas, device, after_step)
+                if done is None:
                     guard.recover(step)
                     continue
+                norm, loss = done
                 history["clipped"] += int(spec.clip_norm > 0 and norm > spec.clip_norm)
                 history["grad_norm"] = max(history["grad_norm"], norm)
-                opt.step()
-                if after_step is not None:
-                    after_step()
                 sched.step()
-                history["loss"].append(seen.item())
+                history["loss"].append(loss)
                 step += 1
                 guard.passed(step)
                 shown.step(history["loss"][-1], sched.get_last_lr()[0])
@@ -228,6 +220,26 @@ def fit(model: nn.Module, batches: Iterable, spec: LoopSpec, loss_fn: LossFn, pr
         bar.close()
     model.eval()
     return history
+
+
+def _train_step(net: nn.Module, batch: Any, loss_fn: LossFn, spec: LoopSpec, opt: torch.optim.Optimizer,
+                params: list[nn.Parameter], replicas: Replicas | None, device: torch.device,
+                after_step: Callable[[], None] | None) -> tuple[float, float] | None:
+    """One optimiser step on `batch` (this rank's slice of it under DDP): (gradient norm, loss), or None when the
+    loss or gradient was not finite and nothing was applied."""
+    if replicas is not None:
+        batch = replicas.shard(batch)
+    batch = move(batch, device)
+    with autocast(device, spec.precision):
+        loss = loss_fn(net, batch)
+    opt.zero_grad(set_to_none=True)
+    norm, seen = _backward(loss, replicas, params, spec.clip_norm)
+    if norm is None:
+        return None
+    opt.step()
+    if after_step is not None:
+        after_step()
+    return norm, seen.item()
 
 
 class _Shown:
