@@ -284,12 +284,13 @@ class LatencyTable:
         """
         quantized = any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in model.graph.node)
         boundary = _boundary_model(x, quantized)
-        times = []
+        times, before = [], self.reference_now()
         for _ in range(SESSIONS):
-            before = self.reference_now()
             cost = median_ms(self._session(model), {"x": x}, reps=7, min_seconds=0.02) - \
                 median_ms(self._session(boundary), {"x": x}, reps=7, min_seconds=0.02)
-            times.append(cost * self.reference_ms / min(before, self.reference_now()))
+            after = self.reference_now()  # also the next session's "before"
+            times.append(cost * self.reference_ms / min(before, after))
+            before = after
         return max(0.0, min(times))
 
     def _measured(self, shape: LayerShape, weights: str, act: str) -> dict:
