@@ -68,6 +68,11 @@ def test_impossible_budget_names_the_smallest(tmp_path):
     with pytest.raises(BudgetError, match=f"smallest achievable is {floor:,}"):
         Size(bytes=floor - 1).check_feasible(graph, act_bits=8)
     Size(bytes=floor).check_feasible(graph, act_bits=8)
+    # kept channels rounded to multiples of 8: at least 8 of every prunable group (12 and 16 channels here)
+    aligned = smallest_policy(graph, multiple=8)
+    assert [d.kept for d in aligned.groups.values()] == [8, 8, 10]
+    with pytest.raises(BudgetError, match=r"8 channels \(or all of a smaller group; channel_multiple=8\) per group"):
+        Size(bytes=floor).check_feasible(graph, act_bits=8, multiple=8)
 
 
 def test_size_needs_exactly_one_value():

@@ -157,6 +157,8 @@ def test_a_text_model_meets_a_latency_budget_measured_on_its_token_ids(monkeypat
 
     monkeypatch.setenv("ZEROBIT_CACHE", str(tmp_path))
     monkeypatch.setattr("zerobit.export.latency.SESSIONS", 1)  # a behaviour check: one session per timing
+    monkeypatch.setattr("zerobit.export.latency.GRID_FRACTIONS", (1 / 4, 1 / 2))  # and fewer widths per layer
+    monkeypatch.setattr("zerobit.budget.CALIBRATION_KEEP", (1.0,))  # one calibration export (each takes ~14 s)
     model, batches = bert(), token_batches(3, 8, 0)
     example = {k: v[:2] for k, v in batches[0].items() if k != "labels"}
     graph = zb.analyse(model, example)

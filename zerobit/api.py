@@ -220,7 +220,7 @@ def _meet_latency(problem: Problem, strat: Strategy, found: SearchResult) -> Sea
                   f"searching again under {target:.3f} ms predicted")
         retry = dataclasses.replace(budget, ms=target, fraction=None)
         try:
-            retry.check_feasible(problem.graph, problem.act_bits)
+            retry.check_feasible(problem.graph, problem.act_bits, problem.channel_multiple)
         except BudgetError:
             break
         again = _search(strat, dataclasses.replace(problem, budget=retry), previous=found)
@@ -238,7 +238,7 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
              finetune_config: FinetuneConfig | None = None, act_bits: int = 8, model_name: str = "",
              progress: bool = True, ignored_layers: list[str] | None = None,
              device: DeviceLike = "auto", task: Task | str | None = None,
-             channel_multiple: int = 1) -> CompressResult:
+             channel_multiple: int | None = None) -> CompressResult:
     """Compress `model` to fit `budget`: choose per-channel bits (0 = removed), fine-tune, measure.
 
     Args:
@@ -266,9 +266,11 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
             outputs), or your own ``zerobit.Task``.
         channel_multiple: keep a multiple of this many channels in every prunable group (at least this many, or
             all): onnxruntime's integer convolutions run widths of multiples of 8 or 16 about twice as fast as the
-            widths just below them (measured in BENCHMARKS.md), so 8 suits a model deployed there. Uniform and
-            sequential search over such widths; other strategies' policies are rounded down after their search
-            (lowest-importance channels removed first), which keeps them within the budget.
+            widths just below them (measured in BENCHMARKS.md), so 8 suits a model deployed there. Uniform,
+            sequential and AJPQ search over such widths; other strategies' policies are rounded down after
+            their search (lowest-importance channels removed first), which keeps them within the budget.
+            Default (None): 8 for a `Latency` that widths of multiples of 8 can reach (`default_multiple`), 1
+            (any width) otherwise; `result.info["channel_multiple"]` says which.
 
     Example:
         >>> # r = compress(model, torch.zeros(1, 1, 28, 28), Size(fraction=1/32), "sequential",
@@ -276,7 +278,8 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
         >>> # r.save("small.zbit")
     """
     _check_inputs(model, example_inputs, budget, train_data, eval_data)
-    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+    if channel_multiple is not None and (isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int)
+                                         or channel_multiple < 1):
         raise ValueError(f"channel_multiple must be a whole number ≥ 1 (1 = any width), not {channel_multiple!r}")
     task = get_task(task)
     dev = resolve(device)
@@ -314,7 +317,7 @@ def _finetune_checkpoint(config: FinetuneConfig, policy: Policy, problem: Proble
 def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: str | Strategy,
               train_data: Iterable, eval_data: Iterable, test_data: Iterable | None,
               finetune_config: FinetuneConfig, act_bits: int, model_name: str, progress: bool,
-              ignored_layers: list[str] | None, task: Task, channel_multiple: int = 1) -> CompressResult:
+              ignored_layers: list[str] | None, task: Task, channel_multiple: int | None = None) -> CompressResult:
     clock: dict[str, float] = {}
     t = time.perf_counter()
     strat = get_strategy(strategy)
@@ -323,7 +326,12 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
     graph.model_name = model_name
     if isinstance(budget, Latency):  # calibrated on this model; a fraction of fp32's latency is measured
         budget = budget.measured_against(model, graph, example_inputs, train_data, act_bits)
-    budget.check_feasible(graph, act_bits)
+    if channel_multiple is None:
+        channel_multiple = budget.default_multiple(graph, act_bits)
+        if channel_multiple != budget.channel_multiple and progress:
+            print(f"budget {amount(budget.limit(graph))} {budget.unit} is out of reach of widths of multiples of "
+                  f"{budget.channel_multiple}: every width is searched (channel_multiple=1)")
+    budget.check_feasible(graph, act_bits, channel_multiple)
     teacher = inference_copy(model, graph)
     task = task.bind(teacher)
     problem = Problem(model, graph, budget, example_inputs, train_data, eval_data, group_scores(model, graph),
@@ -336,6 +344,7 @@ def _compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: s
     if isinstance(budget, Latency):
         found = _meet_latency(problem, strat, found)
     clock["search"] = time.perf_counter() - t
+    found.info["channel_multiple"] = channel_multiple
     if not isinstance(budget, Latency) and not problem.fits(found.policy):  # a latency is checked measured
         raise BudgetError(f"strategy {strat.name!r} returned a policy over budget "
                           f"({amount(problem.cost(found.policy))} > {amount(problem.limit)} {budget.unit})")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from zerobit.graph import ModelGraph
-from zerobit.policy import FLOAT_BITS, GroupDecision, Policy, repeat
+from zerobit.policy import FLOAT_BITS, GroupDecision, Policy, aligned_count, aligns, repeat
 from zerobit.quant.apply import KeptCounts, kept_per_channel, weights_per_channel
 
 
@@ -81,10 +81,13 @@ def calibration_policies(graph: ModelGraph, act_bits: int = 8) -> list[Policy]:
     return policies
 
 
-def smallest_policy(graph: ModelGraph, act_bits: int = 8, min_bits: int = 2) -> Policy:
-    """One channel per prunable group (one per block of a tied group), every channel at `min_bits`."""
-    groups = {n: repeat(GroupDecision((min_bits,) * (1 if g.prunable else g.block) + (0,) * (g.block - 1 if
-                                      g.prunable else 0)), g.tie, g.span) for n, g in graph.groups.items()}
+def smallest_policy(graph: ModelGraph, act_bits: int = 8, min_bits: int = 2, multiple: int = 1) -> Policy:
+    """One channel per prunable group (one per block of a tied group; with `multiple` > 1, as many as
+    `aligned_count` keeps at least), every channel at `min_bits`."""
+    groups = {}
+    for n, g in graph.groups.items():
+        kept = g.block if not g.prunable else aligned_count(1, g.block, multiple) if aligns(g, multiple) else 1
+        groups[n] = repeat(GroupDecision((min_bits,) * kept + (0,) * (g.block - kept)), g.tie, g.span)
     return Policy(groups, act_bits)
 
 
@@ -102,15 +105,28 @@ class Budget:
         """Cost of the uncompressed model, for fractions and reports."""
         return self.cost(graph, float_policy(graph))
 
-    def check_feasible(self, graph: ModelGraph, act_bits: int) -> None:
-        """Raise BudgetError at once when even the smallest policy misses the budget."""
-        floor = self.cost(graph, smallest_policy(graph, act_bits))
+    def check_feasible(self, graph: ModelGraph, act_bits: int, multiple: int = 1) -> None:
+        """Raise BudgetError at once when even the smallest policy (kept channels rounded to `multiple`) misses
+        the budget."""
+        floor = self.cost(graph, smallest_policy(graph, act_bits, multiple=multiple))
         if floor > self.limit(graph):
             raise BudgetError(f"budget {self} = {self.limit(graph):,.0f} {self.unit} cannot be met: the smallest "
-                              f"achievable is {floor:,.0f} {self.unit} (one channel per group at 2 bits, "
+                              f"achievable is {floor:,.0f} {self.unit} ({_fewest(multiple)} per group at 2 bits, "
                               f"{act_bits}-bit activations)")
 
     unit = ""
+    channel_multiple = 1  # the widths compress searches when it is given no channel_multiple (see Latency)
+
+    def default_multiple(self, graph: ModelGraph, act_bits: int) -> int:
+        """compress's channel_multiple when none is given."""
+        return self.channel_multiple
+
+
+def _fewest(multiple: int) -> str:
+    """The fewest channels a group keeps, in words, for refusals."""
+    if multiple == 1:
+        return "one channel"
+    return f"{multiple} channels (or all of a smaller group; channel_multiple={multiple})"
 
 
 @dataclass(frozen=True)
@@ -189,6 +205,7 @@ class Latency(Budget):
     model's), predicted from a per-layer table measured once per machine (zerobit.export.latency) times `scale`,
     set by `measured_against` from measured times of the model's `calibration_policies` (layers timed alone run
     faster or slower than in a whole model, and the machine runs faster or slower from one hour to the next).
+    `compress` searches it over widths of multiples of 8 where they can reach it (`default_multiple`).
 
     Example:
         >>> Latency(ms=2.5, batch=64).unit
@@ -202,6 +219,10 @@ class Latency(Budget):
     threads: int = 1
     scale: float = 1.0
     unit = "ms"
+    # onnxruntime's integer convolutions run hardly faster at 4–7 channels than at 8 and slower at most widths
+    # between multiples of 8 than at the next multiple (bench/widths.py): latencies are searched over multiples of
+    # 8 where they can reach the budget (default_multiple)
+    channel_multiple = 8
 
     def __post_init__(self) -> None:
         given = [v for v in (self.ms, self.fraction) if v is not None]
@@ -227,12 +248,12 @@ class Latency(Budget):
 
     def measured_against(self, model, graph: ModelGraph, example, data, act_bits: int = 8) -> Latency:
         """This budget fitted to `model` (`calibrated`, on its `calibration_policies`, each exported and measured
-        for 0.4 s); and a fraction becomes that fraction of the fp32 model's measured milliseconds."""
-        from zerobit.export.latency import measure_float, measure_policy
+        for 0.4 s in two rounds: `measure_policies`); and a fraction becomes that fraction of the fp32 model's
+        measured milliseconds."""
+        from zerobit.export.latency import measure_float, measure_policies
 
         policies = calibration_policies(graph, act_bits)
-        measured = [measure_policy(model, graph, p, example, data, self.batch, self.threads, seconds=0.4)
-                    for p in policies]
+        measured = measure_policies(model, graph, policies, example, data, self.batch, self.threads)
         ms = self.ms if self.fraction is None else \
             self.fraction * measure_float(model, example, data, self.batch, self.threads)
         return dataclasses.replace(self, ms=ms, fraction=None).calibrated(graph, policies, measured)
@@ -251,13 +272,28 @@ class Latency(Budget):
     def limit(self, graph: ModelGraph) -> float:
         return float(self.ms) if self.ms is not None else self.fraction * self.reference(graph)
 
-    def check_feasible(self, graph: ModelGraph, act_bits: int) -> None:
-        """Refuse a latency below the fastest policy (one channel per group, in the fastest weight format)."""
-        floor = min(self.cost(graph, smallest_policy(graph, act_bits, bits)) for bits in (2, 6, 8))
+    def floor(self, graph: ModelGraph, act_bits: int, multiple: int = 1) -> float:
+        """Predicted milliseconds of the fastest policy: the fewest channels per group (rounded to `multiple`),
+        in the fastest weight format."""
+        return min(self.cost(graph, smallest_policy(graph, act_bits, bits, multiple)) for bits in (2, 6, 8))
+
+    def check_feasible(self, graph: ModelGraph, act_bits: int, multiple: int = 1) -> None:
+        """Refuse a latency below the fastest policy (`floor`)."""
+        floor = self.floor(graph, act_bits, multiple)
         if floor > self.limit(graph):
             raise BudgetError(f"budget {self} = {self.limit(graph):.3f} ms cannot be met: the fastest policy "
-                              f"(one channel per group) takes {floor:.3f} ms at batch {self.batch} on "
+                              f"({_fewest(multiple)} per group) takes {floor:.3f} ms at batch {self.batch} on "
                               f"{self.threads or 'all'} thread(s) of this machine")
+
+    def default_multiple(self, graph: ModelGraph, act_bits: int) -> int:
+        """`channel_multiple` (8) where the fastest policy of such widths is predicted at most ALIGNED_REACH of the
+        budget, else 1: a budget only much narrower widths reach is searched over every width (1–3 channels of a
+        conv run faster than 8; on ResNet-20 at batch 64 a quarter of fp32's latency needs them)."""
+        reach = self.floor(graph, act_bits, self.channel_multiple) <= ALIGNED_REACH * self.limit(graph)
+        return self.channel_multiple if reach else 1
+
+
+ALIGNED_REACH = 0.9  # the table errs by up to ~20% on one policy: room for the search near the floor
 
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}

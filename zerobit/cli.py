@@ -57,7 +57,7 @@ def parse_options(items: list[str]) -> dict:
 def run_compress(model_name: str, data: str, budget: str, strategy: str, finetune_epochs: float, out: str,
                  act_bits: int = 8, seed: int = 0, progress: bool = True, options: dict | None = None,
                  device: str = "auto", finetune: dict | None = None, task: str = "classification",
-                 extra: dict | None = None, channel_multiple: int = 1) -> dict:
+                 extra: dict | None = None, channel_multiple: int | None = None) -> dict:
     """Compress a zoo model and write DIR/model.zbit, DIR/policy.json and DIR/result.json; returns the result.
 
     `finetune` sets other FinetuneConfig fields (e.g. {"lr": 0.02}); `extra` is added to result.json. `task`
@@ -81,7 +81,7 @@ def run_compress(model_name: str, data: str, budget: str, strategy: str, finetun
                       finetune_config=FinetuneConfig(**config), act_bits=act_bits, model_name=model_name,
                       progress=progress, device=device, task=task, channel_multiple=channel_multiple)
     fields = {"budget_text": budget, "finetune_epochs": finetune_epochs, "data": data, "task": task, "seed": seed,
-              "channel_multiple": channel_multiple}
+              "channel_multiple": result.info["channel_multiple"]}
     if task != "classification":  # judged without labels; the labels say how well it still classifies
         from zerobit.train.evaluate import accuracy
 
@@ -249,8 +249,9 @@ def _add_compress(sub) -> argparse.ArgumentParser:
                    help="strategy setting, repeatable (e.g. --option episodes=300 --option checkpoint=s.state)")
     c.add_argument("--finetune-epochs", type=float, default=1.0)
     c.add_argument("--act-bits", type=int, default=8)
-    c.add_argument("--channel-multiple", type=int, default=1, metavar="N",
-                   help="keep a multiple of N channels per group (8: faster onnxruntime kernels; see README)")
+    c.add_argument("--channel-multiple", type=int, default=None, metavar="N",
+                   help="keep a multiple of N channels per group (8: faster onnxruntime kernels; see README). "
+                   "Default: 8 under a latency budget such widths reach, else 1")
     c.add_argument("--task", default="classification", choices=["classification", "distillation"],
                    help="distillation: no labels, match the original model's outputs")
     c.add_argument("--seed", type=int, default=0)

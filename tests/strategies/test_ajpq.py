@@ -119,6 +119,19 @@ def test_final_rerank_returns_the_leader_of_the_larger_evaluation(trained_residu
     assert single.info["rerank"] == [] and single.info["best_reward"] == max(single.info["rewards"])
 
 
+
+def test_the_agent_searches_widths_of_the_problems_channel_multiple(trained_plain, digits, monkeypatch):
+    """With channel_multiple=4 every policy the agent scores keeps multiples of 4 channels (its rewards are those
+    of the widths deployed, nothing is rounded after the search), and fits."""
+    import dataclasses
+
+    prob = dataclasses.replace(problem_for(trained_plain, digits, Size(fraction=1 / 6)), channel_multiple=4)
+    scored = scored_policies(monkeypatch)
+    AJPQ(episodes=8, warmup=8, proxy=ProxyConfig(recovery_batches=1, samples=40), rerank=1).search(prob)
+    kept = [[d.kept for n, d in p.groups.items() if prob.graph.groups[n].prunable] for p in scored]
+    assert len(scored) >= 8 and all(k % 4 == 0 for ks in kept for k in ks), kept
+    assert len({tuple(k) for k in kept}) > 1 and all(prob.fits(p) for p in scored)  # the agent explored
+
 @pytest.mark.parametrize("space", [ActionSpace(prune=False), ActionSpace(quantize=False, fixed_bits=4)])
 def test_special_cases_respect_their_space_and_bops_wall(trained_residual, digits, space, monkeypatch):
     prob = problem_for(trained_residual, digits, BOPs(fraction=1 / 40))

@@ -394,13 +394,27 @@ def measure_policy(model, graph: ModelGraph, policy: Policy, example, data, batc
                    seconds: float = 0.3) -> float:
     """Measured milliseconds of one onnxruntime call (batch `batch`) of `policy` applied to `model` and exported
     by `export_policy`: the median of calls over at least `seconds`."""
+    return measure_policies(model, graph, [policy], example, data, batch, threads, seconds, rounds=1)[0]
+
+
+def measure_policies(model, graph: ModelGraph, policies: list[Policy], example, data, batch: int, threads: int,
+                     seconds: float = 0.4, rounds: int = 2) -> list[float]:
+    """`measure_policy` of each of `policies`, each exported once and timed `rounds` times in turn (all policies,
+    then all again), `seconds` in all: the least of its medians. A busy moment of the machine (seconds long)
+    then has to last through every round to slow a policy's time."""
     import tempfile
 
     from zerobit.export.onnx import onnx_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        session = onnx_session(export_policy(model, graph, policy, example, data, f"{tmp}/m.onnx"), threads)
-        return median_ms(session, _feed(session, data, batch), reps=9, min_seconds=seconds)
+        sessions = [onnx_session(export_policy(model, graph, p, example, data, f"{tmp}/{i}.onnx"), threads)
+                    for i, p in enumerate(policies)]
+        feed = _feed(sessions[0], data, batch) if sessions else {}
+        best = [math.inf] * len(sessions)
+        for _ in range(rounds):
+            for i, session in enumerate(sessions):
+                best[i] = min(best[i], median_ms(session, feed, reps=9, min_seconds=seconds / rounds))
+        return best
 
 
 def measure_float(model, example, data, batch: int, threads: int) -> float:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from zerobit.device import model_device
 from zerobit.parallel import ScorePool
-from zerobit.policy import GroupDecision, Policy, repeat, tied_scores
+from zerobit.policy import GroupDecision, Policy, aligned_count, aligns, repeat, tied_scores
 from zerobit.strategies.base import Problem, SearchResult, Strategy, register_strategy
 from zerobit.strategies.ddpg import DDPG, DDPGConfig
 from zerobit.strategies.proxy import ProxyConfig, ProxyReference, proxy_reference, proxy_reward, proxy_scores
@@ -53,10 +53,12 @@ class ActionSpace:
 
 
 def group_decision(scores: torch.Tensor, sparsity: float, level: int, space: ActionSpace,
-                   prunable: bool) -> GroupDecision:
-    """Channel bits of one group from the two actions (see the module docstring)."""
+                   prunable: bool, multiple: int = 1) -> GroupDecision:
+    """Channel bits of one group from the two actions (see the module docstring); the kept count rounded down
+    by `aligned_count` to a multiple of `multiple`."""
     channels = len(scores)
     removed = min(channels - 1, int(np.ceil(sparsity * channels))) if prunable and space.prune else 0
+    removed = channels - aligned_count(channels - removed, channels, multiple)
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     bits = [0] * channels
     kept = order[: channels - removed]
@@ -80,8 +82,9 @@ class _Episode:
 
     def _decision(self, name: str, sparsity: float, level: int) -> GroupDecision:
         g = self.problem.graph.groups[name]
+        multiple = self.problem.channel_multiple if aligns(g, self.problem.channel_multiple) else 1
         return repeat(group_decision(tied_scores(self.problem.scores[name], g.tie, g.span), sparsity, level,
-                                     self.space, g.prunable), g.tie, g.span)
+                                     self.space, g.prunable, multiple), g.tie, g.span)
 
     def policy(self, extra: dict[str, GroupDecision] | None = None) -> Policy:
         groups = self.minimum | self.decisions | (extra or {})
