@@ -9,6 +9,7 @@ import torch
 from tiny_models import EXAMPLE, TINY_MODELS
 
 import zerobit as zb
+from zerobit.policy import uniform_policy
 from zerobit.train.evaluate import accuracy, predictions
 
 
@@ -160,3 +161,38 @@ def test_channel_multiple_is_checked(trained_plain, digits):
     with pytest.raises(zb.BudgetError, match="channel_multiple=16"):  # 16 keeps every channel: nothing fits
         zb.compress(trained_plain, EXAMPLE, zb.Size(fraction=1 / 8), "uniform", train_data=digits.train,
                     eval_data=digits.val, progress=False, channel_multiple=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeWidths(zb.strategies.Strategy):
+    """A strategy whose policies keep free widths (0.45 of each group at 4 bits) and that answers a tighter
+    budget by a retarget, as SBS projects its trained gates; `calls` records the limits it answered."""
+
+    calls: list = dataclasses.field(default_factory=list)
+    name = "free-widths"
+
+    def search(self, problem):
+        def answer(target):
+            self.calls.append(target.limit)
+            return zb.strategies.SearchResult(uniform_policy(target.graph, target.scores, 0.45, 4), retarget=answer)
+        return answer(problem)
+
+
+def test_rounding_to_a_channel_multiple_keeps_the_strategys_retarget(trained_plain, digits):
+    """A policy rounded to multiples of 4 after the search still answers a tighter budget by the strategy's own
+    retarget (no new search), and that answer is rounded too."""
+    from zerobit.api import _search
+    from zerobit.importance import group_scores
+
+    graph = zb.analyse(trained_plain, EXAMPLE)
+    problem = zb.strategies.Problem(trained_plain, graph, zb.Size(fraction=1 / 3), EXAMPLE, digits.train,
+                                    digits.val, group_scores(trained_plain, graph), progress=False,
+                                    channel_multiple=4)
+    strategy = FreeWidths()
+    found = _search(strategy, problem)
+    tighter = dataclasses.replace(problem, budget=zb.Size(fraction=1 / 4))
+    again = _search(strategy, tighter, previous=found)
+    assert found.info["aligned_groups"] > 0 and found.retarget is not None
+    assert strategy.calls == [problem.limit, tighter.limit]  # the second answer came from the retarget
+    for policy in (found.policy, again.policy):
+        assert all(policy[n].kept % 4 == 0 for n, g in graph.groups.items() if g.prunable)

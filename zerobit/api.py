@@ -156,9 +156,10 @@ def _search(strat: Strategy, problem: Problem, previous: SearchResult | None = N
     targets = {n: found.policy[n].kept / g.tie for n, g in graph.groups.items()}
     aligned = fill_aligned(graph, aligned, problem.scores, multiple, targets, problem.fits)
     changed = sum(aligned[n] != found.policy[n] for n in problem.graph.groups)
-    # a model the strategy trained under the old policy no longer matches it: start again from its float weights
+    # a model the strategy trained under the old policy no longer matches it: start again from its float weights;
+    # a retarget (SBS's projection of its trained gates) still answers a tighter budget, rounded again here
     return SearchResult(aligned, None, found.finetune_epochs_used if found.model is None else 0.0,
-                        found.info | {"aligned_groups": changed}, found.start_model,
+                        found.info | {"aligned_groups": changed}, found.start_model, found.retarget,
                         finetune_lr=found.finetune_lr)
 
 
