@@ -146,7 +146,7 @@ def latency_budget_rows(args, splits, model, example) -> list[dict]:
         pair = [{"budget": f"latency={text} ({lat['budget_limit']:.2f} ms)", "strategy": "uniform",
                  "accuracy": lat["accuracy"], "search_measured_ms": target,
                  "predicted_ms": lat["info"]["latency_predicted_ms"], "macs": lat["macs"]} | setting]
-        macs_row, macs_out = _macs_row(args, splits, model, example, target, multiple)
+        macs_row, macs_out = _macs_row(args, splits, model, graph, example, target, multiple)
         pair.append(macs_row | setting)
         # both files timed again together, in turns: a slow moment of the machine slows both alike
         both = [decode(folder / "model.zbit")[1].policy for folder in (out, macs_out)]
@@ -158,12 +158,11 @@ def latency_budget_rows(args, splits, model, example) -> list[dict]:
     return rows
 
 
-def _macs_row(args, splits, model, example, target: float, multiple: int) -> tuple[dict, Path]:
+def _macs_row(args, splits, model, graph, example, target: float, multiple: int) -> tuple[dict, Path]:
     """Uniform under the MACs fraction whose policy measures `target` ms (bisected on exported policies),
     fine-tuned: its row and its run's folder."""
     from zerobit.importance import group_scores
 
-    graph = analyse(model, example)
     problem = Problem(model, graph, MACs(fraction=0.5), example, splits.train, splits.val,
                       group_scores(model, graph), 8, channel_multiple=multiple)
     low, high = 0.01, 1.0  # MACs fractions: measured latency rises with the fraction

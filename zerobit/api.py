@@ -111,7 +111,11 @@ class CompressResult:
         return summary
 
 
-def _check_inputs(model: nn.Module, example_inputs: Any, budget: Budget, data: Any, eval_data: Any) -> None:
+def _check_inputs(model: nn.Module, example_inputs: Any, budget: Budget, data: Any, eval_data: Any,
+                  channel_multiple: Any = None) -> None:
+    if channel_multiple is not None and (isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int)
+                                         or channel_multiple < 1):
+        raise ValueError(f"channel_multiple must be a whole number ≥ 1 (1 = any width), not {channel_multiple!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(budget, (Size, BOPs, MACs, Latency)):
@@ -278,10 +282,7 @@ def compress(model: nn.Module, example_inputs: Any, budget: Budget, strategy: st
         >>> #              train_data=splits.train, eval_data=splits.val, test_data=splits.test)
         >>> # r.save("small.zbit")
     """
-    _check_inputs(model, example_inputs, budget, train_data, eval_data)
-    if channel_multiple is not None and (isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int)
-                                         or channel_multiple < 1):
-        raise ValueError(f"channel_multiple must be a whole number ≥ 1 (1 = any width), not {channel_multiple!r}")
+    _check_inputs(model, example_inputs, budget, train_data, eval_data, channel_multiple)
     task = get_task(task)
     dev = resolve(device)
     home, was_training = model_device(model), model.training
