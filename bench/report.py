@@ -290,26 +290,33 @@ def sbs_layers_section(runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
 def sweep_section(r: dict) -> str:
     """A sweep on the local Ray cluster vs the same runs in turn (bench/sweep.py)."""
     opts = "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in r["options"].items())
-    lines = ["## Sweeps: Ray vs one run after another", "",
+    lines = [f"### {r['epochs']:g} fine-tune epochs", "",
              f"{r['runs']} runs ({', '.join(r['strategies'])} × {', '.join(r['budgets'])}) of {r['model']}, "
              f"{r['epochs']:g} fine-tune epochs, seed {r['seed']}, {r['device']}{'; ' + opts if opts else ''}. "
              "Ray: a local Ray instance, one CPU per run (two runs at once); in turn: `zerobit sweep` without "
              "`--ray-address`, each run with every core. From `python bench/sweep.py`; the Ray sweep's report is "
-             "[docs/sweep/report.html](docs/sweep/report.html).", "",
+             f"[{r['report']}]({r['report']}).", "",
              "| sweep | wall time (s) |", "|---|---|", f"| Ray, local cluster | {r['ray_seconds']:.0f} |"]
     if r.get("serial_seconds"):
         lines += [f"| in turn | {r['serial_seconds']:.0f} |", "",
                   f"Ray finishes the sweep {r['speedup']:.2f}× as fast as running the runs in turn."]
+    else:
+        lines += ["", "The same runs in turn are not timed yet (`python bench/sweep.py --only serial` with the same "
+                      "settings completes this record)."]
     lines += ["", "| run | accuracy % (Ray) | accuracy % (in turn) | file bytes | ratio | run s (Ray) | run s (in turn) |",
               "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         serial = row.get("serial_accuracy")
         lines.append(f"| {row['name']} | {100 * row['accuracy']:.2f} | "
                      f"{'' if serial is None else f'{100 * serial:.2f}'} | {row['file_bytes']:,} | {row['ratio']:.1f}× | "
-                     f"{row['ray_run_seconds']:.0f} | {row.get('serial_run_seconds') or 0:.0f} |")
+                     f"{row['ray_run_seconds']:.0f} | {_seconds(row.get('serial_run_seconds'))} |")
     for name, error in r.get("failed", {}).items():
         lines.append(f"| {name} | not run: {error} | | | | | |")
     return "\n".join(lines) + "\n\n"
@@ -478,10 +485,15 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
         text += depth_section(json.loads((RESULTS / "depth.json").read_text()))
     if (RESULTS / "parity.json").exists():
         text += parity_section(json.loads((RESULTS / "parity.json").read_text()))
-    for name, section in (("widths.json", widths_section), ("sweep.json", sweep_section),
-                          ("ajpq_workers.json", ajpq_workers_section)):
-        if (RESULTS / name).exists():
-            text += section(json.loads((RESULTS / name).read_text()))
+    if (RESULTS / "widths.json").exists():
+        text += widths_section(json.loads((RESULTS / "widths.json").read_text()))
+    sweeps = sorted(RESULTS.glob("sweep_*ep.json"), key=lambda p: float(p.stem[6:-2]))  # one per fine-tune budget
+    if sweeps:
+        text += "## Sweeps: Ray vs one run after another\n\n"
+    for sweep in sweeps:
+        text += sweep_section(json.loads(sweep.read_text()))
+    if (RESULTS / "ajpq_workers.json").exists():
+        text += ajpq_workers_section(json.loads((RESULTS / "ajpq_workers.json").read_text()))
     if (RESULTS / "tied.json").exists():
         text += tied_section(json.loads((RESULTS / "tied.json").read_text()))
     architectures = RESULTS / "architectures.json"

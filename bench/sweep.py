@@ -2,11 +2,14 @@
 
 Both sweeps run the same (strategy, budget) runs with the same settings: first as Ray tasks of a local Ray
 instance (one CPU per run, so the 2-core machine runs two at once), then here in turn (each run using every
-core). Writes bench/results/sweep.json (wall times, their ratio, every run's accuracy and bytes), copies the Ray
-sweep's report.html and figures to docs/sweep/, and re-renders BENCHMARKS.md:
+core). Writes bench/results/sweep_<epochs>ep.json (wall times, their ratio, every run's accuracy and bytes), copies the Ray
+sweep's report.html and figures to docs/sweep/<epochs>ep/, and re-renders BENCHMARKS.md:
 
     python bench/sweep.py --budgets 1/16,1/32,1/64,1/128 --strategies uniform,opq,ajpq --epochs 0.1 \\
         --option ajpq:episodes=30 --option ajpq:warmup=10
+
+Where both halves do not fit one sitting (the 3-epoch sweep takes hours on 2 cores), `--only ray` runs and records
+the Ray half, and a later `--only serial` with the same settings runs the other half and completes that record.
 """
 
 from __future__ import annotations
@@ -27,18 +30,34 @@ from bench.report import write_benchmarks_md  # noqa: E402
 from zerobit.cli import parse_options, split_budgets  # noqa: E402
 from zerobit.sweeps import sweep  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "sweep.json"
-DOCS = ROOT / "docs" / "sweep"
+RESULTS = ROOT / "bench" / "results"  # sweep_<epochs>ep.json, one record per fine-tune budget
+DOCS = ROOT / "docs" / "sweep"  # <epochs>ep/: the Ray sweep's report.html and figures
+
+
+def _results(wall: dict) -> dict[str, dict]:
+    """result.json of every finished run of one sweep, by run name."""
+    return {r["name"]: json.loads((wall["out"] / r["dir"] / "result.json").read_text())
+            for r in wall["summary"]["runs"] if r["status"] == "done"}
+
+
+def _settings(record: dict) -> dict:
+    return {k: record[k] for k in ("model", "budgets", "strategies", "epochs", "seed", "options")}
+
+
+def _add_serial(record: dict, wall: dict) -> dict:
+    """`record` (the Ray half) with the serial sweep's wall time, per-run accuracy and seconds, and the ratio."""
+    serial_runs = _results(wall)
+    record["serial_seconds"] = wall["wall_seconds"]
+    for row in record["rows"]:
+        row["serial_accuracy"] = serial_runs.get(row["name"], {}).get("accuracy")
+        row["serial_run_seconds"] = serial_runs.get(row["name"], {}).get("seconds")
+    record["speedup"] = record["serial_seconds"] / record["ray_seconds"]
+    return record
 
 
 def _record(args: argparse.Namespace, budgets: list[str], strategies: list[str], options: dict, walls: dict) -> dict:
-    """What bench/results/sweep.json holds: each run of the Ray sweep beside the same run done serially."""
-    ray_runs = {r["name"]: json.loads((walls["ray"]["out"] / r["dir"] / "result.json").read_text())
-                for r in walls["ray"]["summary"]["runs"] if r["status"] == "done"}
-    serial_runs = {}
-    if "serial" in walls:
-        serial_runs = {r["name"]: json.loads((walls["serial"]["out"] / r["dir"] / "result.json").read_text())
-                       for r in walls["serial"]["summary"]["runs"] if r["status"] == "done"}
+    """What bench/results/sweep.json holds: each run of the Ray sweep (and, once run, the same run done serially)."""
+    ray_runs = _results(walls["ray"])
     record = {
         "model": args.model, "budgets": budgets, "strategies": strategies, "epochs": args.epochs, "seed": args.seed,
         "options": options, "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or 'x86_64'})",
@@ -46,15 +65,12 @@ def _record(args: argparse.Namespace, budgets: list[str], strategies: list[str],
         "ray_seconds": walls["ray"]["wall_seconds"], "serial_seconds": walls.get("serial", {}).get("wall_seconds"),
         "rows": [{"name": name, "strategy": r["strategy"], "budget": r["budget_text"], "accuracy": r["accuracy"],
                   "file_bytes": r["file_bytes"], "ratio": r["ratio"], "ray_run_seconds": r["seconds"],
-                  "serial_accuracy": serial_runs.get(name, {}).get("accuracy"),
-                  "serial_run_seconds": serial_runs.get(name, {}).get("seconds")}
+                  "serial_accuracy": None, "serial_run_seconds": None}
                  for name, r in ray_runs.items()],
         "failed": {r["name"]: r.get("error", r["status"]) for r in walls["ray"]["summary"]["runs"]
                    if r["status"] != "done"},
         "baseline_accuracy": walls["ray"]["summary"]["baseline_accuracy"]}
-    if record["serial_seconds"]:
-        record["speedup"] = record["serial_seconds"] / record["ray_seconds"]
-    return record
+    return _add_serial(record, walls["serial"]) if "serial" in walls else record
 
 
 def main() -> int:
@@ -66,7 +82,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_sweep")
-    ap.add_argument("--skip-serial", action="store_true", help="only the Ray sweep (no ratio)")
+    ap.add_argument("--only", choices=("ray", "serial"),
+                    help="one half: ray (recorded without a ratio), or serial (completes the recorded Ray half, "
+                         "which must have the same settings)")
     args = ap.parse_args()
     options: dict[str, list[str]] = {}
     for item in args.option:
@@ -75,9 +93,19 @@ def main() -> int:
     common = {"model": args.model, "finetune_epochs": args.epochs, "seed": args.seed, "device": "cpu",
               "options": {k: parse_options(v) for k, v in options.items()}}
     budgets, strategies = split_budgets(args.budgets), args.strategies.split(",")
+    tag = f"{args.epochs:g}ep"
+    results, docs = RESULTS / f"sweep_{tag}.json", DOCS / tag
+    settings = {"model": args.model, "budgets": budgets, "strategies": strategies, "epochs": args.epochs,
+                "seed": args.seed, "options": common["options"]}
+    if args.only == "serial":
+        recorded = json.loads(results.read_text()) if results.exists() else None
+        if recorded is None or _settings(recorded) != settings:
+            print(f"--only serial completes a Ray half recorded with the same settings; {results} has "
+                  f"{_settings(recorded) if recorded else 'none'}, this run {settings}", file=sys.stderr)
+            return 2
     walls = {}
     for mode, address in (("ray", "local"), ("serial", None)):
-        if mode == "serial" and args.skip_serial:
+        if args.only and mode != args.only:
             continue
         out = Path(args.out) / mode
         shutil.rmtree(out, ignore_errors=True)  # timed from scratch
@@ -93,11 +121,15 @@ def main() -> int:
         for r in summary["runs"]:  # a budget a strategy cannot meet is a result too (the report lists it)
             if r["status"] != "done":
                 print(f"{mode}: {r['name']} {r['status']}: {r.get('error', '')}")
-    record = _record(args, budgets, strategies, common["options"], walls)
-    RESULTS.write_text(json.dumps(record, indent=1))
-    shutil.rmtree(DOCS, ignore_errors=True)
-    shutil.copytree(walls["ray"]["out"] / "figures", DOCS / "figures")
-    shutil.copy(walls["ray"]["out"] / "report.html", DOCS / "report.html")
+    if args.only == "serial":
+        record = _add_serial(recorded, walls["serial"])
+    else:
+        record = _record(args, budgets, strategies, common["options"], walls)
+        record["report"] = str((docs / "report.html").relative_to(ROOT))
+        shutil.rmtree(docs, ignore_errors=True)
+        shutil.copytree(walls["ray"]["out"] / "figures", docs / "figures")
+        shutil.copy(walls["ray"]["out"] / "report.html", docs / "report.html")
+    results.write_text(json.dumps(record, indent=1))
     write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
     print(json.dumps({k: v for k, v in record.items() if k != "rows"}, indent=1))
     return 0

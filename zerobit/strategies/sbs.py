@@ -58,7 +58,9 @@ class SBS(Strategy):
         act_bits: candidate activation widths (default (2, 4, 8)); () keeps every input at `compress(act_bits=)`.
         channels_per_gate: decisions of a group sharing one pruning gate (1 = channel-wise).
         cost_weight: λ, the weight of |log(cost/limit)| in the loss.
-        share: fraction of the shared fine-tune budget spent training the gates (the rest fine-tunes after).
+        share: fraction of the shared fine-tune budget spent training the gates (the rest fine-tunes after). The
+            gates nearly settle in 2 epochs on ResNet-20/Fashion-MNIST: with 8 epochs 0.25 did better than 0.5
+            (BENCHMARKS.md), with 3 epochs 0.5 did better than 0.3.
         temperature: τ of the bit gates' surrogate gradient (their statistic is ≈ 0.25).
         prune_temperature: τ of the pruning gates (their statistic is ≈ 1, the group's mean norm).
         gate_lr: the thresholds learn at this multiple of the fine-tune learning rate.
