@@ -126,9 +126,10 @@ def _label_free(s: dict) -> dict:
 
 
 def row_key(row: dict) -> tuple:
-    """Rows of the same model, budget, strategy, fine-tune epochs and device replace each other."""
+    """Rows of the same model, budget, strategy, fine-tune epochs, device and seed replace each other."""
     strategy = "peer" if row["strategy"].startswith("peer") else row["strategy"]
-    return row["model"], row["budget"], strategy, row.get("epochs"), row.get("device", "cpu"), row.get("task")
+    return (row["model"], row["budget"], strategy, row.get("epochs"), row.get("device", "cpu"), row.get("task"),
+            row.get("seed", 0))
 
 
 def device_name(device: str) -> str:

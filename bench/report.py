@@ -91,7 +91,8 @@ def _best_lines(rows: list[dict]) -> str:
 def compression_table(rows: list[dict]) -> str:
     lines = ["| budget | strategy | file bytes | ratio | test acc % | Δ vs fp32 | BOPs | MACs | epochs | search s | "
              "total s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["model"], _budget_key(r["budget"]), r["strategy"])):
+    several_seeds = len({r.get("seed", 0) for r in rows}) > 1
+    for r in sorted(rows, key=lambda r: (r["model"], _budget_key(r["budget"]), r["strategy"], r.get("seed", 0))):
         if "error" in r:
             lines.append(f"| {r['budget']} | {r['strategy']} | refused: {r['error'][:90]} | | | | | | | | |")
             continue
@@ -99,6 +100,8 @@ def compression_table(rows: list[dict]) -> str:
         name = f"{r['strategy']} ({episodes} episodes)" if episodes else r["strategy"]
         if r.get("task") == "distillation":  # trained and searched without labels; accuracy still on test labels
             name += f", label-free (cosine {r['task_metric']:.4f})"
+        if several_seeds:
+            name += f", seed {r.get('seed', 0)}"
         bops = f"{r['bops'] / 1e6:,.1f} M" if "bops" in r else ""
         mac = f"{r['macs'] / 1e6:,.2f} M" if "macs" in r else ""
         lines.append(
