@@ -2,8 +2,8 @@
 
 Both sweeps run the same (strategy, budget) runs with the same settings: first as Ray tasks of a local Ray
 instance (one CPU per run, so the 2-core machine runs two at once), then here in turn (each run using every
-core). Writes bench/results/sweep_<epochs>ep.json (wall times, their ratio, every run's accuracy and bytes), copies the Ray
-sweep's report.html and figures to docs/sweep/<epochs>ep/, and re-renders BENCHMARKS.md:
+core). Writes bench/results/sweep_<epochs>ep.json (wall times, their ratio, every run's accuracy and bytes),
+copies the Ray sweep's report.html and figures to docs/sweep/<epochs>ep/, and re-renders BENCHMARKS.md:
 
     python bench/sweep.py --budgets 1/16,1/32,1/64,1/128 --strategies uniform,opq,ajpq --epochs 0.1 \\
         --option ajpq:episodes=30 --option ajpq:warmup=10
@@ -56,7 +56,7 @@ def _add_serial(record: dict, wall: dict) -> dict:
 
 
 def _record(args: argparse.Namespace, budgets: list[str], strategies: list[str], options: dict, walls: dict) -> dict:
-    """What bench/results/sweep.json holds: each run of the Ray sweep (and, once run, the same run done serially)."""
+    """What bench/results/sweep_<epochs>ep.json holds: each run of the Ray sweep (and, once run, the same run done serially)."""
     ray_runs = _results(walls["ray"])
     record = {
         "model": args.model, "budgets": budgets, "strategies": strategies, "epochs": args.epochs, "seed": args.seed,
