@@ -202,6 +202,24 @@ def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"
 
 
+def _run_times(r: dict) -> str:
+    """The runs' own times in both halves: how much faster one run is with every core than with Ray's one CPU."""
+    pairs = [(row["ray_run_seconds"], row["serial_run_seconds"]) for row in r["rows"] if row.get("serial_run_seconds")]
+    if not pairs:
+        return ""
+    ray, serial = (sum(x) for x in zip(*pairs, strict=True))
+    return (f" The runs' own times add up to {ray:.0f} s on Ray (one CPU each) and {serial:.0f} s in turn (every core):"
+            f" given every core, a run is already {ray / serial:.2f}× as fast, which is what the two Ray slots compete "
+            "with.")
+
+
+def _drawn(r: dict) -> str:
+    """Which runs a sweep record's report draws: the half that ran last, with the peer's files where measured."""
+    half = "the Ray sweep" if r.get("report_from", "ray") == "ray" else "the sweep in turn"
+    peers = f" with the peer's {r['peer_points']} files at the same epochs and seed" if r.get("peer_points") else ""
+    return f"the report of {half}{peers}"
+
+
 def sweep_section(r: dict) -> str:
     """A sweep on the local Ray cluster vs the same runs in turn (bench/sweep.py)."""
     opts = "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in r["options"].items())
@@ -209,12 +227,12 @@ def sweep_section(r: dict) -> str:
              f"{r['runs']} runs ({', '.join(r['strategies'])} × {', '.join(r['budgets'])}) of {r['model']}, "
              f"{r['epochs']:g} fine-tune epochs, seed {r['seed']}, {r['device']}{'; ' + opts if opts else ''}. "
              "Ray: a local Ray instance, one CPU per run (two runs at once); in turn: `zerobit sweep` without "
-             "`--ray-address`, each run with every core. From `python bench/sweep.py`; the Ray sweep's report is "
+             f"`--ray-address`, each run with every core. From `python bench/sweep.py`; {_drawn(r)} is "
              f"[{r['report']}]({r['report']}).", "",
              "| sweep | wall time (s) |", "|---|---|", f"| Ray, local cluster | {r['ray_seconds']:.0f} |"]
     if r.get("serial_seconds"):
         lines += [f"| in turn | {r['serial_seconds']:.0f} |", "",
-                  f"Ray finishes the sweep {r['speedup']:.2f}× as fast as running the runs in turn."]
+                  f"Ray finishes the sweep {r['speedup']:.2f}× as fast as running the runs in turn.{_run_times(r)}"]
     else:
         lines += ["", "The same runs in turn are not timed yet (`python bench/sweep.py --only serial` with the same "
                       "settings completes this record)."]

@@ -3,13 +3,16 @@
 Both sweeps run the same (strategy, budget) runs with the same settings: first as Ray tasks of a local Ray
 instance (one CPU per run, so the 2-core machine runs two at once), then here in turn (each run using every
 core). Writes bench/results/sweep_<epochs>ep.json (wall times, their ratio, every run's accuracy and bytes),
-copies the Ray sweep's report.html and figures to docs/sweep/<epochs>ep/, and re-renders BENCHMARKS.md:
+draws the report of the half that ran last (both halves run the same policies) with the peer's measured files at
+the same fine-tune epochs and seed (bench/peer.py's rows of bench/results/compression.json) as grey crosses, copies
+its report.html and figures to docs/sweep/<epochs>ep/, and re-renders BENCHMARKS.md:
 
     python bench/sweep.py --budgets 1/16,1/32,1/64,1/128 --strategies uniform,opq,ajpq --epochs 0.1 \\
         --option ajpq:episodes=30 --option ajpq:warmup=10
 
 Where both halves do not fit one sitting (the 3-epoch sweep takes hours on 2 cores), `--only ray` runs and records
-the Ray half, and a later `--only serial` with the same settings runs the other half and completes that record.
+the Ray half, and a later `--only serial` with the same settings runs the other half, completes that record and
+draws the report again from its runs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,34 @@ from zerobit.cli import parse_options, split_budgets  # noqa: E402
 from zerobit.sweeps import sweep  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"  # sweep_<epochs>ep.json, one record per fine-tune budget
-DOCS = ROOT / "docs" / "sweep"  # <epochs>ep/: the Ray sweep's report.html and figures
+DOCS = ROOT / "docs" / "sweep"  # <epochs>ep/: the sweep's report.html and figures
+
+
+def peer_points(model: str, epochs: float, seed: int, table: Path = RESULTS / "compression.json") -> list[dict]:
+    """The peer's measured files at this model, fine-tune epochs and seed (bench/peer.py's rows of the compression
+    table) as report points: one per format whose file met its budget; none when the table has no such row."""
+    rows = json.loads(table.read_text()) if table.exists() else []
+    points = []
+    for row in rows:
+        if not row["strategy"].startswith("peer") or (row["model"], row["epochs"], row["seed"]) != (model, epochs, seed):
+            continue
+        for fmt, measured in row.get("info", {}).get("formats", {}).items():
+            if "accuracy" in measured:  # an infeasible format holds only the smallest bytes it could reach
+                points.append({"label": f"Torch-Pruning + onnxruntime {fmt} (.onnx), budget {row['budget']}",
+                               "accuracy": measured["accuracy"], "file_bytes": measured["file_bytes"]})
+    return points
+
+
+def publish(out: Path, docs: Path, peers: list[dict]) -> None:
+    """Draw the report of the sweep in `out` with `peers` and copy it (HTML and PNGs) to `docs`."""
+    from zerobit.report import write_report
+
+    meta = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps(meta | {"peer": peers}, indent=1))
+    write_report(out)
+    shutil.rmtree(docs, ignore_errors=True)
+    shutil.copytree(out / "figures", docs / "figures")
+    shutil.copy(out / "report.html", docs / "report.html")
 
 
 def _results(wall: dict) -> dict[str, dict]:
@@ -110,8 +140,7 @@ def main() -> int:
         out = Path(args.out) / mode
         shutil.rmtree(out, ignore_errors=True)  # timed from scratch
         start = time.perf_counter()
-        summary = sweep(budgets, strategies, out, ray_address=address, cpus_per_run=1, report=mode == "ray",
-                        **common)
+        summary = sweep(budgets, strategies, out, ray_address=address, cpus_per_run=1, report=False, **common)
         walls[mode] = {"wall_seconds": time.perf_counter() - start, "summary": summary, "out": out}
         if address:
             import ray
@@ -125,10 +154,11 @@ def main() -> int:
         record = _add_serial(recorded, walls["serial"])
     else:
         record = _record(args, budgets, strategies, common["options"], walls)
-        record["report"] = str((docs / "report.html").relative_to(ROOT))
-        shutil.rmtree(docs, ignore_errors=True)
-        shutil.copytree(walls["ray"]["out"] / "figures", docs / "figures")
-        shutil.copy(walls["ray"]["out"] / "report.html", docs / "report.html")
+    last = list(walls)[-1]
+    peers = peer_points(args.model, args.epochs, args.seed)
+    publish(walls[last]["out"], docs, peers)
+    record |= {"report": str((docs / "report.html").relative_to(ROOT)), "report_from": last,
+               "peer_points": len(peers)}
     results.write_text(json.dumps(record, indent=1))
     write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
     print(json.dumps({k: v for k, v in record.items() if k != "rows"}, indent=1))
