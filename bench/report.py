@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.report_compression import budget_key, compression_sections
+from bench.report_compression import budget_key, compression_sections, spread_section
 from bench.report_latency import table_check_lines
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -390,6 +390,8 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
         stored = RESULTS / "compression.json"
         rows = json.loads(stored.read_text()) if stored.exists() else []
     text = HEADER + compression_sections(rows)
+    if (RESULTS / "spread.json").exists():
+        text += spread_section(json.loads((RESULTS / "spread.json").read_text()))
     for name, section in (("quantizers.json", quantizer_section), ("qat_throughput.json", throughput_section)):
         if (RESULTS / name).exists():
             text += section(json.loads((RESULTS / name).read_text()))

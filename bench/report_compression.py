@@ -98,3 +98,30 @@ def compression_table(rows: list[dict]) -> str:
             f"{bops} | {mac} | {r['epochs']:g} | "
             f"{r.get('seconds_by_stage', {}).get('search', 0):.1f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def spread_section(record: dict) -> str:
+    """Run-to-run spread of one strategy (bench/spread.py): every run, then per budget the spread and the largest
+    gaps between runs that differ in one thing only."""
+    rows = sorted(record["rows"], key=lambda r: (budget_key(r["budget"]), r["threads"], r["seed"], r["repeat"]))
+    devices = sorted({r["device"] for r in rows})
+    text = (f"\n## Run-to-run spread ({record['strategy']}, {record['model']}, `bench/spread.py`)\n\n"
+            f"The same {record['strategy']} policy at each budget (same file bytes), {record['epochs']:g} fine-tune "
+            f"epochs, compressed again under other seeds, other torch thread counts, or the same settings again "
+            f"(repeat), on {'; '.join(devices)}. A gap between two strategies at a budget smaller than the spread "
+            f"here says nothing about the strategies. `python bench/spread.py`\n\n"
+            "| budget | seed | torch threads | repeat | file bytes | test acc % | run s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|\n")
+    for r in rows:
+        text += (f"| {r['budget']} | {r['seed']} | {r['threads']} | {r['repeat']} | {r['file_bytes']:,} | "
+                 f"{100 * r['accuracy']:.2f} | {r['seconds']:.0f} |\n")
+    text += ("\n| budget | runs | mean acc % | st. dev. | range | largest gap: seeds | threads | repeats |\n"
+             "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+
+    def points(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+    for s in record.get("summary", []):
+        text += (f"| {s['budget']} | {s['runs']} | {s['mean']:.2f} | {points(s['stdev'])} | "
+                 f"{s['min']:.2f}–{s['max']:.2f} | {points(s['gap_seed'])} | {points(s['gap_threads'])} | "
+                 f"{points(s['gap_repeat'])} |\n")
+    return text

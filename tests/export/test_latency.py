@@ -42,21 +42,23 @@ def _policy(graph, kept: int, bits: int = 4) -> Policy:
     return Policy(groups, 8)
 
 
-# A budget this machine can meet: 1.3 × the *measured* latency of 6 of 8 channels per group at 6 bits (the least
-# of two rounds, the way a policy over its budget is measured again), at a batch where compute outweighs
-# onnxruntime's fixed costs. Latency is nearly flat in channels here, so the whole 8-bit model measures about the
-# same: at 1.15× a busy CI machine measured the policy found 13% over the budget (its ×8 widths keep 8-channel
-# groups whole, so no search could offer a faster one). A budget from the table's prediction depended on this
-# CPU's measured/predicted ratio: over the budget → search again, smaller, and CI's CPU cut the stem to 2 channels
-# (19% on digits). FINETUNE trains enough that a cut policy recovers.
+# A budget this machine can meet: 1.3 × the *measured* latency of the slower of two policies timed together (the
+# least of two rounds, the way a policy over its budget is measured again), at a batch where compute outweighs
+# onnxruntime's fixed costs: 6 of 8 channels per group at 6 bits, and the whole model at 8 bits. Latency is nearly
+# flat in channels here, and the default ×8 widths keep 8-channel groups whole, so the whole 8-bit model is often
+# the only policy a search can offer: a budget from the 6-channel policy alone left it 13% over (1.15×) and then 3%
+# over (1.3×) on busy CI machines. A budget from the table's prediction depended on this CPU's measured/predicted
+# ratio: over the budget → search again, smaller, and CI's CPU cut the stem to 2 channels (19% on digits).
+# FINETUNE trains enough that a cut policy recovers.
 FINETUNE = zb.FinetuneConfig(epochs=6, lr=0.02, batch_size=64)
 
 
 def _latency_budget(model, graph, digits) -> zb.Latency:
     from zerobit.export.latency import measure_policies
 
-    ms = measure_policies(model, graph, [_policy(graph, 6, bits=6)], EXAMPLE, digits.train, batch=256, threads=1)
-    return zb.Latency(ms=1.3 * ms[0], batch=256)
+    policies = [_policy(graph, 6, bits=6), _policy(graph, 8, bits=8)]
+    ms = measure_policies(model, graph, policies, EXAMPLE, digits.train, batch=256, threads=1)
+    return zb.Latency(ms=1.3 * max(ms), batch=256)
 
 
 def test_predictions_never_fall_when_channels_are_added(graph):
