@@ -390,8 +390,8 @@ def write_benchmarks_md(rows: list[dict] | None, path: Path) -> None:
         stored = RESULTS / "compression.json"
         rows = json.loads(stored.read_text()) if stored.exists() else []
     text = HEADER + compression_sections(rows)
-    if (RESULTS / "spread.json").exists():
-        text += spread_section(json.loads((RESULTS / "spread.json").read_text()))
+    for spread in sorted(RESULTS.glob("spread_*.json")):  # one run-to-run study per strategy
+        text += spread_section(json.loads(spread.read_text()))
     for name, section in (("quantizers.json", quantizer_section), ("qat_throughput.json", throughput_section)):
         if (RESULTS / name).exists():
             text += section(json.loads((RESULTS / name).read_text()))

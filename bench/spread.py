@@ -5,7 +5,7 @@ means something.
 Each run is `zerobit compress` of a zoo model (same policy search, same fine-tune epochs); only the seed (the
 fine-tune's data order and initial state), the number of torch threads (the order of float sums) or nothing (a
 repeat) changes. A run whose row exists is not redone, so a killed study starts again where it stopped. Results:
-bench/results/spread.json and BENCHMARKS.md.
+bench/results/spread_STRATEGY.json and BENCHMARKS.md.
 
     python bench/spread.py --budgets 1/64,1/128 --seeds 0,1,2 --threads 2 --repeats 2
 """
@@ -28,7 +28,7 @@ from bench.compression import device_name  # noqa: E402
 from bench.report import write_benchmarks_md  # noqa: E402
 from zerobit.cli import run_compress  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "spread.json"
+RESULTS = ROOT / "bench" / "results"
 
 
 def run_key(row: dict) -> tuple:
@@ -70,10 +70,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="runs of each (budget, seed, threads)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "spread"))
     args = ap.parse_args()
-    record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    path = RESULTS / f"spread_{args.strategy}.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
     same = {k: getattr(args, k) for k in ("model", "strategy", "epochs")}
     if record and {k: record[k] for k in same} != same:
-        raise SystemExit(f"{RESULTS} holds a study of {[record[k] for k in same]}; move it away to start another")
+        raise SystemExit(f"{path} holds a study of {[record[k] for k in same]}; move it away to start another")
     record |= same
     rows = record.setdefault("rows", [])
     done = {run_key(r) for r in rows}
@@ -97,7 +98,7 @@ def main() -> int:
                           f"{100 * s['accuracy']:.2f}%  {s['file_bytes']:,} B  ({rows[-1]['seconds']:.0f} s)",
                           flush=True)
                     record["summary"] = summarise(rows)
-                    RESULTS.write_text(json.dumps(record, indent=1))
+                    path.write_text(json.dumps(record, indent=1))
     write_benchmarks_md(None, ROOT / "BENCHMARKS.md")
     return 0
 
