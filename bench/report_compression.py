@@ -105,11 +105,13 @@ def spread_section(record: dict) -> str:
     gaps between runs that differ in one thing only."""
     rows = sorted(record["rows"], key=lambda r: (budget_key(r["budget"]), r["threads"], r["seed"], r["repeat"]))
     devices = sorted({r["device"] for r in rows})
+    same = ("the seed also seeds the search (other policies, other bytes)" if record.get("seed_search")
+            else "the same policy at each budget (same file bytes)")
     text = (f"\n## Run-to-run spread ({record['strategy']}, {record['model']}, `bench/spread.py`)\n\n"
-            f"The same {record['strategy']} policy at each budget (same file bytes), {record['epochs']:g} fine-tune "
-            f"epochs, compressed again under other seeds, other torch thread counts, or the same settings again "
-            f"(repeat), on {'; '.join(devices)}. A gap between two strategies at a budget smaller than the spread "
-            f"here says nothing about the strategies. `python bench/spread.py`\n\n"
+            f"{record['strategy']} with {record['epochs']:g} fine-tune epochs, compressed again under other seeds, "
+            f"other torch thread counts, or the same settings again (repeat), on {'; '.join(devices)}; {same}. A "
+            "gap between two strategies at a budget smaller than the spread here says nothing about the strategies. "
+            "`python bench/spread.py`\n\n"
             "| budget | seed | torch threads | repeat | file bytes | test acc % | run s |\n"
             "|---|---:|---:|---:|---:|---:|---:|\n")
     for r in rows:

@@ -3,7 +3,7 @@ counts and the same settings repeated — how far apart two accuracies must be b
 means something.
 
 Each run is `zerobit compress` of a zoo model (same policy search, same fine-tune epochs); only the seed (the
-fine-tune's data order and initial state), the number of torch threads (the order of float sums) or nothing (a
+fine-tune's data order and initial state; with --seed-search the search's too), the number of torch threads (the order of float sums) or nothing (a
 repeat) changes. A run whose row exists is not redone, so a killed study starts again where it stopped. Results:
 bench/results/spread_STRATEGY.json and BENCHMARKS.md.
 
@@ -68,13 +68,15 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", default="2", help="torch thread counts, each run under every one")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each (budget, seed, threads)")
+    ap.add_argument("--seed-search", action="store_true",
+                    help="the seed also seeds the strategy's search (AJPQ's `seed`), not only the fine-tune")
     ap.add_argument("--out", default=str(ROOT / "runs" / "spread"))
     args = ap.parse_args()
     path = RESULTS / f"spread_{args.strategy}.json"
     record = json.loads(path.read_text()) if path.exists() else {}
-    same = {k: getattr(args, k) for k in ("model", "strategy", "epochs")}
-    if record and {k: record[k] for k in same} != same:
-        raise SystemExit(f"{path} holds a study of {[record[k] for k in same]}; move it away to start another")
+    same = {k: getattr(args, k) for k in ("model", "strategy", "epochs", "seed_search")}
+    if record and {k: record.get(k, False) for k in same} != same:
+        raise SystemExit(f"{path} holds a study of {[record.get(k) for k in same]}; move it away to start another")
     record |= same
     rows = record.setdefault("rows", [])
     done = {run_key(r) for r in rows}
@@ -89,7 +91,8 @@ def main() -> int:
                     folder = Path(args.out) / f"{budget.replace('/', 'over')}_s{seed}_t{threads}_r{repeat}"
                     start = time.perf_counter()
                     s = run_compress(args.model, "fashion-mnist", budget, args.strategy, args.epochs, str(folder),
-                                     seed=seed, progress=False, device="cpu")
+                                     seed=seed, progress=False, device="cpu",
+                                     options={"seed": seed} if args.seed_search else None)
                     rows.append({"budget": budget, "seed": seed, "threads": threads, "repeat": repeat,
                                  "accuracy": s["accuracy"], "file_bytes": s["file_bytes"],
                                  "baseline_accuracy": s["baseline_accuracy"], "device": device_name("cpu"),
