@@ -260,8 +260,10 @@ def test_sbs_trains_under_a_latency_budget_and_meets_it_measured(digits):
     graph = zb.analyse(model, EXAMPLE)
     budget = _latency_budget(model, graph, digits)
     torch.manual_seed(0)
+    # any width: this model's groups have 8 channels, and rounding SBS's widths to ×8 keeps a partly pruned group
+    # whole, which CI's table once predicted 2% over the budget (a refusal, before anything was measured)
     result = zb.compress(model, EXAMPLE, budget, "sbs", train_data=digits.train, eval_data=digits.val,
-                         finetune_config=FINETUNE, progress=False)
+                         finetune_config=FINETUNE, progress=False, channel_multiple=1)
     assert result.info["latency_ms"] <= budget.limit(graph)  # measured on the exported file
     assert result.info["sbs_steps"] >= 40 and result.accuracy > 0.3  # gates trained; far above chance (0.1)
 
